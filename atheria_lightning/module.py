@@ -1,0 +1,228 @@
+"""QCAModule: one training step is one episode of Atheria's QCA rollout, back-propagated end to end."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from typing_extensions import override
+
+from atheria_lightning.errors import ConfigError, require
+from atheria_lightning.models import operator_class
+from atheria_lightning.physics import (
+    INITIAL_STATES,
+    LOSSES,
+    LossWeights,
+    combined_metric,
+    compute_loss,
+    episode_generator,
+    initial_state,
+    lindblad_step,
+    noise_level,
+    rollout,
+)
+
+log = logging.getLogger(__name__)
+
+# U-Nets pool twice; below 8 cells their bottleneck is 1x1 and the symmetry score is meaningless.
+MIN_GRID_SIZE = 8
+
+
+class NonFiniteTrainingError(RuntimeError):
+    """Too many consecutive episodes gave a NaN or infinite loss: training cannot make progress."""
+
+
+class QCAModule(pl.LightningModule):
+    """Trains a Law M operator by rolling random universes forward and scoring the final state.
+
+    Args:
+        architecture: The operator, one of ``UNET``, ``UNET_UNITARY``, ``MLP``, ``DEEP_QCA``, ``UNET_CONVLSTM``.
+        d_state: Complex amplitudes per cell.
+        hidden_channels: Width of the operator (h); the U-Net goes up to 8h at its bottleneck.
+        grid_size: Side of the square universe; divisible by 4 for the U-Nets, at least 8.
+        qca_steps: Lindblad-Euler steps per episode; the gradient flows back through all of them.
+        gamma_decay: Damping ``gamma`` of ``psi' = psi + A(psi) - gamma * psi``, in [0, 1).
+        max_noise: Final environment noise level of the curriculum, in [0, 1).
+        noise_ramp_episodes: Episodes over which the noise ramps linearly from 0 to ``max_noise``.
+        initial_state: ``random`` (the original), ``complex_noise`` or ``zeros``.
+        loss: ``evolutionary`` (the original), ``mse_energy`` or ``structure``.
+        survival_weight: Weight of the survival (or energy) term.
+        symmetry_weight: Weight of the rot90 symmetry term.
+        complexity_weight: Weight of the complexity term.
+        target_retention: Share of the initial energy the final state should keep.
+        lr: AdamW learning rate.
+        weight_decay: AdamW weight decay.
+        lr_patience: Episodes without improvement of ``train/loss`` before the learning rate is halved.
+        lr_factor: Factor applied to the learning rate on a plateau.
+        universes_per_episode: Universes rolled out together in one episode (the batch); 1 as the original.
+        history_states: About this many states of each rollout are kept for pictures.
+        max_nonfinite_episodes: Consecutive non-finite episodes after which training stops with an error.
+
+    Logs ``train/loss``, ``train/survival``, ``train/symmetry``, ``train/complexity``, ``train/noise_level``,
+    ``train/nonfinite_skipped`` every episode and ``val/combined`` (= 10 survival + 5 symmetry, lower is better),
+    ``val/survival``, ``val/symmetry``, ``val/complexity`` at each validation.
+    """
+
+    def __init__(
+        self,
+        architecture: str = "UNET",
+        d_state: int = 8,
+        hidden_channels: int = 64,
+        grid_size: int = 64,
+        qca_steps: int = 100,
+        gamma_decay: float = 0.01,
+        max_noise: float = 0.05,
+        noise_ramp_episodes: int = 2000,
+        initial_state: str = "random",
+        loss: str = "evolutionary",
+        survival_weight: float = 10.0,
+        symmetry_weight: float = 5.0,
+        complexity_weight: float = 1.0,
+        target_retention: float = 0.8,
+        lr: float = 1e-4,
+        weight_decay: float = 1e-5,
+        lr_patience: int = 100,
+        lr_factor: float = 0.5,
+        universes_per_episode: int = 1,
+        history_states: int = 10,
+        max_nonfinite_episodes: int = 20,
+    ) -> None:
+        super().__init__()
+        operator_cls = _check_settings(
+            architecture, d_state, hidden_channels, grid_size, qca_steps, gamma_decay, max_noise,
+            noise_ramp_episodes, initial_state, loss, lr, lr_factor, universes_per_episode, max_nonfinite_episodes,
+        )  # fmt: skip
+        # Every argument is a plain number or string, so the checkpoint alone rebuilds the model and loads
+        # with weights_only=True.
+        self.save_hyperparameters()
+        self.operator = operator_cls(d_state, hidden_channels)
+        self.loss_weights = LossWeights(survival_weight, symmetry_weight, complexity_weight, target_retention)
+        self.nonfinite_skipped = 0
+        self._consecutive_nonfinite = 0
+        self._snapshot: torch.Tensor | None = None
+
+    @override
+    def forward(self, psi: torch.Tensor) -> torch.Tensor:
+        """One Lindblad-Euler step of ``psi`` (complex ``(B, H, W, d)``), without noise or memory."""
+        return lindblad_step(self.operator, psi, self.hparams.gamma_decay)[0]
+
+    def run_episode(self, seed: int, episode: int, noise: float) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Roll out the universes of ``episode`` (a pure function of ``seed``, ``episode`` and the rank)."""
+        hp = self.hparams
+        generator = episode_generator(seed, episode, self.device, rank=self.global_rank)
+        psi0 = initial_state(hp.initial_state, hp.universes_per_episode, hp.grid_size, hp.d_state, generator, self.device)
+        result = rollout(self.operator, psi0, hp.qca_steps, hp.gamma_decay, noise, generator, hp.history_states)
+        return compute_loss(hp.loss, result.final, psi0, self.loss_weights), result.final
+
+    def noise_at(self, episode: int) -> float:
+        """The curriculum's noise level at ``episode``."""
+        return noise_level(episode, self.hparams.max_noise, self.hparams.noise_ramp_episodes)
+
+    @override
+    def training_step(self, batch: dict[str, int], batch_idx: int) -> torch.Tensor | None:
+        episode = batch["episode"]
+        noise = self.noise_at(episode)
+        parts, final = self.run_episode(batch["seed"], episode, noise)
+        self._snapshot = final[0].detach()
+        self.log("train/noise_level", noise, on_step=True, on_epoch=False)
+        # One host sync per episode (not per step): the optimizer must not see a NaN.
+        if not torch.isfinite(parts["loss"]):
+            return self._skip_nonfinite(episode, parts["loss"])
+        self._consecutive_nonfinite = 0
+        self.log("train/loss", parts["loss"], on_step=True, on_epoch=False, prog_bar=True)
+        self.log_dict({f"train/{k}": v for k, v in parts.items() if k != "loss"}, on_step=True, on_epoch=False)
+        self.log("train/nonfinite_skipped", float(self.nonfinite_skipped), on_step=True, on_epoch=False)
+        return parts["loss"]
+
+    def _skip_nonfinite(self, episode: int, loss: torch.Tensor) -> None:
+        self.nonfinite_skipped += 1
+        self._consecutive_nonfinite += 1
+        self.log("train/nonfinite_skipped", float(self.nonfinite_skipped), on_step=True, on_epoch=False)
+        log.warning("episode %d: loss is %s, optimizer step skipped", episode, loss.item())
+        if self._consecutive_nonfinite >= self.hparams.max_nonfinite_episodes:
+            raise NonFiniteTrainingError(
+                f"{self._consecutive_nonfinite} consecutive episodes had a non-finite loss (last: episode {episode}); "
+                "lower model.lr or model.gamma_decay, or train with trainer.precision=32-true"
+            )
+        return None
+
+    @override
+    def validation_step(self, batch: dict[str, int], batch_idx: int) -> None:
+        # The initial state and noise of a validation universe depend on its seed alone; only the level follows
+        # the curriculum, so successive validations score the same universes under the current conditions.
+        parts, _ = self.run_episode(batch["seed"], 0, self.noise_at(batch["episode"]))
+        parts["combined"] = combined_metric(parts)
+        metrics = {f"val/{k}": parts[k] for k in ("combined", "survival", "symmetry", "complexity")}
+        self.log_dict(metrics, on_step=False, on_epoch=True, sync_dist=True, batch_size=self.hparams.universes_per_episode)
+
+    @override
+    def configure_optimizers(self) -> dict[str, Any]:
+        params = [p for p in self.operator.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode="min", factor=self.hparams.lr_factor, patience=self.hparams.lr_patience
+        )
+        # Stepped once per episode on the logged training loss; "strict": False because a skipped
+        # non-finite episode logs no loss.
+        plateau = {"scheduler": scheduler, "monitor": "train/loss", "interval": "step", "frequency": 1, "strict": False}
+        return {"optimizer": optimizer, "lr_scheduler": plateau}
+
+    @override
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["nonfinite_skipped"] = self.nonfinite_skipped
+        if self._snapshot is not None:
+            # One final state of the latest episode, as real (H, W, d, 2), for pictures without rerunning.
+            checkpoint["final_state"] = torch.view_as_real(self._snapshot.cpu().resolve_conj().contiguous())
+
+    @override
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.nonfinite_skipped = int(checkpoint.get("nonfinite_skipped", 0))
+        if "final_state" in checkpoint:
+            self._snapshot = torch.view_as_complex(checkpoint["final_state"].contiguous())
+
+
+def _check_settings(
+    architecture: str,
+    d_state: int,
+    hidden_channels: int,
+    grid_size: int,
+    qca_steps: int,
+    gamma_decay: float,
+    max_noise: float,
+    noise_ramp_episodes: int,
+    initial_state: str,
+    loss: str,
+    lr: float,
+    lr_factor: float,
+    universes_per_episode: int,
+    max_nonfinite_episodes: int,
+) -> type:
+    """Reject bad settings before anything is built; returns the operator class."""
+    try:
+        operator_cls = operator_class(architecture)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    require(loss in LOSSES, f"model.loss={loss!r} is not one of {', '.join(LOSSES)}")
+    require(initial_state in INITIAL_STATES, f"model.initial_state={initial_state!r} is not one of {', '.join(INITIAL_STATES)}")
+    for name, value in (
+        ("d_state", d_state),
+        ("hidden_channels", hidden_channels),
+        ("qca_steps", qca_steps),
+        ("universes_per_episode", universes_per_episode),
+        ("max_nonfinite_episodes", max_nonfinite_episodes),
+    ):
+        require(value > 0, f"model.{name}={value} must be a positive integer")
+    multiple = operator_cls.grid_multiple
+    require(
+        grid_size >= MIN_GRID_SIZE and grid_size % multiple == 0,
+        f"model.grid_size={grid_size} must be at least {MIN_GRID_SIZE}"
+        + (f" and divisible by {multiple} for {architecture}" if multiple > 1 else ""),
+    )
+    require(0.0 <= gamma_decay < 1.0, f"model.gamma_decay={gamma_decay} must be in [0, 1)")
+    require(0.0 <= max_noise < 1.0, f"model.max_noise={max_noise} must be in [0, 1)")
+    require(noise_ramp_episodes >= 0, f"model.noise_ramp_episodes={noise_ramp_episodes} must be >= 0")
+    require(lr > 0.0, f"model.lr={lr} must be > 0")
+    require(0.0 < lr_factor < 1.0, f"model.lr_factor={lr_factor} must be in (0, 1)")
+    return operator_cls
