@@ -2,22 +2,29 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from pathlib import Path
 from typing import Any
 
+import torch
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 from typing_extensions import override
 
-from atheria_lightning.callbacks import EpisodeProgressBar, RunSummary
+from atheria_lightning.callbacks import EpisodeProgressBar, MirrorSync, RunSummary, SmartCheckpoint
+from atheria_lightning.callbacks.mirror import remote_run_dir
+from atheria_lightning.checkpoint_io import META_KEY
 from atheria_lightning.data import EpisodeDataModule
 from atheria_lightning.errors import ConfigError, require
 from atheria_lightning.module import NonFiniteTrainingError, QCAModule
-from atheria_lightning.platform import default_run_root
+from atheria_lightning.platform import default_mirror_url, default_run_root
+from atheria_lightning.resume import ResumePoint, find_resume_checkpoint
+
+log = logging.getLogger(__name__)
 
 RESUME_MODES = ("auto", "never")
 
@@ -36,7 +43,11 @@ class AtheriaCLI(LightningCLI):
     """LightningCLI for :class:`QCAModule` and :class:`EpisodeDataModule`, plus the run settings.
 
     Run settings (top level of a preset): ``experiment_name``, ``run_root`` (fast local folder, platform default
-    when null), ``mirror_url`` (persistent copy), ``resume`` (``auto``, ``never`` or a checkpoint path).
+    when null), ``mirror_url`` (persistent copy: ``auto`` = the platform default, null = none, or a folder/URL),
+    ``resume`` (``auto``, ``never`` or a checkpoint path).
+
+    Every run gets, unless its config lists its own: :class:`SmartCheckpoint` in ``<run>/checkpoints``,
+    :class:`MirrorSync` when a mirror is set, the episode progress bar and the end-of-run summary.
 
     Example (in a notebook cell)::
 
@@ -47,7 +58,8 @@ class AtheriaCLI(LightningCLI):
         kwargs.setdefault("model_class", QCAModule)
         kwargs.setdefault("datamodule_class", EpisodeDataModule)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
-        defaults = {"gradient_clip_val": 1.0, "max_epochs": 1, "log_every_n_steps": 1, "num_sanity_val_steps": 0}
+        # max_epochs -1: the episode stream ends the run (it stops the trainer after the last episode).
+        defaults = {"gradient_clip_val": 1.0, "max_epochs": -1, "log_every_n_steps": 1, "num_sanity_val_steps": 0}
         kwargs["trainer_defaults"] = {**defaults, **kwargs.get("trainer_defaults", {})}
         super().__init__(*args, **kwargs)
 
@@ -60,15 +72,30 @@ class AtheriaCLI(LightningCLI):
     @override
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument("--experiment_name", type=str, default="atheria", help="Run folder name under run_root.")
-        parser.add_argument("--run_root", type=str | None, default=None,
-                            help="Fast local folder for runs; null = the platform default (./runs locally).")
-        parser.add_argument("--mirror_url", type=str | None, default=None,
-                            help="Persistent copy of the run folder: a folder or any fsspec URL.")
-        parser.add_argument("--resume", type=str, default="auto",
-                            help="auto (newest checkpoint of this experiment), never, or a checkpoint path.")
+        parser.add_argument(
+            "--run_root",
+            type=str | None,
+            default=None,
+            help="Fast local folder for runs; null = the platform default (./runs locally).",
+        )
+        parser.add_argument(
+            "--mirror_url",
+            type=str | None,
+            default="auto",
+            help="Persistent copy of the run folder: a folder or fsspec URL; auto = the platform "
+            "default (Drive on Colab, none elsewhere); null = no mirror.",
+        )
+        parser.add_argument(
+            "--resume",
+            type=str,
+            default="auto",
+            help="auto (newest verified checkpoint, local or mirror), never, or a checkpoint path.",
+        )
         # One validation (and best-checkpoint decision) every data.val_every_episodes episodes.
         parser.link_arguments("data.val_every_episodes", "trainer.val_check_interval")
-        parser.set_defaults({"trainer.check_val_every_n_epoch": None})  # fmt: skip
+        # The operator's initial weights follow data.seed too, so one seed reproduces the whole run.
+        parser.link_arguments("data.seed", "seed_everything")
+        parser.set_defaults({"trainer.check_val_every_n_epoch": None})
 
     @property
     def run_settings(self) -> dict[str, Any]:
@@ -78,6 +105,11 @@ class AtheriaCLI(LightningCLI):
     def run_dir(self) -> str:
         settings = self.run_settings
         return run_dir_of(settings["run_root"] or default_run_root(), settings["experiment_name"])
+
+    @property
+    def mirror_url(self) -> str | None:
+        url = self.run_settings["mirror_url"]
+        return default_mirror_url() if url == "auto" else url
 
     @override
     def before_instantiate_classes(self) -> None:
@@ -92,51 +124,82 @@ class AtheriaCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         trainer_config = self._get(self.config_init, "trainer", default={})
         if trainer_config.get("logger") in (None, True):
-            kwargs["logger"] = TensorBoardLogger(save_dir=self.run_dir, name="logs", version="", default_hp_metric=False)
+            kwargs["logger"] = TensorBoardLogger(
+                save_dir=self.run_dir, name="logs", version="", default_hp_metric=False
+            )
         kwargs.setdefault("default_root_dir", self.run_dir)
+        configured = list(trainer_config.get("callbacks") or [])
         progress_bar = trainer_config.get("enable_progress_bar") in (None, True)
-        kwargs["callbacks"] = list(trainer_config.get("callbacks") or []) + self.default_callbacks(progress_bar)
+        kwargs["callbacks"] = configured + self.default_callbacks(configured, progress_bar)
         return super().instantiate_trainer(**kwargs)
 
-    def default_callbacks(self, progress_bar: bool = True) -> list[Any]:
-        """Callbacks every run gets: episode progress bar, checkpoints into the run folder, the summary."""
-        datamodule = self._get(self.config_init, "data")
-        checkpoint = ModelCheckpoint(
-            dirpath=os.path.join(self.run_dir, "checkpoints"),
-            filename="best-{step:06d}",
-            monitor="val/combined",
-            mode="min",
-            save_top_k=5,
-            save_last=True,
-            every_n_train_steps=datamodule.val_every_episodes,
-        )
-        callbacks = [checkpoint, RunSummary(self.run_dir)]
+    def default_callbacks(self, configured: list[Any], progress_bar: bool = True) -> list[Any]:
+        """The callbacks every run needs that its config did not list."""
+        have = {type(callback) for callback in configured}
+        callbacks: list[Any] = [RunSummary(self.run_dir)]
+        if not any(issubclass(kind, ModelCheckpoint) for kind in have):
+            callbacks.append(SmartCheckpoint())
+        for callback in list(configured):
+            if isinstance(callback, MirrorSync) and callback.url is None:
+                if self.mirror_url is None:
+                    # e.g. a Colab preset run locally: mirror_url "auto" means no mirror off Colab.
+                    log.warning("no mirror_url on this platform: MirrorSync is off, checkpoints stay local")
+                    configured.remove(callback)
+                else:
+                    callback.set_url(self.mirror_url)
+        if self.mirror_url and MirrorSync not in have:
+            callbacks.append(MirrorSync(self.mirror_url))
+        for callback in configured + callbacks:
+            if isinstance(callback, SmartCheckpoint) and callback.dirpath is None:
+                callback.dirpath = os.path.join(self.run_dir, "checkpoints")
         return [EpisodeProgressBar(), *callbacks] if progress_bar else callbacks
 
-    def resolve_checkpoint(self, ckpt_path: str | None) -> str | None:
-        """An explicit ``ckpt_path`` wins; else ``resume``: a path, ``never``, or ``auto`` (the run's last.ckpt)."""
-        if ckpt_path:
-            return ckpt_path
-        resume = self.run_settings["resume"]
+    def _mirror_checkpoints(self) -> tuple[Any, str] | None:
+        mirror = next((cb for cb in self.trainer.callbacks if isinstance(cb, MirrorSync)), None)
+        if mirror is None or mirror.url is None:
+            return None
+        fs, remote = remote_run_dir(mirror.url, os.path.basename(self.run_dir), mirror.storage_options)
+        return fs, f"{remote.rstrip('/')}/checkpoints"
+
+    def resolve_checkpoint(self, ckpt_path: str | None) -> ResumePoint | None:
+        """An explicit ``ckpt_path`` wins; else ``resume``: a path, ``never``, or ``auto`` (newest verified)."""
+        resume = ckpt_path or self.run_settings["resume"]
         if resume == "never":
             return None
         if resume != "auto":
-            return resume
-        last = Path(self.run_dir, "checkpoints", "last.ckpt")
-        return str(last) if last.is_file() else None
+            return ResumePoint(path=resume, episode=-1, source="explicit")
+        return find_resume_checkpoint(os.path.join(self.run_dir, "checkpoints"), self._mirror_checkpoints())
 
     def fit(self, model: QCAModule, datamodule: EpisodeDataModule, ckpt_path: str | None = None, **kwargs: Any) -> None:
         """``trainer.fit`` from the resolved checkpoint, loaded with ``weights_only=True`` (untrusted input)."""
-        ckpt_path = self.resolve_checkpoint(ckpt_path)
-        if ckpt_path:
-            print(f"resuming from {ckpt_path}", flush=True)
+        point = self.resolve_checkpoint(ckpt_path)
+        total = datamodule.total_episodes
+        if point is not None:
+            episode = point.episode if point.episode >= 0 else _checkpoint_episode(point.path)
+            if episode >= total:
+                print(f"run finished: episode {episode} of {total} (100%), nothing to do; "
+                      "raise data.total_episodes to train further", flush=True)  # fmt: skip
+                return
+            print(f"resuming from episode {episode} of {total} ({100.0 * episode / total:.0f}%) "
+                  f"[{point.source}: {point.path}]", flush=True)  # fmt: skip
         kwargs["weights_only"] = True
-        self.trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, **kwargs)
+        self.trainer.fit(model, datamodule=datamodule, ckpt_path=point.path if point else None, **kwargs)
 
-    def validate(self, model: QCAModule, datamodule: EpisodeDataModule, ckpt_path: str | None = None, **kwargs: Any) -> Any:
-        ckpt_path = self.resolve_checkpoint(ckpt_path)
+    def validate(
+        self, model: QCAModule, datamodule: EpisodeDataModule, ckpt_path: str | None = None, **kwargs: Any
+    ) -> Any:
+        point = self.resolve_checkpoint(ckpt_path)
         kwargs["weights_only"] = True
-        return self.trainer.validate(model, datamodule=datamodule, ckpt_path=ckpt_path, **kwargs)
+        return self.trainer.validate(model, datamodule=datamodule, ckpt_path=point.path if point else None, **kwargs)
+
+
+def _peek_checkpoint(path: str) -> dict[str, Any]:
+    # mmap: reads the small header and the pickled metadata, not the tensors.
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+
+
+def _checkpoint_episode(path: str) -> int:
+    return int(_peek_checkpoint(path).get(META_KEY, {}).get("episode", 0))
 
 
 def main(args: list[str] | None = None) -> int:

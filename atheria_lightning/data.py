@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import lightning.pytorch as pl
@@ -15,19 +15,24 @@ VALIDATION_SEED_OFFSET = 1_000_000
 
 
 class EpisodeStream:
-    """Yields ``{"episode": k, "seed": seed}`` for ``k = start ... total - 1``: plain ints, no device copy, no sync.
+    """Yields ``{"episode": k, "seed": seed}`` for the episodes not yet run: plain ints, no device copy, no sync.
 
     It has no ``len`` on purpose: Lightning then runs it as one open-ended epoch, validates every
-    ``val_check_interval`` episodes and, on resume, keeps counting batches from the restored episode.
+    ``val_check_interval`` episodes and, on resume, keeps counting batches from the restored episode. When it runs
+    out it calls ``on_exhausted`` (the datamodule stops the trainer), so the run ends after its last episode
+    however many epochs Lightning has counted, and a second pass never replays an episode.
     """
 
-    def __init__(self, start: int, total: int, seed: int) -> None:
+    def __init__(self, start: Callable[[], int], total: int, seed: int, on_exhausted: Callable[[], None]) -> None:
         self.start = start
         self.total = total
         self.seed = seed
+        self.on_exhausted = on_exhausted
 
     def __iter__(self) -> Iterator[dict[str, int]]:
-        return ({"episode": k, "seed": self.seed} for k in range(self.start, self.total))
+        for episode in range(self.start(), self.total):
+            yield {"episode": episode, "seed": self.seed}
+        self.on_exhausted()
 
 
 class ValidationSet:
@@ -82,7 +87,14 @@ class EpisodeDataModule(pl.LightningDataModule):
 
     @override
     def train_dataloader(self) -> EpisodeStream:
-        return EpisodeStream(self.next_episode, self.total_episodes, self.seed)
+        return EpisodeStream(self._first_unrun_episode, self.total_episodes, self.seed, self._stop_trainer)
+
+    def _first_unrun_episode(self) -> int:
+        return max(self.next_episode, self._running_episode + 1)
+
+    def _stop_trainer(self) -> None:
+        if self.trainer is not None:
+            self.trainer.should_stop = True
 
     @override
     def val_dataloader(self) -> ValidationSet:
@@ -98,7 +110,7 @@ class EpisodeDataModule(pl.LightningDataModule):
     @override
     def state_dict(self) -> dict[str, Any]:
         # Checkpoints are written after an episode ends, so the one running has finished by then.
-        return {"next_episode": max(self.next_episode, self._running_episode + 1), "seed": self.seed}
+        return {"next_episode": self._first_unrun_episode(), "seed": self.seed}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

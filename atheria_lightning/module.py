@@ -112,7 +112,9 @@ class QCAModule(pl.LightningModule):
         """Roll out the universes of ``episode`` (a pure function of ``seed``, ``episode`` and the rank)."""
         hp = self.hparams
         generator = episode_generator(seed, episode, self.device, rank=self.global_rank)
-        psi0 = initial_state(hp.initial_state, hp.universes_per_episode, hp.grid_size, hp.d_state, generator, self.device)
+        psi0 = initial_state(
+            hp.initial_state, hp.universes_per_episode, hp.grid_size, hp.d_state, generator, self.device
+        )
         result = rollout(self.operator, psi0, hp.qca_steps, hp.gamma_decay, noise, generator, hp.history_states)
         return compute_loss(hp.loss, result.final, psi0, self.loss_weights), result.final
 
@@ -155,7 +157,9 @@ class QCAModule(pl.LightningModule):
         parts, _ = self.run_episode(batch["seed"], 0, self.noise_at(batch["episode"]))
         parts["combined"] = combined_metric(parts)
         metrics = {f"val/{k}": parts[k] for k in ("combined", "survival", "symmetry", "complexity")}
-        self.log_dict(metrics, on_step=False, on_epoch=True, sync_dist=True, batch_size=self.hparams.universes_per_episode)
+        self.log_dict(
+            metrics, on_step=False, on_epoch=True, sync_dist=True, batch_size=self.hparams.universes_per_episode
+        )
 
     @override
     def configure_optimizers(self) -> dict[str, Any]:
@@ -205,7 +209,10 @@ def _check_settings(
     except ValueError as err:
         raise ConfigError(str(err)) from None
     require(loss in LOSSES, f"model.loss={loss!r} is not one of {', '.join(LOSSES)}")
-    require(initial_state in INITIAL_STATES, f"model.initial_state={initial_state!r} is not one of {', '.join(INITIAL_STATES)}")
+    require(
+        initial_state in INITIAL_STATES,
+        f"model.initial_state={initial_state!r} is not one of {', '.join(INITIAL_STATES)}",
+    )
     for name, value in (
         ("d_state", d_state),
         ("hidden_channels", hidden_channels),

@@ -32,3 +32,15 @@ class EpisodeProgressBar(TQDMProgressBar):
         self.train_progress_bar.initial = start
         self.train_progress_bar.n = start
         self.train_progress_bar.set_description("episode")
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        # batch_idx restarts when a finished run is continued in a new epoch; the episode number does not.
+        n = batch["episode"] + 1 if isinstance(batch, dict) and "episode" in batch else batch_idx + 1
+        bar = self.train_progress_bar
+        if bar is not None and self._should_update(n, bar.total):
+            bar.n = n
+            bar.refresh()
+            bar.set_postfix(self.get_metrics(trainer, pl_module))

@@ -39,9 +39,7 @@ def from_channels(out: torch.Tensor) -> torch.Tensor:
     return torch.complex(real, imag)
 
 
-def lindblad_step(
-    operator: nn.Module, psi: torch.Tensor, gamma: float, memory: Any = None
-) -> tuple[torch.Tensor, Any]:
+def lindblad_step(operator: nn.Module, psi: torch.Tensor, gamma: float, memory: Any = None) -> tuple[torch.Tensor, Any]:
     """``psi' = normalize(psi + A(psi) - gamma * psi)``: an Euler step of the Lindblad-style equation.
 
     ``A`` is the operator's output read as a complex delta; a ``multiplicative`` operator (UNET_UNITARY) has its

@@ -1,0 +1,31 @@
+# Two commands for a fresh machine: `make demo` trains the demo preset on CPU, `make test` runs the tests.
+# Both create (or reuse) .venv and install what they need. torch is installed only when none is importable,
+# as the CPU build 2.13.0, so an existing (e.g. Colab's CUDA) torch is kept.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_CPU ?= torch==2.13.0
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test lint clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_CPU)"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+demo: install
+	$(VENV)/bin/atheria fit --config configs/demo.yaml
+
+test: install
+	$(PY) -m pytest -q
+
+lint: install
+	$(VENV)/bin/ruff check atheria_lightning tests benchmarks
+
+clean:
+	rm -rf runs runs_mirror .pytest_cache

@@ -1,0 +1,228 @@
+"""TimeLimitGuard: stop with a fresh checkpoint before the platform's session quota kills the run."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+from typing_extensions import override
+
+from atheria_lightning.callbacks.checkpoint import SmartCheckpoint, episodes_done
+from atheria_lightning.errors import require
+
+log = logging.getLogger(__name__)
+
+__all__ = ["TimeLimitGuard"]
+
+# Until this many episodes are measured, predictions are widened by FIRST_EPISODES_MARGIN: the first
+# episodes include warm-up (allocator, cuDNN autotuning) and a single sample says little.
+WARMUP_EPISODES = 3
+FIRST_EPISODES_MARGIN = 2.0
+STEADY_MARGIN = 1.25
+# The emergency mirror flush may always take this long, even when the budget is nearly spent.
+MIN_FLUSH_SECONDS = 10.0
+# Weight of the newest duration in the running average.
+EMA_WEIGHT = 0.2
+
+
+def _process_age_seconds() -> float:
+    """Seconds since this process started (imports and platform start-up count against the quota too)."""
+    try:
+        import psutil
+
+        return max(0.0, time.time() - psutil.Process().create_time())
+    except Exception:  # psutil missing or the process table unreadable: count from now
+        return 0.0
+
+
+class TimeLimitGuard(Callback):
+    """Stops training cleanly, with ``last.ckpt`` written and the mirror flushed, before the session budget ends.
+
+    The budget counts from the start of this process (each Colab or Kaggle session has its own quota). After
+    each episode the guard predicts when the *next* episode would end, plus one checkpoint save and one mirror
+    flush (running averages of measured durations, widened for the first episodes). If that passes
+    ``emergency_fraction * max_hours``, or that point is already reached, it saves ``last.ckpt``, waits for the
+    write, flushes the mirror (bounded), prints ``stopped at episode k of N (p%), run the same command again to
+    continue`` and stops the trainer (exit code 0). Under DDP rank 0 decides and broadcasts, so all ranks stop
+    at the same episode. The training time of all sessions is kept in the checkpoint.
+
+    Args:
+        max_hours: The session budget in hours (Colab Free about 12, Kaggle 9-12).
+        emergency_fraction: Share of the budget that training may use, in (0, 1); the rest is the safety margin.
+        clock: Seconds as a float, monotonic; injectable so tests need not wait.
+
+    Logged keys (every episode):
+
+    ========================  =====================================================
+    ``time/elapsed_hours``    hours since this process started
+    ``time/remaining_hours``  hours left before the emergency stop point
+    ========================  =====================================================
+
+    Raises:
+        ConfigError: ``max_hours <= 0`` or ``emergency_fraction`` outside (0, 1).
+
+    Example::
+
+        Trainer(callbacks=[TimeLimitGuard(max_hours=11.5), SmartCheckpoint()])
+    """
+
+    def __init__(
+        self, max_hours: float, emergency_fraction: float = 0.9, clock: Callable[[], float] | None = None
+    ) -> None:
+        require(max_hours > 0, f"TimeLimitGuard.max_hours={max_hours} must be > 0")
+        require(
+            0.0 < emergency_fraction < 1.0, f"TimeLimitGuard.emergency_fraction={emergency_fraction} must be in (0, 1)"
+        )
+        self.max_hours = max_hours
+        self.emergency_fraction = emergency_fraction
+        self.clock = clock or time.monotonic
+        # With the real clock the process's own start-up counts; an injected clock starts now.
+        self._start = self.clock() - (_process_age_seconds() if clock is None else 0.0)
+        self.episode_seconds: float | None = None
+        self.episodes_measured = 0
+        self.previous_sessions_seconds = 0.0
+        self.sessions = 1
+        self.stopped_early = False
+        self.stop_reason = ""
+        self._train_started: float | None = None
+        self._last_batch_end: float | None = None
+
+    # ----- time accounting -----
+    @property
+    def budget_seconds(self) -> float:
+        return self.max_hours * 3600.0
+
+    @property
+    def stop_at_seconds(self) -> float:
+        return self.emergency_fraction * self.budget_seconds
+
+    def elapsed_seconds(self) -> float:
+        return self.clock() - self._start
+
+    def elapsed_hours(self) -> float:
+        return self.elapsed_seconds() / 3600.0
+
+    def remaining_hours(self) -> float:
+        return max(0.0, self.stop_at_seconds - self.elapsed_seconds()) / 3600.0
+
+    def training_seconds_this_session(self) -> float:
+        return 0.0 if self._train_started is None else self.clock() - self._train_started
+
+    def total_training_hours(self) -> float:
+        """Training time over all sessions of this run, this one included."""
+        return (self.previous_sessions_seconds + self.training_seconds_this_session()) / 3600.0
+
+    # ----- hooks -----
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._train_started = self._last_batch_end = self.clock()
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        now = self.clock()
+        # The time between two batch ends includes validation and checkpoint saves, which the next episode pays too.
+        self._record_episode(now - (self._last_batch_end if self._last_batch_end is not None else now))
+        self._last_batch_end = now
+        pl_module.log("time/elapsed_hours", self.elapsed_hours(), on_step=True, on_epoch=False)
+        pl_module.log("time/remaining_hours", self.remaining_hours(), on_step=True, on_epoch=False)
+        decision = self._should_stop(trainer) if trainer.is_global_zero else False
+        if trainer.strategy.broadcast(decision, src=0):
+            self._emergency_stop(trainer)
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.is_global_zero:
+            print(
+                f"time used: {self.training_seconds_this_session() / 3600:.2f} h of training this session, "
+                f"{self.total_training_hours():.2f} h over {self.sessions} session(s)",
+                flush=True,
+            )
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "total_training_seconds": self.previous_sessions_seconds + self.training_seconds_this_session(),
+            "sessions": self.sessions,
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.previous_sessions_seconds = float(state_dict.get("total_training_seconds", 0.0))
+        self.sessions = int(state_dict.get("sessions", 0)) + 1
+
+    # ----- decision -----
+    def _record_episode(self, seconds: float) -> None:
+        if seconds <= 0:
+            return
+        if self.episode_seconds is None:
+            self.episode_seconds = seconds
+        else:
+            self.episode_seconds = (1 - EMA_WEIGHT) * self.episode_seconds + EMA_WEIGHT * seconds
+        self.episodes_measured += 1
+
+    def predicted_stop_cost(self, trainer: pl.Trainer) -> float:
+        """Seconds that one more episode plus an emergency save and mirror flush are expected to take."""
+        margin = FIRST_EPISODES_MARGIN if self.episodes_measured < WARMUP_EPISODES else STEADY_MARGIN
+        episode = self.episode_seconds or 0.0
+        return margin * (episode + _save_seconds(trainer) + _flush_seconds(trainer))
+
+    def _should_stop(self, trainer: pl.Trainer) -> bool:
+        if self._out_of_episodes(trainer):
+            return False  # the run ends now anyway, through the normal path
+        elapsed = self.elapsed_seconds()
+        if elapsed >= self.stop_at_seconds:
+            self.stop_reason = f"{self.emergency_fraction:.0%} of the {self.max_hours:g} h budget reached"
+            return True
+        if elapsed + self.predicted_stop_cost(trainer) > self.stop_at_seconds:
+            self.stop_reason = "the next episode would end past the time limit"
+            return True
+        return False
+
+    @staticmethod
+    def _out_of_episodes(trainer: pl.Trainer) -> bool:
+        total = getattr(trainer.datamodule, "total_episodes", None) if trainer.datamodule is not None else None
+        return total is not None and episodes_done(trainer) >= total
+
+    def _emergency_stop(self, trainer: pl.Trainer) -> None:
+        checkpoint = _smart_checkpoint(trainer)
+        if checkpoint is not None:
+            checkpoint.save_last_now(trainer)
+            checkpoint.wait()
+        # The flush may use what is left of the budget (the quota kills the session anyway), at least a few seconds.
+        left = max(MIN_FLUSH_SECONDS, self.budget_seconds - self.elapsed_seconds())
+        for mirror in _mirrors(trainer):
+            mirror.flush(timeout_s=left)
+        trainer.should_stop = True
+        self.stopped_early = True
+        if trainer.is_global_zero:
+            done = episodes_done(trainer)
+            total = getattr(trainer.datamodule, "total_episodes", done) if trainer.datamodule is not None else done
+            print(
+                f"stopped at episode {done} of {total} ({100.0 * done / max(total, 1):.0f}%), "
+                f"run the same command again to continue ({self.stop_reason})",
+                flush=True,
+            )
+
+
+def _smart_checkpoint(trainer: pl.Trainer) -> SmartCheckpoint | None:
+    return next((cb for cb in trainer.callbacks if isinstance(cb, SmartCheckpoint)), None)
+
+
+def _mirrors(trainer: pl.Trainer) -> list[Any]:
+    """Callbacks with a bounded ``flush()``: the mirror (duck-typed, so the guard does not depend on it)."""
+    return [cb for cb in trainer.callbacks if callable(getattr(cb, "flush", None))]
+
+
+def _save_seconds(trainer: pl.Trainer) -> float:
+    io = getattr(trainer.strategy, "checkpoint_io", None)
+    return float(getattr(io, "max_write_seconds", 0.0))
+
+
+def _flush_seconds(trainer: pl.Trainer) -> float:
+    return max((float(getattr(m, "last_sync_seconds", 0.0) or 0.0) for m in _mirrors(trainer)), default=0.0)

@@ -1,0 +1,150 @@
+"""AtomicCheckpointIO: atomic, manifest-tracked, background checkpoint writes for Lightning."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from typing import Any
+
+import torch
+from lightning.fabric.plugins import CheckpointIO
+from lightning.fabric.utilities.cloud_io import _load as pl_load
+from lightning.fabric.utilities.types import _PATH
+from lightning_utilities.core.apply_func import apply_to_collection
+from typing_extensions import override
+
+from atheria_lightning.manifest import atomic_write, entry_for, read_manifest, write_manifest
+
+log = logging.getLogger(__name__)
+
+#: Key of the metadata that SmartCheckpoint adds to each checkpoint dict for the manifest.
+META_KEY = "atheria"
+
+
+def _to_cpu(tensor: torch.Tensor) -> torch.Tensor:
+    # A point-in-time copy on the caller's thread: training may change the original while the file is written.
+    return tensor.detach().to("cpu", copy=True)
+
+
+class AtomicCheckpointIO(CheckpointIO):
+    """Writes each checkpoint atomically beside its target, records it in ``MANIFEST.json``, in the background.
+
+    - The training loop only waits for a copy of the state to CPU memory; ``torch.save`` and fsync run in one
+      worker thread.
+    - Saves and removals run in submission order on that one thread, so an old checkpoint is removed only after
+      the new one is complete and listed; after a failed write no removal runs at all.
+    - Loading is always ``weights_only=True``: a checkpoint can come from a shared Drive or bucket.
+
+    Args:
+        async_write: Write in the background (default); ``False`` writes on the caller's thread.
+
+    Raises:
+        OSError: The first failed background write (disk full, I/O error) is raised on the next save or at teardown.
+    """
+
+    def __init__(self, async_write: bool = True) -> None:
+        self.async_write = async_write
+        self.last_write_seconds = 0.0
+        self.max_write_seconds = 0.0
+        self._executor: ThreadPoolExecutor | None = None
+        self._pending: list[Future] = []
+        self._error: BaseException | None = None
+        self._manifest_lock = threading.Lock()
+
+    @override
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
+        self._raise_pending_error()
+        meta = dict(checkpoint.get(META_KEY, {}))
+        snapshot = apply_to_collection(checkpoint, torch.Tensor, _to_cpu)
+        self._submit(self._write, snapshot, os.fspath(path), meta)
+
+    @override
+    def load_checkpoint(self, path: _PATH, map_location: Any | None = None, weights_only: bool | None = None) -> dict:
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"Checkpoint file not found: {path}")
+        return pl_load(path, map_location=map_location, weights_only=True)
+
+    @override
+    def remove_checkpoint(self, path: _PATH) -> None:
+        self._submit(self._remove, os.fspath(path))
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until every queued write and removal is done (or ``timeout`` passes); True when all are done."""
+        pending = [future for future in self._pending if not future.done()]
+        done, not_done = wait(pending, timeout=timeout)
+        self._pending = list(not_done)
+        return not not_done
+
+    @override
+    def teardown(self) -> None:
+        self.wait()
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+        self._raise_pending_error()
+
+    def _submit(self, fn: Any, *args: Any) -> None:
+        if not self.async_write:
+            fn(*args)
+            self._raise_pending_error()
+            return
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="atheria-ckpt")
+        self._pending = [future for future in self._pending if not future.done()]
+        self._pending.append(self._executor.submit(fn, *args))
+
+    def _raise_pending_error(self) -> None:
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def _write(self, checkpoint: dict[str, Any], path: str, meta: dict[str, Any]) -> None:
+        if self._error is not None:
+            return  # an earlier write failed: keep everything as it is until the error surfaces
+        started = time.monotonic()
+        try:
+            fs_path = os.path.abspath(path)
+            atomic_write(_local_fs(), fs_path, lambda handle: torch.save(checkpoint, handle))
+            entry = entry_for(_local_fs(), fs_path, int(meta.get("episode", -1)), meta.get("metric"), _kind_of(path))
+            with self._manifest_lock:
+                folder = os.path.dirname(fs_path)
+                manifest = read_manifest(_local_fs(), folder)
+                manifest.files[os.path.basename(fs_path)] = entry
+                write_manifest(_local_fs(), folder, manifest)
+        except BaseException as err:  # surfaced on the caller's thread at the next save or teardown
+            log.error("checkpoint write to %s failed, earlier checkpoints are kept: %s", path, err)
+            self._error = err
+            return
+        self.last_write_seconds = time.monotonic() - started
+        self.max_write_seconds = max(self.max_write_seconds, self.last_write_seconds)
+
+    def _remove(self, path: str) -> None:
+        if self._error is not None:
+            return  # never delete while the newer checkpoint may not exist
+        fs_path = os.path.abspath(path)
+        folder, name = os.path.split(fs_path)
+        # Unlist first, then delete: a crash in between leaves an untrusted orphan, never a listed hole.
+        with self._manifest_lock:
+            manifest = read_manifest(_local_fs(), folder)
+            if manifest.files.pop(name, None) is not None:
+                write_manifest(_local_fs(), folder, manifest)
+        try:
+            os.remove(fs_path)
+        except FileNotFoundError:
+            pass
+
+
+def _kind_of(path: str) -> str:
+    name = os.path.basename(path)
+    if name.startswith("last"):
+        return "last"
+    return "emergency" if name.startswith("emergency") else "best"
+
+
+def _local_fs() -> Any:
+    from fsspec.implementations.local import LocalFileSystem
+
+    return LocalFileSystem()

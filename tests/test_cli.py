@@ -1,0 +1,126 @@
+"""The CLI as users run it: presets parse, the demo trains end to end, bad settings fail in one line."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import CONFIGS, REPO, demo_args, env_without_warnings, run_dir
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from atheria_lightning.cli import AtheriaCLI, main
+from atheria_lightning.module import QCAModule
+
+PRESETS = sorted(p.name for p in CONFIGS.glob("*.yaml"))
+
+
+def scalars(log_dir: Path, tag: str) -> list[tuple[int, float]]:
+    events = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
+    events.Reload()
+    return [(e.step, e.value) for e in events.Scalars(tag)] if tag in events.Tags()["scalars"] else []
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_preset_parses_and_builds_against_the_real_cli(preset: str, tmp_path: Path) -> None:
+    cli = AtheriaCLI(
+        run=False,
+        args=["--config", str(CONFIGS / preset), "--run_root", str(tmp_path),
+              "--trainer.accelerator", "cpu", "--trainer.precision", "32-true"],
+    )  # fmt: skip
+    assert isinstance(cli.model, QCAModule)
+    assert cli.datamodule.total_episodes > 0
+    assert cli.trainer.gradient_clip_val == 1.0
+
+
+@pytest.mark.parametrize("preset", ["colab_free.yaml", "colab_pro.yaml", "kaggle.yaml"])
+def test_gpu_presets_train_the_original_recommended_model(preset: str, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(CONFIGS / preset), "--print_config"])
+    assert exit_info.value.code == 0
+    printed = capsys.readouterr().out
+    for setting in ("architecture: UNET", "d_state: 8", "hidden_channels: 64", "grid_size: 64", "qca_steps: 100",
+                    "gamma_decay: 0.01", "TimeLimitGuard", "SmartCheckpoint"):  # fmt: skip
+        assert setting in printed, setting
+
+
+def test_demo_trains_logs_and_writes_a_loadable_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(demo_args(tmp_path)) == 0
+    out = capsys.readouterr().out
+    assert "episodes: 6 this session, 6 of 6 in the run" in out
+    assert f"checkpoints: {run_dir(tmp_path)}/checkpoints" in out
+
+    losses = scalars(run_dir(tmp_path) / "logs", "train/loss")
+    assert [step for step, _ in losses] == list(range(6))
+    assert all(torch.isfinite(torch.tensor(value)) for _, value in losses)
+    assert scalars(run_dir(tmp_path) / "logs", "val/combined")
+
+    ckpt = run_dir(tmp_path) / "checkpoints" / "last.ckpt"
+    model = QCAModule.load_from_checkpoint(ckpt, weights_only=True)
+    assert model.hparams.hidden_channels == 4 and model.hparams.grid_size == 8
+    state = torch.load(ckpt, weights_only=True)
+    assert state["final_state"].shape == (8, 8, 2, 2)  # (H, W, d, real/imag)
+    assert (tmp_path / "mirror" / "demo" / "checkpoints" / "MANIFEST.json").is_file()
+
+
+def test_a_finished_run_says_so_and_exits_zero(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(demo_args(tmp_path, episodes=3)) == 0
+    capsys.readouterr()
+    assert main(demo_args(tmp_path, episodes=3)) == 0
+    assert "run finished: episode 3 of 3" in capsys.readouterr().out
+
+
+def test_a_finished_run_continues_when_given_more_episodes(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(demo_args(tmp_path, episodes=3)) == 0
+    capsys.readouterr()
+    assert main(demo_args(tmp_path, episodes=5)) == 0
+    out = capsys.readouterr().out
+    assert "resuming from episode 3 of 5" in out
+    assert "episodes: 2 this session, 5 of 5 in the run" in out
+
+
+BAD_SETTINGS = [
+    (["--model.architecture", "TRANSFORMER"], "model.architecture='TRANSFORMER' is not one of UNET"),
+    (["--model.loss", "entropy"], "model.loss='entropy' is not one of evolutionary"),
+    (["--model.grid_size", "30"], "model.grid_size=30 must be at least 8 and divisible by 4 for UNET"),
+    (["--model.grid_size", "4"], "model.grid_size=4 must be at least 8"),
+    (["--model.d_state", "0"], "model.d_state=0 must be a positive integer"),
+    (["--model.hidden_channels", "-3"], "model.hidden_channels=-3 must be a positive integer"),
+    (["--model.qca_steps", "0"], "model.qca_steps=0 must be a positive integer"),
+    (["--model.universes_per_episode", "0"], "model.universes_per_episode=0 must be a positive integer"),
+    (["--data.total_episodes", "0"], "data.total_episodes=0 must be a positive integer"),
+    (["--model.gamma_decay", "1.0"], "model.gamma_decay=1.0 must be in [0, 1)"),
+    (["--model.max_noise", "-0.1"], "model.max_noise=-0.1 must be in [0, 1)"),
+    (["--experiment_name", "../escape"], "experiment_name='../escape' must be a plain folder name"),
+    (["--resume", "/no/such/file.ckpt"], "resume='/no/such/file.ckpt' must be one of auto, never"),
+]
+
+
+@pytest.mark.parametrize(("override", "message"), BAD_SETTINGS, ids=[o[0] for o, _ in BAD_SETTINGS])
+def test_bad_settings_fail_in_one_line_before_training(
+    override: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    assert main(demo_args(tmp_path, *override)) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0, err
+    assert err == f"atheria: error: {message}" or err.startswith(f"atheria: error: {message}"), err
+    assert not (tmp_path / "runs").exists(), "nothing may be written before the settings are accepted"
+
+
+def test_unknown_yaml_key_is_rejected_by_the_cli(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(demo_args(tmp_path, "--model.hiden_channels", "8"))
+    assert exit_info.value.code == 2
+    assert "hiden_channels" in capsys.readouterr().err
+
+
+def test_console_script_reports_bad_input_without_traceback(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "atheria_lightning.cli", *demo_args(tmp_path, "--model.architecture", "FOO")],
+        capture_output=True, text=True, cwd=REPO, env=env_without_warnings(), timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("atheria: error: model.architecture='FOO'")

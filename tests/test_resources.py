@@ -1,0 +1,192 @@
+"""ResourceMonitor: RAM always, GPU keys only on a GPU, one status line per report, nothing between reports."""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import warnings
+from pathlib import Path
+from types import SimpleNamespace
+
+import psutil
+import pytest
+import torch
+from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import CSVLogger
+
+from atheria_lightning.callbacks.resources import ResourceMonitor
+from atheria_lightning.data import EpisodeDataModule
+from atheria_lightning.errors import ConfigError
+from atheria_lightning.module import QCAModule
+
+GB = 2**30
+RAM_KEYS = {"resources/ram_used_gb", "resources/ram_percent"}
+GPU_KEYS = {"resources/gpu_util_percent", "resources/gpu_mem_allocated_gb", "resources/gpu_mem_reserved_gb"}
+
+
+def fit(tmp_path: Path, *callbacks: Callback, logger: CSVLogger | bool = False) -> Trainer:
+    """Six episodes of the tiniest model on the CPU, validating every three."""
+    model = QCAModule(architecture="MLP", d_state=2, hidden_channels=4, grid_size=8, qca_steps=2)
+    trainer = Trainer(
+        max_epochs=1,
+        logger=logger,
+        log_every_n_steps=1,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        val_check_interval=3,
+        check_val_every_n_epoch=None,
+        callbacks=list(callbacks),
+    )
+    trainer.fit(model, EpisodeDataModule(total_episodes=6, val_every_episodes=3))
+    return trainer
+
+
+def fake_clock(step_seconds: float):
+    """A clock that advances ``step_seconds`` on every read."""
+    ticks = itertools.count()
+    return lambda: next(ticks) * step_seconds
+
+
+class FakeGuard(Callback):
+    """Stands in for the time-limit guard: the monitor finds it by its two methods alone."""
+
+    def elapsed_hours(self) -> float:
+        return 1.2
+
+    def remaining_hours(self) -> float:
+        return 7.8
+
+
+class GPUModule:
+    """Stands in for a LightningModule living on a GPU: records what the monitor logs."""
+
+    device = torch.device("cuda", 0)
+
+    def __init__(self) -> None:
+        self.logged: dict[str, float] = {}
+        self.log_kwargs: dict = {}
+
+    def log_dict(self, metrics: dict[str, float], **kwargs) -> None:
+        self.logged.update(metrics)
+        self.log_kwargs = kwargs
+
+
+def stub_trainer(global_step: int, is_global_zero: bool = True) -> SimpleNamespace:
+    return SimpleNamespace(
+        global_step=global_step,
+        is_global_zero=is_global_zero,
+        callbacks=[],
+        datamodule=None,
+        max_steps=100,
+        progress_bar_callback=None,
+    )
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """CUDA memory counters and NVML utilisation with fixed values, on a machine without a GPU."""
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 3 * GB)
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 5 * GB)
+    monkeypatch.setattr(torch.cuda, "utilization", lambda device=None: 85)
+
+
+@pytest.mark.parametrize("every_n_episodes", [0, -3, 2.5])
+def test_every_n_episodes_must_be_positive_integer(every_n_episodes) -> None:
+    with pytest.raises(ConfigError, match=r"ResourceMonitor\.every_n_episodes"):
+        ResourceMonitor(every_n_episodes=every_n_episodes)
+
+
+def test_cpu_fit_logs_ram_and_no_gpu_keys(tmp_path: Path) -> None:
+    logger = CSVLogger(tmp_path, name="logs")
+    trainer = fit(tmp_path, ResourceMonitor(every_n_episodes=2), logger=logger)
+
+    with open(Path(logger.log_dir) / "metrics.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert RAM_KEYS <= set(rows[0])
+    assert not GPU_KEYS & set(rows[0]), "without a GPU the GPU keys must be absent, not zero"
+    readings = [row for row in rows if row["resources/ram_used_gb"]]
+    assert readings
+    total_gb = psutil.virtual_memory().total / GB
+    for row in readings:
+        assert 0.0 < float(row["resources/ram_used_gb"]) < total_gb
+        assert 0.0 < float(row["resources/ram_percent"]) <= 100.0
+    assert RAM_KEYS <= set(trainer.callback_metrics)
+
+
+def test_status_line_every_n_episodes_with_clock(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # Reads: fit start (t=0), train start (1 h), then one per report: episode 3 at 2 h, episode 6 at 3 h.
+    fit(tmp_path, ResourceMonitor(every_n_episodes=3, clock=fake_clock(3600.0)))
+
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[episode")]
+    assert len(lines) == 2
+    assert lines[0].startswith("[episode 3/6] 1200.00 s/episode | RAM ")
+    assert lines[0].endswith("| elapsed 2.00 h")
+    assert lines[1].startswith("[episode 6/6] 1200.00 s/episode | RAM ")
+    assert lines[1].endswith("| elapsed 3.00 h")
+    assert "GPU" not in lines[0]
+
+
+def test_status_line_takes_time_from_guard(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    fit(tmp_path, FakeGuard(), ResourceMonitor(every_n_episodes=6))
+
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[episode")]
+    assert len(lines) == 1
+    assert lines[0].endswith("| elapsed 1.20 h, remaining 7.80 h")
+
+
+@pytest.mark.usefixtures("fake_gpu")
+def test_gpu_keys_from_cuda_and_nvml(capsys: pytest.CaptureFixture[str]) -> None:
+    monitor, module, trainer = ResourceMonitor(every_n_episodes=10), GPUModule(), stub_trainer(global_step=10)
+    monitor.on_train_start(trainer, module)
+    trainer.global_step = 20
+    monitor.on_train_batch_end(trainer, module, None, None, batch_idx=19)
+
+    assert set(module.logged) == RAM_KEYS | GPU_KEYS
+    assert module.logged["resources/gpu_util_percent"] == 85.0
+    assert module.logged["resources/gpu_mem_allocated_gb"] == 3.0
+    assert module.logged["resources/gpu_mem_reserved_gb"] == 5.0
+    assert module.log_kwargs["on_step"] is True and module.log_kwargs["rank_zero_only"] is True
+    assert "[episode 20/100]" in capsys.readouterr().out.splitlines()[0]
+
+
+@pytest.mark.usefixtures("fake_gpu")
+def test_missing_nvml_warns_once_naming_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_pynvml(device=None):
+        raise ModuleNotFoundError("nvidia-ml-py does not seem to be installed or it can't be imported.")
+
+    monkeypatch.setattr(torch.cuda, "utilization", no_pynvml)
+    monitor, module = ResourceMonitor(every_n_episodes=10), GPUModule()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in (10, 20, 30):
+            monitor.on_train_batch_end(stub_trainer(step), module, None, None, batch_idx=step - 1)
+
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 1
+    assert 'pip install "atheria_lightning[gpu]"' in messages[0]
+    assert "resources/gpu_util_percent" not in module.logged
+    assert {"resources/gpu_mem_allocated_gb", "resources/gpu_mem_reserved_gb"} <= set(module.logged)
+
+
+@pytest.mark.usefixtures("fake_gpu")
+def test_nothing_read_between_reports_nor_off_rank_zero(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    reads = []
+    real_virtual_memory = psutil.virtual_memory
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: reads.append(1) or real_virtual_memory())
+    monitor, module = ResourceMonitor(every_n_episodes=10), GPUModule()
+
+    for step in range(1, 10):
+        monitor.on_train_batch_end(stub_trainer(step), module, None, None, batch_idx=step - 1)
+    monitor.on_train_batch_end(stub_trainer(10, is_global_zero=False), module, None, None, batch_idx=9)
+    assert not reads and not module.logged and not capsys.readouterr().out
+
+    # A skipped non-finite episode leaves global_step at 10: the second batch must not report again.
+    for batch_idx in (9, 10):
+        monitor.on_train_batch_end(stub_trainer(10), module, None, None, batch_idx=batch_idx)
+    assert len(reads) == 1
+    assert len(capsys.readouterr().out.splitlines()) == 1
