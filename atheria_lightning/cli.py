@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch import Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 from typing_extensions import override
@@ -136,7 +136,7 @@ class AtheriaCLI(LightningCLI):
     def default_callbacks(self, configured: list[Any], progress_bar: bool = True) -> list[Any]:
         """The callbacks every run needs that its config did not list."""
         have = {type(callback) for callback in configured}
-        callbacks: list[Any] = [RunSummary(self.run_dir)]
+        callbacks: list[Any] = [] if RunSummary in have else [RunSummary(self.run_dir)]
         if not any(issubclass(kind, ModelCheckpoint) for kind in have):
             callbacks.append(SmartCheckpoint())
         for callback in list(configured):
@@ -152,7 +152,9 @@ class AtheriaCLI(LightningCLI):
         for callback in configured + callbacks:
             if isinstance(callback, SmartCheckpoint) and callback.dirpath is None:
                 callback.dirpath = os.path.join(self.run_dir, "checkpoints")
-        return [EpisodeProgressBar(), *callbacks] if progress_bar else callbacks
+        if progress_bar and not any(issubclass(kind, ProgressBar) for kind in have):
+            callbacks.insert(0, EpisodeProgressBar())
+        return callbacks
 
     def _mirror_checkpoints(self) -> tuple[Any, str] | None:
         mirror = next((cb for cb in self.trainer.callbacks if isinstance(cb, MirrorSync)), None)
@@ -204,15 +206,30 @@ def _checkpoint_episode(path: str) -> int:
 
 def main(args: list[str] | None = None) -> int:
     """The ``atheria`` console script. Bad settings print one line and exit 2, before any training."""
+    logging.getLogger("lightning.fabric.utilities.seed").setLevel(logging.WARNING)  # "Seed set to 42" is noise
     try:
         AtheriaCLI(args=args)
-    except ConfigError as err:
-        print(f"atheria: error: {err}", file=sys.stderr)
-        return 2
     except NonFiniteTrainingError as err:
         print(f"atheria: error: {err}", file=sys.stderr)
         return 3
+    except Exception as err:
+        # jsonargparse wraps an error raised while building a callback in its own ValueError: find ours.
+        config_error = _find_config_error(err)
+        if config_error is None:
+            raise
+        print(f"atheria: error: {config_error}", file=sys.stderr)
+        return 2
     return 0
+
+
+def _find_config_error(err: BaseException | None) -> ConfigError | None:
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, ConfigError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
 
 
 def console_main() -> None:

@@ -554,9 +554,9 @@ def _check_settings(
     every_n_episodes: int, flush_timeout_s: float, max_retries: int, backoff_s: float, max_share: float
 ) -> None:
     require(isinstance(every_n_episodes, int) and every_n_episodes > 0,
-            f"MirrorSync every_n_episodes={every_n_episodes!r} must be a positive integer")  # fmt: skip
-    require(flush_timeout_s > 0, f"MirrorSync flush_timeout_s={flush_timeout_s!r} must be a positive number of seconds")
+            f"MirrorSync.every_n_episodes={every_n_episodes!r} must be a positive integer")  # fmt: skip
+    require(flush_timeout_s > 0, f"MirrorSync.flush_timeout_s={flush_timeout_s!r} must be a positive number of seconds")
     require(isinstance(max_retries, int) and max_retries >= 0,
-            f"MirrorSync max_retries={max_retries!r} must be an integer >= 0")  # fmt: skip
-    require(backoff_s >= 0, f"MirrorSync backoff_s={backoff_s!r} must be a number of seconds >= 0")
-    require(0 < max_share < 1, f"MirrorSync max_share={max_share!r} must be a fraction strictly between 0 and 1")
+            f"MirrorSync.max_retries={max_retries!r} must be an integer >= 0")  # fmt: skip
+    require(backoff_s >= 0, f"MirrorSync.backoff_s={backoff_s!r} must be a number of seconds >= 0")
+    require(0 < max_share < 1, f"MirrorSync.max_share={max_share!r} must be a fraction strictly between 0 and 1")

@@ -26,6 +26,13 @@ class EpisodeProgressBar(TQDMProgressBar):
         return getattr(datamodule, "total_episodes", super().total_train_batches)
 
     @override
+    def init_validation_tqdm(self) -> Any:
+        # Validation takes a moment every few episodes; its own bar would bury the episode bar in a notebook.
+        bar = super().init_validation_tqdm()
+        bar.disable = True
+        return bar
+
+    @override
     def on_train_epoch_start(self, trainer: pl.Trainer, *args: Any) -> None:
         super().on_train_epoch_start(trainer, *args)
         start = getattr(trainer.datamodule, "next_episode", 0) if trainer.datamodule is not None else 0

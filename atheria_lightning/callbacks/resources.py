@@ -21,6 +21,9 @@ __all__ = ["ResourceMonitor"]
 # GiB: the unit that Colab's and Kaggle's meters label "GB", so the logged numbers match what the user sees there.
 BYTES_PER_GB = 2**30
 
+#: Share of the time budget after which a warning is printed once.
+BUDGET_WARNING_SHARE = 0.9
+
 GPU_EXTRA_HINT = 'pip install "atheria_lightning[gpu]"'
 
 
@@ -77,6 +80,7 @@ class ResourceMonitor(Callback):
         # Nothing here is worth a checkpoint: after a resume the rate is measured afresh over the new session.
         self._last_report: tuple[int, float] | None = None
         self._warned_utilization = False
+        self._warned_budget = False
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -149,12 +153,24 @@ class ResourceMonitor(Callback):
         parts.append(self._time_text(trainer, now))
         return " | ".join(parts)
 
+    def _warn_near_budget(self, guard: Any) -> None:
+        """Warn once when 90% of the guard's session budget is used: the session may end any moment now."""
+        budget = getattr(guard, "max_hours", None)
+        if self._warned_budget or not budget or guard.elapsed_hours() < BUDGET_WARNING_SHARE * budget:
+            return
+        self._warned_budget = True
+        rank_zero_warn(
+            f"{BUDGET_WARNING_SHARE:.0%} of the {budget:g} h time budget is used: training stops with a checkpoint "
+            "soon; run the same command again in a new session to continue"
+        )
+
     def _time_text(self, trainer: pl.Trainer, now: float) -> str:
         guard = _find_time_guard(trainer)
         if guard is None:
             started = self._fit_started if self._fit_started is not None else now
             return f"elapsed {(now - started) / 3600:.2f} h"
         text = f"elapsed {guard.elapsed_hours():.2f} h"
+        self._warn_near_budget(guard)
         remaining = guard.remaining_hours()
         if remaining is not None and math.isfinite(remaining):
             text += f", remaining {remaining:.2f} h"

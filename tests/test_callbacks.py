@@ -1,0 +1,191 @@
+"""One contract over every callback (built from YAML, fit twice, state round trip) and their bad settings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import CONFIGS, demo_args
+from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import Callback
+
+from atheria_lightning.callbacks import (
+    EpisodeProgressBar,
+    MirrorSync,
+    ResourceMonitor,
+    RunSummary,
+    SmartCheckpoint,
+    TimeLimitGuard,
+)
+from atheria_lightning.cli import AtheriaCLI, main
+from atheria_lightning.data import EpisodeDataModule
+from atheria_lightning.module import NonFiniteTrainingError, QCAModule
+from atheria_lightning.platform import Platform, default_mirror_url, default_run_root, detect_platform
+
+# (class, init_args as a preset would write them)
+CALLBACKS = [
+    (TimeLimitGuard, {"max_hours": 2.0, "emergency_fraction": 0.8}),
+    (SmartCheckpoint, {"top_k": 3, "every_n_episodes": 2}),
+    (MirrorSync, {"every_n_episodes": 2}),
+    (ResourceMonitor, {"every_n_episodes": 2}),
+    (EpisodeProgressBar, {}),
+    (RunSummary, {"run_dir": "runs/x"}),
+]
+
+
+def _yaml(tmp_path: Path, cls: type, init_args: dict) -> str:
+    lines = ["trainer:", "  callbacks:", f"    - class_path: {cls.__module__}.{cls.__name__}"]
+    if init_args:
+        lines.append("      init_args:")
+        lines += [f"        {key}: {value}" for key, value in init_args.items()]
+    path = tmp_path / f"{cls.__name__}.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def _tiny_fit(callback: Callback, root: Path, episodes: int = 4) -> Trainer:
+    trainer = Trainer(
+        max_epochs=-1, logger=False, default_root_dir=str(root), val_check_interval=2, check_val_every_n_epoch=None,
+        enable_progress_bar=isinstance(callback, EpisodeProgressBar), num_sanity_val_steps=0,
+        callbacks=[callback] if isinstance(callback, SmartCheckpoint) else [callback, SmartCheckpoint(every_n_episodes=2)],
+    )  # fmt: skip
+    model = QCAModule(architecture="MLP", d_state=2, hidden_channels=4, grid_size=8, qca_steps=2)
+    trainer.fit(model, datamodule=EpisodeDataModule(total_episodes=episodes, val_every_episodes=2))
+    return trainer
+
+
+@pytest.mark.parametrize(("cls", "init_args"), CALLBACKS, ids=[c.__name__ for c, _ in CALLBACKS])
+def test_callback_contract(cls: type, init_args: dict, tmp_path: Path) -> None:
+    # 1. constructible from a YAML preset, through the real CLI
+    args = ["--config", str(CONFIGS / "demo.yaml"), "--config", _yaml(tmp_path, cls, init_args),
+            "--run_root", str(tmp_path / "runs"), "--mirror_url", str(tmp_path / "mirror")]  # fmt: skip
+    cli = AtheriaCLI(run=False, args=args)
+    built = [cb for cb in cli.trainer.callbacks if type(cb) is cls]
+    assert len(built) == 1
+    for key, value in init_args.items():
+        assert getattr(built[0], key) == value
+    # 2. the same instance survives two fits (a notebook re-running a cell), and closes idempotently
+    callback = built[0]
+    if isinstance(callback, MirrorSync):
+        callback.run_dir = None
+    for attempt in range(2):
+        trainer = _tiny_fit(callback, tmp_path / f"fit{attempt}")
+        assert trainer.state.finished
+    callback.teardown(trainer, trainer.lightning_module, "fit")
+    # 3. its state round-trips through a checkpoint (weights_only-safe plain values)
+    state = callback.state_dict()
+    twin = cls(**init_args)
+    if isinstance(twin, SmartCheckpoint):
+        twin.dirpath = callback.dirpath  # Lightning restores top-k bookkeeping only into the same folder
+    twin.load_state_dict(state)
+    if isinstance(callback, TimeLimitGuard):
+        assert twin.sessions == callback.sessions + 1
+        assert twin.previous_sessions_seconds == pytest.approx(state["total_training_seconds"])
+    else:  # Lightning does not restore the score of the moment (current_score), only the bookkeeping
+        assert {k: v for k, v in twin.state_dict().items() if k != "current_score"} == {
+            k: v for k, v in state.items() if k != "current_score"
+        }
+
+
+BAD_CALLBACK_SETTINGS = [
+    (TimeLimitGuard, {"max_hours": 0}, "TimeLimitGuard.max_hours=0"),
+    (TimeLimitGuard, {"max_hours": 1, "emergency_fraction": 1.0}, "TimeLimitGuard.emergency_fraction=1.0"),
+    (TimeLimitGuard, {"max_hours": 1, "emergency_fraction": 0}, "TimeLimitGuard.emergency_fraction=0"),
+    (SmartCheckpoint, {"top_k": 0}, "SmartCheckpoint.top_k=0 must be at least 1"),
+    (SmartCheckpoint, {"every_n_episodes": 0}, "SmartCheckpoint.every_n_episodes=0"),
+    (MirrorSync, {"every_n_episodes": -5}, "MirrorSync.every_n_episodes"),
+    (MirrorSync, {"url": "foo://bucket"}, "foo"),
+    (ResourceMonitor, {"every_n_episodes": 0}, "ResourceMonitor.every_n_episodes=0"),
+]
+
+
+@pytest.mark.parametrize(("cls", "init_args", "message"), BAD_CALLBACK_SETTINGS)
+def test_bad_callback_settings_fail_in_one_line_before_training(
+    cls: type, init_args: dict, message: str, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    assert main(demo_args(tmp_path, "--config", _yaml(tmp_path, cls, init_args))) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("atheria: error: ") and message in err and "\n" not in err, err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_missing_optional_mirror_package_names_the_extra(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    pytest.importorskip("fsspec")
+    try:
+        import s3fs  # noqa: F401
+
+        pytest.skip("s3fs is installed here")
+    except ImportError:
+        pass
+    assert main(demo_args(tmp_path, "--mirror_url", "s3://bucket/atheria")) == 2
+    assert 'pip install "atheria_lightning[s3]"' in capsys.readouterr().err
+
+
+class NaNLoss(Callback):
+    """Makes chosen episodes' losses NaN, as an exploding operator would, and records the weights around them."""
+
+    def __init__(self, episodes: set[int]) -> None:
+        self.episodes = episodes
+        self.weights_before: dict[int, list[torch.Tensor]] = {}
+        self.weights_after: dict[int, list[torch.Tensor]] = {}
+
+    def setup(self, trainer: Trainer, pl_module: QCAModule, stage: str) -> None:
+        run_episode = pl_module.run_episode
+
+        def poisoned(seed: int, episode: int, noise: float):
+            parts, final = run_episode(seed, episode, noise)
+            if episode in self.episodes:
+                parts["loss"] = parts["loss"] * float("nan")
+            return parts, final
+
+        pl_module.run_episode = poisoned
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: QCAModule, batch: dict, batch_idx: int) -> None:
+        self.weights_before[batch["episode"]] = [p.detach().clone() for p in pl_module.parameters()]
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: QCAModule, outputs, batch: dict, batch_idx: int) -> None:
+        self.weights_after[batch["episode"]] = [p.detach().clone() for p in pl_module.parameters()]
+
+
+def test_a_non_finite_episode_is_skipped_and_counted(tmp_path: Path) -> None:
+    model = QCAModule(architecture="MLP", d_state=2, hidden_channels=4, grid_size=8, qca_steps=2)
+    nan = NaNLoss({2})
+    trainer = Trainer(max_epochs=-1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                      default_root_dir=str(tmp_path), callbacks=[nan], limit_val_batches=0)  # fmt: skip
+    trainer.fit(model, datamodule=EpisodeDataModule(total_episodes=5))
+    assert model.nonfinite_skipped == 1
+    assert trainer.callback_metrics["train/nonfinite_skipped"] == 1
+    unchanged = [torch.equal(a, b) for a, b in zip(nan.weights_before[2], nan.weights_after[2])]
+    assert all(unchanged), "the non-finite episode must not change the weights"
+    changed = [torch.equal(a, b) for a, b in zip(nan.weights_before[3], nan.weights_after[3])]
+    assert not all(changed), "the next finite episode trains again"
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_a_run_that_only_produces_non_finite_losses_stops_with_a_clear_error(tmp_path: Path) -> None:
+    model = QCAModule(
+        architecture="MLP", d_state=2, hidden_channels=4, grid_size=8, qca_steps=2, max_nonfinite_episodes=3
+    )
+    trainer = Trainer(max_epochs=-1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                      default_root_dir=str(tmp_path), callbacks=[NaNLoss(set(range(100)))], limit_val_batches=0)  # fmt: skip
+    with pytest.raises(NonFiniteTrainingError, match="3 consecutive episodes had a non-finite loss"):
+        trainer.fit(model, datamodule=EpisodeDataModule(total_episodes=50))
+    assert model.nonfinite_skipped == 3
+
+
+@pytest.mark.parametrize(
+    ("env", "platform", "run_root", "mirror"),
+    [
+        ({}, Platform.LOCAL, "./runs", None),
+        ({"COLAB_RELEASE_TAG": "release-colab_20261101"}, Platform.COLAB, "/content/atheria_runs",
+         "/content/drive/MyDrive/Atheria"),
+        ({"KAGGLE_KERNEL_RUN_TYPE": "Interactive"}, Platform.KAGGLE, "/kaggle/working/atheria_runs", None),
+    ],
+)  # fmt: skip
+def test_platform_defaults(env: dict, platform: Platform, run_root: str, mirror: str | None, monkeypatch) -> None:
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert detect_platform() is platform
+    assert default_run_root() == run_root
+    assert default_mirror_url() == mirror
