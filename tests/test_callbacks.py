@@ -48,7 +48,7 @@ def _tiny_fit(callback: Callback, root: Path, episodes: int = 4) -> Trainer:
     trainer = Trainer(
         max_epochs=-1, logger=False, default_root_dir=str(root), val_check_interval=2, check_val_every_n_epoch=None,
         enable_progress_bar=isinstance(callback, EpisodeProgressBar), num_sanity_val_steps=0,
-        callbacks=[callback] if isinstance(callback, SmartCheckpoint) else [callback, SmartCheckpoint(every_n_episodes=2)],
+        callbacks=[callback] if isinstance(callback, SmartCheckpoint) else [callback, SmartCheckpoint(every_n_episodes=2)],  # noqa: E501
     )  # fmt: skip
     model = QCAModule(architecture="MLP", d_state=2, hidden_channels=4, grid_size=8, qca_steps=2)
     trainer.fit(model, datamodule=EpisodeDataModule(total_episodes=episodes, val_every_episodes=2))
@@ -156,9 +156,9 @@ def test_a_non_finite_episode_is_skipped_and_counted(tmp_path: Path) -> None:
     trainer.fit(model, datamodule=EpisodeDataModule(total_episodes=5))
     assert model.nonfinite_skipped == 1
     assert trainer.callback_metrics["train/nonfinite_skipped"] == 1
-    unchanged = [torch.equal(a, b) for a, b in zip(nan.weights_before[2], nan.weights_after[2])]
+    unchanged = [torch.equal(a, b) for a, b in zip(nan.weights_before[2], nan.weights_after[2], strict=True)]
     assert all(unchanged), "the non-finite episode must not change the weights"
-    changed = [torch.equal(a, b) for a, b in zip(nan.weights_before[3], nan.weights_after[3])]
+    changed = [torch.equal(a, b) for a, b in zip(nan.weights_before[3], nan.weights_after[3], strict=True)]
     assert not all(changed), "the next finite episode trains again"
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
@@ -168,7 +168,8 @@ def test_a_run_that_only_produces_non_finite_losses_stops_with_a_clear_error(tmp
         architecture="MLP", d_state=2, hidden_channels=4, grid_size=8, qca_steps=2, max_nonfinite_episodes=3
     )
     trainer = Trainer(max_epochs=-1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                      default_root_dir=str(tmp_path), callbacks=[NaNLoss(set(range(100)))], limit_val_batches=0)  # fmt: skip
+                      default_root_dir=str(tmp_path), callbacks=[NaNLoss(set(range(100)))],
+                      limit_val_batches=0)  # fmt: skip
     with pytest.raises(NonFiniteTrainingError, match="3 consecutive episodes had a non-finite loss"):
         trainer.fit(model, datamodule=EpisodeDataModule(total_episodes=50))
     assert model.nonfinite_skipped == 3
