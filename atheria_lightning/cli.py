@@ -13,13 +13,15 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from typing_extensions import override
 
-from atheria_lightning.callbacks import EpisodeProgressBar, MirrorSync, RunSummary, SmartCheckpoint
+from atheria_lightning.callbacks import EpisodeProgressBar, MirrorSync, RunSummary, SmartCheckpoint, StopOnSignal
 from atheria_lightning.callbacks.mirror import remote_run_dir
 from atheria_lightning.checkpoint_io import META_KEY
 from atheria_lightning.data import EpisodeDataModule
 from atheria_lightning.errors import ConfigError, require
+from atheria_lightning.lock import RunLock
 from atheria_lightning.module import NonFiniteTrainingError, QCAModule
 from atheria_lightning.platform import default_mirror_url, default_run_root
 from atheria_lightning.resume import ResumePoint, find_resume_checkpoint
@@ -139,6 +141,8 @@ class AtheriaCLI(LightningCLI):
         callbacks: list[Any] = [] if RunSummary in have else [RunSummary(self.run_dir)]
         if not any(issubclass(kind, ModelCheckpoint) for kind in have):
             callbacks.append(SmartCheckpoint())
+        if StopOnSignal not in have:
+            callbacks.append(StopOnSignal())
         for callback in list(configured):
             if isinstance(callback, MirrorSync) and callback.url is None:
                 if self.mirror_url is None:
@@ -174,6 +178,13 @@ class AtheriaCLI(LightningCLI):
 
     def fit(self, model: QCAModule, datamodule: EpisodeDataModule, ckpt_path: str | None = None, **kwargs: Any) -> None:
         """``trainer.fit`` from the resolved checkpoint, loaded with ``weights_only=True`` (untrusted input)."""
+        if self.trainer.is_global_zero:
+            with RunLock(self.run_dir):
+                self._fit(model, datamodule, ckpt_path, **kwargs)
+        else:
+            self._fit(model, datamodule, ckpt_path, **kwargs)
+
+    def _fit(self, model: QCAModule, datamodule: EpisodeDataModule, ckpt_path: str | None, **kwargs: Any) -> None:
         point = self.resolve_checkpoint(ckpt_path)
         total = datamodule.total_episodes
         if point is not None:
@@ -212,6 +223,10 @@ def main(args: list[str] | None = None) -> int:
     except NonFiniteTrainingError as err:
         print(f"atheria: error: {err}", file=sys.stderr)
         return 3
+    except SIGTERMException:
+        # Only when SIGTERM arrived outside an episode boundary that StopOnSignal could use (e.g. validation).
+        print("atheria: stopped by SIGTERM; run the same command again to continue", file=sys.stderr)
+        return 0
     except Exception as err:
         # jsonargparse wraps an error raised while building a callback in its own ValueError: find ours.
         config_error = _find_config_error(err)

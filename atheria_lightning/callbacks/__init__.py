@@ -4,7 +4,16 @@ from atheria_lightning.callbacks.checkpoint import SmartCheckpoint
 from atheria_lightning.callbacks.mirror import MirrorSync
 from atheria_lightning.callbacks.progress import EpisodeProgressBar
 from atheria_lightning.callbacks.resources import ResourceMonitor
+from atheria_lightning.callbacks.signals import StopOnSignal
 from atheria_lightning.callbacks.summary import RunSummary
 from atheria_lightning.callbacks.time_guard import TimeLimitGuard
 
-__all__ = ["EpisodeProgressBar", "MirrorSync", "ResourceMonitor", "RunSummary", "SmartCheckpoint", "TimeLimitGuard"]
+__all__ = [
+    "EpisodeProgressBar",
+    "MirrorSync",
+    "ResourceMonitor",
+    "RunSummary",
+    "SmartCheckpoint",
+    "StopOnSignal",
+    "TimeLimitGuard",
+]

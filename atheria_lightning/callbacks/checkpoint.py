@@ -138,6 +138,11 @@ class SmartCheckpoint(ModelCheckpoint):
         self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
         self._last_saved_episode = episodes_done(trainer)
 
+    @property
+    def last_saved_episode(self) -> int:
+        """The episode count of the newest ``last.ckpt`` queued by this callback (-1 before the first)."""
+        return self._last_saved_episode
+
     def wait(self, timeout: float | None = None) -> bool:
         """Wait for queued writes (bounded by ``timeout``); True when all are on disk and in the manifest."""
         return self.io.wait(timeout) if self.io is not None else True

@@ -11,7 +11,8 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
-from atheria_lightning.callbacks.checkpoint import SmartCheckpoint, episodes_done
+from atheria_lightning.callbacks.checkpoint import episodes_done
+from atheria_lightning.callbacks.stopping import emergency_stop, mirrors
 from atheria_lightning.errors import require
 
 log = logging.getLogger(__name__)
@@ -190,33 +191,10 @@ class TimeLimitGuard(Callback):
         return total is not None and episodes_done(trainer) >= total
 
     def _emergency_stop(self, trainer: pl.Trainer) -> None:
-        checkpoint = _smart_checkpoint(trainer)
-        if checkpoint is not None:
-            checkpoint.save_last_now(trainer)
-            checkpoint.wait()
         # The flush may use what is left of the budget (the quota kills the session anyway), at least a few seconds.
         left = max(MIN_FLUSH_SECONDS, self.budget_seconds - self.elapsed_seconds())
-        for mirror in _mirrors(trainer):
-            mirror.flush(timeout_s=left)
-        trainer.should_stop = True
+        emergency_stop(trainer, self.stop_reason, flush_timeout_s=left)
         self.stopped_early = True
-        if trainer.is_global_zero:
-            done = episodes_done(trainer)
-            total = getattr(trainer.datamodule, "total_episodes", done) if trainer.datamodule is not None else done
-            print(
-                f"stopped at episode {done} of {total} ({100.0 * done / max(total, 1):.0f}%), "
-                f"run the same command again to continue ({self.stop_reason})",
-                flush=True,
-            )
-
-
-def _smart_checkpoint(trainer: pl.Trainer) -> SmartCheckpoint | None:
-    return next((cb for cb in trainer.callbacks if isinstance(cb, SmartCheckpoint)), None)
-
-
-def _mirrors(trainer: pl.Trainer) -> list[Any]:
-    """Callbacks with a bounded ``flush()``: the mirror (duck-typed, so the guard does not depend on it)."""
-    return [cb for cb in trainer.callbacks if callable(getattr(cb, "flush", None))]
 
 
 def _save_seconds(trainer: pl.Trainer) -> float:
@@ -225,4 +203,4 @@ def _save_seconds(trainer: pl.Trainer) -> float:
 
 
 def _flush_seconds(trainer: pl.Trainer) -> float:
-    return max((float(getattr(m, "last_sync_seconds", 0.0) or 0.0) for m in _mirrors(trainer)), default=0.0)
+    return max((float(getattr(m, "last_sync_seconds", 0.0) or 0.0) for m in mirrors(trainer)), default=0.0)

@@ -1,0 +1,84 @@
+"""StopOnSignal: SIGTERM (Kaggle, ``kill``) or a first Ctrl+C / notebook interrupt stops after the episode, saved."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from types import FrameType
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+from typing_extensions import override
+
+from atheria_lightning.callbacks.stopping import emergency_stop
+from atheria_lightning.errors import require
+
+__all__ = ["StopOnSignal"]
+
+
+class StopOnSignal(Callback):
+    """Turns a stop request into a clean stop: ``last.ckpt`` written, mirror flushed, exit code 0.
+
+    - SIGTERM (Kaggle stopping a session, ``kill``, a scheduler): from the start of training this callback's
+      handler takes over from Lightning's (which would raise ``SIGTERMException`` between two hooks, too late to
+      save), and the run stops after the running episode.
+    - SIGINT (Ctrl+C, a notebook's "interrupt"): the first one asks for a stop after the running episode; a
+      second one interrupts at once, as usual.
+
+    Under DDP rank 0's view decides and is broadcast, so every rank stops after the same episode. The CLI adds this
+    callback to every run.
+
+    Args:
+        flush_timeout_s: Longest wait for the mirror flush after the checkpoint is written.
+
+    Raises:
+        ConfigError: ``flush_timeout_s <= 0``.
+
+    Example::
+
+        Trainer(callbacks=[SmartCheckpoint(), StopOnSignal(flush_timeout_s=30)])
+    """
+
+    def __init__(self, flush_timeout_s: float = 60.0) -> None:
+        require(flush_timeout_s > 0, f"StopOnSignal.flush_timeout_s={flush_timeout_s} must be > 0")
+        self.flush_timeout_s = flush_timeout_s
+        self.requested: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # After Lightning registered its own handlers; only the main thread may set handlers (a notebook cell
+        # runs there).
+        self.requested = None
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {
+                signal.SIGINT: signal.signal(signal.SIGINT, self._on_sigint),
+                signal.SIGTERM: signal.signal(signal.SIGTERM, self._on_sigterm),
+            }
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if threading.current_thread() is threading.main_thread():
+            for signum, handler in self._previous.items():
+                signal.signal(signum, handler)
+        self._previous = {}
+
+    def _on_sigterm(self, signum: int, frame: FrameType | None) -> None:
+        self.requested = "SIGTERM received"
+
+    def _on_sigint(self, signum: int, frame: FrameType | None) -> None:
+        if self.requested is not None:  # the second interrupt: stop waiting
+            signal.signal(signal.SIGINT, self._previous.get(signal.SIGINT) or signal.default_int_handler)
+            raise KeyboardInterrupt
+        self.requested = "interrupted (SIGINT)"
+        print("\ninterrupt received: stopping after this episode with a checkpoint (interrupt again to abort now)",
+              flush=True)  # fmt: skip
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        reason = self.requested or ("SIGTERM received" if trainer.received_sigterm else None)
+        if trainer.strategy.broadcast(reason is not None, src=0):
+            emergency_stop(trainer, reason or "stop requested on rank 0", self.flush_timeout_s)
