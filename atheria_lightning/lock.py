@@ -38,9 +38,10 @@ class RunLock:
             except FileExistsError:
                 holder = self._holder()
                 if holder is not None and self._alive(holder):
+                    who = f"run {holder.get('run_id')} (pid {holder.get('pid')} on {holder.get('host')})"
                     raise ConfigError(
-                        f"run folder {self.path.parent} is in use by run {holder.get('run_id')} (pid {holder.get('pid')}"
-                        f" on {holder.get('host')}): wait for it to finish or choose another experiment_name"
+                        f"run folder {self.path.parent} is in use by {who}: "
+                        "wait for it to finish or choose another experiment_name"
                     ) from None
                 self.path.unlink(missing_ok=True)  # stale: its process is gone
                 continue
