@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import pickle
 import sys
 from pathlib import Path
 from typing import Any
@@ -188,7 +190,8 @@ class AtheriaCLI(LightningCLI):
         point = self.resolve_checkpoint(ckpt_path)
         total = datamodule.total_episodes
         if point is not None:
-            episode = point.episode if point.episode >= 0 else _checkpoint_episode(point.path)
+            # Read from the checkpoint itself (weights_only): a manifest on a shared mirror may lie about it.
+            episode = _checkpoint_episode(point.path)
             if episode >= total:
                 print(f"run finished: episode {episode} of {total} (100%), nothing to do; "
                       "raise data.total_episodes to train further", flush=True)  # fmt: skip
@@ -207,8 +210,16 @@ class AtheriaCLI(LightningCLI):
 
 
 def _peek_checkpoint(path: str) -> dict[str, Any]:
-    # mmap: reads the small header and the pickled metadata, not the tensors.
-    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    """Read a checkpoint's metadata, weights only: anything else in it is refused, never loaded unsafely."""
+    try:
+        # mmap: reads the small header and the pickled metadata, not the tensors.
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(
+            f"checkpoint refused: {path} is not a weights-only checkpoint of tensors and plain values ({reason}); "
+            "move it aside or set resume to another checkpoint"
+        ) from None
 
 
 def _checkpoint_episode(path: str) -> int:
@@ -227,6 +238,17 @@ def main(args: list[str] | None = None) -> int:
         # Only when SIGTERM arrived outside an episode boundary that StopOnSignal could use (e.g. validation).
         print("atheria: stopped by SIGTERM; run the same command again to continue", file=sys.stderr)
         return 0
+    except pickle.UnpicklingError as err:
+        # torch.load(weights_only=True) refused objects other than tensors and plain values: never retry unsafely.
+        print(f"atheria: error: checkpoint refused, it holds more than tensors and plain values ({err}".splitlines()[0]
+              + "); move it aside or set resume to another checkpoint", file=sys.stderr)  # fmt: skip
+        return 2
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        print(f"atheria: error: no space left while writing ({err}); the previous checkpoints are intact and listed "
+              "in MANIFEST.json: free some space and run the same command again", file=sys.stderr)  # fmt: skip
+        return 1
     except Exception as err:
         # jsonargparse wraps an error raised while building a callback in its own ValueError: find ours.
         config_error = _find_config_error(err)

@@ -1,0 +1,95 @@
+"""Faults a platform throws at a run: a full disk mid-save, and checkpoints planted to run code."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import demo_args, run_dir
+
+from atheria_lightning import checkpoint_io
+from atheria_lightning.cli import main
+from atheria_lightning.manifest import read_manifest, verify
+from atheria_lightning.module import QCAModule
+
+LOCAL = __import__("fsspec").filesystem("file")
+
+
+def test_disk_full_during_a_save_is_loud_and_keeps_the_previous_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    assert main(demo_args(tmp_path, "--trainer.max_steps", "3", episodes=12, val_every=3, mirror=False)) == 0
+    folder = run_dir(tmp_path) / "checkpoints"
+    before = read_manifest(LOCAL, str(folder))
+    files_before = sorted(p.name for p in folder.iterdir())
+
+    real_save = torch.save
+
+    def full_disk(obj, handle, *args, **kwargs):
+        handle.write(b"partial")  # the write gets somewhere, then the device is full
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint_io.torch, "save", full_disk)
+    capsys.readouterr()
+    assert main(demo_args(tmp_path, episodes=12, val_every=3, mirror=False)) == 1
+    err = capsys.readouterr().err
+    assert "no space left" in err and "previous checkpoints are intact" in err
+    monkeypatch.setattr(checkpoint_io.torch, "save", real_save)
+
+    after = read_manifest(LOCAL, str(folder))
+    assert after.files == before.files, "the manifest still lists exactly the previous checkpoints"
+    for name, entry in after.files.items():
+        assert verify(LOCAL, str(folder / name), entry)
+    assert sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")) == files_before
+    assert not [p for p in folder.iterdir() if ".tmp-" in p.name], "no partial file is left behind"
+
+
+class PlantedPayload:
+    """Unpickling this runs code: it would create the sentinel file."""
+
+    def __init__(self, sentinel: str) -> None:
+        self.sentinel = sentinel
+
+    def __reduce__(self):
+        return (open, (self.sentinel, "w"))
+
+
+def _plant(folder: Path, name: str, sentinel: Path, episode: int) -> None:
+    """A malicious checkpoint, listed in the manifest with its true sha256 (the attacker can edit both)."""
+    data = pickle.dumps({"state_dict": {}, "payload": PlantedPayload(str(sentinel))})
+    path = folder / name
+    path.write_bytes(data)
+    manifest = json.loads((folder / "MANIFEST.json").read_text())
+    manifest["files"][name] = {"episode": episode, "size": len(data), "sha256": hashlib.sha256(data).hexdigest(),
+                               "metric": 0.0, "kind": "last", "saved_at": 0.0}  # fmt: skip
+    (folder / "MANIFEST.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("where", ["local", "mirror"])
+def test_a_planted_checkpoint_is_refused_and_never_runs_code(
+    where: str, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    assert main(demo_args(tmp_path, "--trainer.max_steps", "3", episodes=12, val_every=3)) == 0
+    sentinel = tmp_path / "PWNED"
+    folder = run_dir(tmp_path) / "checkpoints" if where == "local" else tmp_path / "mirror" / "demo" / "checkpoints"
+    _plant(folder, "last.ckpt", sentinel, episode=999 if where == "mirror" else 3)
+    capsys.readouterr()
+    assert main(demo_args(tmp_path, episodes=12, val_every=3)) == 2
+    err = capsys.readouterr().err
+    assert "checkpoint refused" in err and err.count("\n") == 1, err
+    assert not sentinel.exists(), "the planted code must never run"
+
+
+def test_a_checkpoint_naming_a_callable_to_instantiate_is_refused(tmp_path: Path) -> None:
+    assert main(demo_args(tmp_path, episodes=3, val_every=3, mirror=False)) == 0
+    ckpt = run_dir(tmp_path) / "checkpoints" / "last.ckpt"
+    state = torch.load(ckpt, weights_only=True)
+    state["hyper_parameters"]["_instantiator"] = "os.system"
+    torch.save(state, ckpt)
+    with pytest.raises(ValueError, match="not in the allowlist"):
+        QCAModule.load_from_checkpoint(ckpt, weights_only=True)
