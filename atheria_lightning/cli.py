@@ -31,6 +31,8 @@ from atheria_lightning.resume import ResumePoint, find_resume_checkpoint
 log = logging.getLogger(__name__)
 
 RESUME_MODES = ("auto", "never")
+# Rank 0's resume choice, inherited by the DDP processes it launches.
+RESUME_ENV = "ATHERIA_RESUME_CHECKPOINT"
 
 
 def run_dir_of(run_root: str, experiment_name: str) -> str:
@@ -170,7 +172,14 @@ class AtheriaCLI(LightningCLI):
         return fs, f"{remote.rstrip('/')}/checkpoints"
 
     def resolve_checkpoint(self, ckpt_path: str | None) -> ResumePoint | None:
-        """An explicit ``ckpt_path`` wins; else ``resume``: a path, ``never``, or ``auto`` (newest verified)."""
+        """An explicit ``ckpt_path`` wins; else ``resume``: a path, ``never``, or ``auto`` (newest verified).
+
+        Under DDP only rank 0 looks (it may quarantine or download files); the processes it launches inherit its
+        choice through the environment.
+        """
+        if RESUME_ENV in os.environ and not self.trainer.is_global_zero:
+            chosen = os.environ[RESUME_ENV]
+            return ResumePoint(path=chosen, episode=-1, source="rank 0") if chosen else None
         resume = ckpt_path or self.run_settings["resume"]
         if resume == "never":
             return None
@@ -188,6 +197,7 @@ class AtheriaCLI(LightningCLI):
 
     def _fit(self, model: QCAModule, datamodule: EpisodeDataModule, ckpt_path: str | None, **kwargs: Any) -> None:
         point = self.resolve_checkpoint(ckpt_path)
+        os.environ[RESUME_ENV] = point.path if point else ""
         total = datamodule.total_episodes
         if point is not None:
             # Read from the checkpoint itself (weights_only): a manifest on a shared mirror may lie about it.
