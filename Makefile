@@ -25,7 +25,7 @@ test: install
 	$(PY) -m pytest -q
 
 lint: install
-	$(VENV)/bin/ruff check atheria_lightning tests benchmarks
+	$(VENV)/bin/ruff check atheria_lightning tests benchmarks scripts
 
 clean:
 	rm -rf runs runs_mirror .pytest_cache
