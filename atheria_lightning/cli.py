@@ -239,6 +239,11 @@ def _checkpoint_episode(path: str) -> int:
 def main(args: list[str] | None = None) -> int:
     """The ``atheria`` console script. Bad settings print one line and exit 2, before any training."""
     logging.getLogger("lightning.fabric.utilities.seed").setLevel(logging.WARNING)  # "Seed set to 42" is noise
+    argv = sys.argv[1:] if args is None else list(args)
+    if argv[:1] == ["curriculum"]:
+        from atheria_lightning.curriculum import main as curriculum_main  # lazy: curriculum imports this module
+
+        return curriculum_main(argv[1:])
     try:
         AtheriaCLI(args=args)
     except NonFiniteTrainingError as err:

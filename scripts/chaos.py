@@ -64,7 +64,7 @@ class Watched:
     """A training subprocess whose stdout is read line by line as it comes."""
 
     def __init__(self, command: list[str]) -> None:
-        env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+        env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
         self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                         cwd=REPO, env=env)  # fmt: skip
         self.reached = 0

@@ -6,6 +6,11 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
+
+# Tiny models on 2 cores: intra-op threads only contend (a grid-8 forward took ~1 s with 2 threads on a loaded
+# machine, ~1 ms with one).
+torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
@@ -67,4 +72,5 @@ def run_dir(tmp_path: Path, experiment: str = "demo") -> Path:
 def env_without_warnings() -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONWARNINGS"] = "ignore"
+    env["OMP_NUM_THREADS"] = "1"
     return env
