@@ -244,6 +244,10 @@ def main(args: list[str] | None = None) -> int:
         from atheria_lightning.curriculum import main as curriculum_main  # lazy: curriculum imports this module
 
         return curriculum_main(argv[1:])
+    if argv[:1] == ["export"]:
+        from atheria_lightning.export import main as export_main
+
+        return export_main(argv[1:])
     try:
         AtheriaCLI(args=args)
     except NonFiniteTrainingError as err:

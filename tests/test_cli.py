@@ -82,34 +82,6 @@ def test_a_finished_run_continues_when_given_more_episodes(tmp_path: Path, capsy
     assert "episodes: 2 this session, 5 of 5 in the run" in out
 
 
-BAD_SETTINGS = [
-    (["--model.architecture", "TRANSFORMER"], "model.architecture='TRANSFORMER' is not one of UNET"),
-    (["--model.loss", "entropy"], "model.loss='entropy' is not one of evolutionary"),
-    (["--model.grid_size", "30"], "model.grid_size=30 must be at least 8 and divisible by 4 for UNET"),
-    (["--model.grid_size", "4"], "model.grid_size=4 must be at least 8"),
-    (["--model.d_state", "0"], "model.d_state=0 must be a positive integer"),
-    (["--model.hidden_channels", "-3"], "model.hidden_channels=-3 must be a positive integer"),
-    (["--model.qca_steps", "0"], "model.qca_steps=0 must be a positive integer"),
-    (["--model.universes_per_episode", "0"], "model.universes_per_episode=0 must be a positive integer"),
-    (["--data.total_episodes", "0"], "data.total_episodes=0 must be a positive integer"),
-    (["--model.gamma_decay", "1.0"], "model.gamma_decay=1.0 must be in [0, 1)"),
-    (["--model.max_noise", "-0.1"], "model.max_noise=-0.1 must be in [0, 1)"),
-    (["--experiment_name", "../escape"], "experiment_name='../escape' must be a plain folder name"),
-    (["--resume", "/no/such/file.ckpt"], "resume='/no/such/file.ckpt' must be one of auto, never"),
-]
-
-
-@pytest.mark.parametrize(("override", "message"), BAD_SETTINGS, ids=[o[0] for o, _ in BAD_SETTINGS])
-def test_bad_settings_fail_in_one_line_before_training(
-    override: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture
-) -> None:
-    assert main(demo_args(tmp_path, *override)) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0, err
-    assert err == f"atheria: error: {message}" or err.startswith(f"atheria: error: {message}"), err
-    assert not (tmp_path / "runs").exists(), "nothing may be written before the settings are accepted"
-
-
 def test_unknown_yaml_key_is_rejected_by_the_cli(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit) as exit_info:
         main(demo_args(tmp_path, "--model.hiden_channels", "8"))

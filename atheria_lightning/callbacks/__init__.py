@@ -3,6 +3,7 @@
 from atheria_lightning.callbacks.checkpoint import SmartCheckpoint
 from atheria_lightning.callbacks.mirror import MirrorSync
 from atheria_lightning.callbacks.progress import EpisodeProgressBar
+from atheria_lightning.callbacks.report import TrainingReport
 from atheria_lightning.callbacks.resources import ResourceMonitor
 from atheria_lightning.callbacks.signals import StopOnSignal
 from atheria_lightning.callbacks.summary import RunSummary
@@ -16,4 +17,5 @@ __all__ = [
     "SmartCheckpoint",
     "StopOnSignal",
     "TimeLimitGuard",
+    "TrainingReport",
 ]

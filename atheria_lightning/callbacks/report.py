@@ -1,0 +1,699 @@
+"""TrainingReport: a live loss plot while training, then summary.png, training_log.json, report.md and model.ts."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from bisect import bisect_left
+from collections.abc import Callable
+from datetime import datetime, timezone
+from io import BytesIO
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from fsspec.implementations.local import LocalFileSystem
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.trainer.states import TrainerFn, TrainerStatus
+from matplotlib.figure import Figure
+from typing_extensions import override
+
+from atheria_lightning.callbacks.checkpoint import episodes_done
+from atheria_lightning.errors import require
+from atheria_lightning.manifest import atomic_write, read_manifest
+
+log = logging.getLogger(__name__)
+
+__all__ = ["TrainingReport", "loss_figure", "report_markdown", "summary_figure"]
+
+EXPORTS = "exports"
+LOG_FORMAT_VERSION = 1
+#: Per-episode values, read from ``train/<key>`` in ``trainer.callback_metrics``.
+EPISODE_KEYS = ("loss", "survival", "symmetry", "complexity", "noise_level")
+#: Validation values, read from ``val/<key>``.
+VALIDATION_KEYS = ("combined", "survival", "symmetry", "complexity")
+# Bounded waits at the end: the report must never hold a dying session (the quota kills it anyway).
+CHECKPOINT_WAIT_S = 120.0
+EXCEPTION_WAIT_S = 30.0
+FILE_NOTES = {
+    "live_loss.png": "loss so far, redrawn every plot_every_n_episodes episodes",
+    "summary.png": "loss, survival, checkpoint timeline, loss distribution",
+    "training_log.json": "every episode's metrics over all sessions, validations, checkpoints, config, time",
+    "report.md": "this report",
+    "model.ts": "TorchScript of the best operator: atheria_lightning.export.load()",
+}
+
+
+class TrainingReport(Callback):
+    """Shows how a run goes while it trains, and leaves plots, a log, a report and the best model when it stops.
+
+    On global rank 0 only. Every ``plot_every_n_episodes`` episodes it redraws ``exports/live_loss.png`` (and, in
+    a Jupyter/Colab/Kaggle notebook, the same picture in the cell's output, updated in place). When fit ends,
+    normally or by an early stop (the time guard sets ``trainer.should_stop``, so fit still ends cleanly), and on
+    an exception (best effort), it writes into ``<run_dir>/exports/``:
+
+    ======================  ===============================================================================
+    ``live_loss.png``       loss so far (with its moving average and ``val/combined``)
+    ``summary.png``         four panels: loss and survival over episodes, checkpoint timeline (episodes
+                            saved, files kept: ``last`` and the top-k by ``val/combined``), loss histogram
+    ``training_log.json``   every episode's ``train/*`` values over all sessions, every validation, the
+                            checkpoints of ``MANIFEST.json``, the config, the time used per session
+    ``report.md``           config, phase, progress, best metrics, checkpoints, files, time, episodes/s
+    ``model.ts``            TorchScript of the best checkpoint's operator (lowest ``val/combined`` in the
+                            manifest, else ``last.ckpt``), written after pending checkpoint writes finish
+    ======================  ===============================================================================
+
+    Every file is written atomically (a reader never sees half a file). The per-episode records live in this
+    callback's checkpoint state, so the log covers every episode of a run resumed over several sessions; time per
+    session comes from a time guard among the callbacks (``training_seconds_this_session()``), else from ``clock``.
+    The per-episode values are read once per episode, as one copy of five numbers already computed by the step.
+
+    Args:
+        plot_every_n_episodes: Redraw the live loss plot every this many episodes (a redraw takes a fraction of a
+            second).
+        run_dir: The run folder; ``trainer.default_root_dir`` by default (the CLI sets it to
+            ``<run_root>/<experiment_name>``).
+        phase: The curriculum phase this run is, shown in the report and the log.
+        export_model: Export the best checkpoint to ``exports/model.ts`` at the end.
+        show_inline: Show the plots in the notebook cell: ``None`` = when running in a notebook kernel.
+        clock: Seconds, monotonic; injectable so tests control time (used without a time guard).
+
+    Raises:
+        ConfigError: ``plot_every_n_episodes`` is not a positive integer.
+
+    Example::
+
+        Trainer(callbacks=[TimeLimitGuard(max_hours=11.5), SmartCheckpoint(), TrainingReport(plot_every_n_episodes=50)])
+    """
+
+    def __init__(
+        self,
+        plot_every_n_episodes: int = 25,
+        run_dir: str | None = None,
+        phase: str | None = None,
+        export_model: bool = True,
+        show_inline: bool | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        require(
+            isinstance(plot_every_n_episodes, int) and plot_every_n_episodes > 0,
+            f"TrainingReport.plot_every_n_episodes={plot_every_n_episodes!r} must be a positive integer",
+        )
+        self.plot_every_n_episodes = plot_every_n_episodes
+        self.run_dir = run_dir
+        self.phase = phase
+        self.export_model = export_model
+        self.show_inline = show_inline
+        self.clock = clock
+        # Columns, not one dict per episode: a 10 000-episode run adds about 0.5 MB to each checkpoint.
+        self.episodes: dict[str, list[float]] = _columns(EPISODE_KEYS)
+        self.validations: dict[str, list[float]] = _columns(VALIDATION_KEYS)
+        self.saved_episodes: list[int] = []
+        self.sessions: list[dict[str, Any]] = []  # earlier sessions; the running one is in _session
+        self._session: dict[str, Any] | None = None
+        self._trainer: pl.Trainer | None = None
+        self._display_handle: Any = None
+        self._warned_plot = False
+
+    # ----- hooks -----
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._trainer = trainer  # for state_dict, which Lightning calls without the trainer
+        self._display_handle = None  # a new fit (a notebook cell run again) shows its plots in its own cell
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._trainer = None
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        start = episodes_done(trainer)  # restored from the checkpoint by now; 0 for a new run
+        # Records past the checkpoint belong to a session whose later episodes were lost (or to an earlier fit of
+        # this same instance, e.g. a notebook cell run twice): the episodes run again from ``start``.
+        self._truncate(start)
+        if start > 0 and start not in self.saved_episodes:
+            self.saved_episodes.append(start)  # the checkpoint this session resumed from
+        self._session = {"session": len(self.sessions) + 1, "first_episode": start, "started": self.clock()}
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if not trainer.is_global_zero:
+            return
+        episode = episodes_done(trainer) - 1
+        # A non-finite episode returns no loss and logs no loss parts: the values there would be the last episode's.
+        self._record_episode(trainer, episode, finite=bool(outputs))
+        if (episode + 1) % self.plot_every_n_episodes == 0:
+            self._guarded(self._redraw_live_plot, trainer, once=True)
+
+    @override
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.is_global_zero or trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING:
+            return
+        values = _read_metrics(trainer.callback_metrics, "val", VALIDATION_KEYS)
+        if not all(math.isnan(value) for value in values):
+            _append(self.validations, episodes_done(trainer), values)
+
+    @override
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        episode = episodes_done(trainer)
+        if trainer.is_global_zero and (not self.saved_episodes or self.saved_episodes[-1] != episode):
+            self.saved_episodes.append(episode)
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # on_fit_end, not on_train_end: it runs after SmartCheckpoint's final save (checkpoint callbacks run last)
+        # and after the strategy's teardown has waited for the background writes, yet before the mirror's teardown
+        # flush, so the exports reach the mirror too.
+        if trainer.is_global_zero:
+            self._guarded(self.write_report, trainer, pl_module)
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        # Only after episodes ran in this fit: a fit that failed in setup (e.g. an unreachable mirror) writes nothing.
+        if trainer.is_global_zero and self._session is not None and self.episodes["episode"]:
+            self._guarded(self.write_report, trainer, pl_module, EXCEPTION_WAIT_S)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        self._catch_up()
+        sessions = self.sessions + ([self._session_summary()] if self._session is not None else [])
+        return {
+            "version": LOG_FORMAT_VERSION,
+            "episodes": {key: list(column) for key, column in self.episodes.items()},
+            "validations": {key: list(column) for key, column in self.validations.items()},
+            "saved_episodes": list(self.saved_episodes),
+            "sessions": [dict(session) for session in sessions],
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.episodes = _load_columns(state_dict.get("episodes"), EPISODE_KEYS)
+        self.validations = _load_columns(state_dict.get("validations"), VALIDATION_KEYS)
+        self.saved_episodes = [int(episode) for episode in state_dict.get("saved_episodes", [])]
+        self.sessions = [dict(session) for session in state_dict.get("sessions", [])]
+        self._session = None
+
+    # ----- recording -----
+    def _record_episode(self, trainer: pl.Trainer, episode: int, finite: bool = True) -> None:
+        values = _read_metrics(trainer.callback_metrics, "train", EPISODE_KEYS)
+        if not finite:
+            values = [math.nan] * (len(values) - 1) + values[-1:]  # only the noise level is this episode's
+        recorded = self.episodes["episode"]
+        if recorded and episode <= recorded[-1]:  # recorded already by _catch_up: keep the newest reading
+            cut = bisect_left(recorded, episode)
+            for column in self.episodes.values():
+                del column[cut:]
+        _append(self.episodes, episode, values)
+
+    def _catch_up(self) -> None:
+        """Record the running episode if a checkpoint is written before this callback's own batch-end hook ran.
+
+        A time guard listed before this callback saves ``last.ckpt`` in its ``on_train_batch_end``; without this
+        the resumed run would never see that checkpoint's last episode.
+        """
+        trainer = self._trainer
+        if trainer is None or not trainer.is_global_zero or not trainer.training:
+            return
+        if trainer.state.status != TrainerStatus.RUNNING:
+            return
+        episode = episodes_done(trainer) - 1
+        recorded = self.episodes["episode"]
+        if (
+            episode >= 0
+            and (not recorded or recorded[-1] < episode)
+            and "train/noise_level" in trainer.callback_metrics
+        ):
+            self._record_episode(trainer, episode)
+
+    def _truncate(self, start: int) -> None:
+        """Forget what happened after ``start`` episodes: episodes from ``start`` on, later validations and saves.
+
+        Validations and saves are counted in episodes done (the validation after episode 9 is at 10).
+        """
+        cut = bisect_left(self.episodes["episode"], start)
+        for column in self.episodes.values():
+            del column[cut:]
+        cut = bisect_left(self.validations["episode"], start + 1)
+        for column in self.validations.values():
+            del column[cut:]
+        self.saved_episodes = [saved for saved in self.saved_episodes if saved <= start]
+        self.sessions = [session for session in self.sessions if session["first_episode"] < start]
+
+    def _session_summary(self) -> dict[str, Any]:
+        """The running session as it will be stored: episodes and training seconds so far."""
+        session = self._session or {}
+        first = int(session.get("first_episode", 0))
+        last = self.episodes["episode"][-1] if self.episodes["episode"] else first - 1
+        guard = _time_guard(self._trainer)
+        if guard is not None:
+            seconds = float(guard.training_seconds_this_session())
+        else:
+            seconds = self.clock() - float(session.get("started", self.clock()))
+        return {
+            "session": int(session.get("session", len(self.sessions) + 1)),
+            "first_episode": first,
+            "last_episode": int(last),
+            "episodes": max(0, int(last) + 1 - first),
+            "training_seconds": round(max(0.0, seconds), 3),
+        }
+
+    # ----- output -----
+    def exports_dir(self, trainer: pl.Trainer) -> str:
+        return os.path.join(self.run_dir or trainer.default_root_dir, EXPORTS)
+
+    def _redraw_live_plot(self, trainer: pl.Trainer) -> None:
+        total = getattr(trainer.datamodule, "total_episodes", None) if trainer.datamodule is not None else None
+        png = _png(loss_figure(self.episodes, self.validations, total=total, phase=self.phase))
+        _write_bytes(os.path.join(self.exports_dir(trainer), "live_loss.png"), png)
+        self._show(png)
+
+    def write_report(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, wait_s: float = CHECKPOINT_WAIT_S
+    ) -> str:
+        """Write ``training_log.json``, ``summary.png``, ``model.ts`` and ``report.md`` now; returns the folder."""
+        exports = self.exports_dir(trainer)
+        checkpoint_dir, checkpoints = self._checkpoints(trainer, wait_s)
+        exported = self._export_best(checkpoint_dir, checkpoints, exports) if self.export_model else None
+        training_log = self.training_log(trainer, pl_module, checkpoints, exported)
+        _write_bytes(os.path.join(exports, "training_log.json"), json.dumps(training_log, indent=1).encode())
+        summary = _png(summary_figure(training_log))
+        _write_bytes(os.path.join(exports, "summary.png"), summary)
+        files = [name for name in FILE_NOTES if name == "report.md" or os.path.isfile(os.path.join(exports, name))]
+        text = report_markdown(training_log, files)
+        _write_bytes(os.path.join(exports, "report.md"), text.encode())
+        self._show(summary)
+        print(f"report: {os.path.join(exports, 'report.md')} (summary.png, training_log.json"
+              f"{', model.ts' if exported else ''})", flush=True)  # fmt: skip
+        return exports
+
+    def training_log(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        checkpoints: list[dict[str, Any]],
+        exported: dict[str, Any] | None,
+    ) -> dict[str, Any]:
+        """Everything ``training_log.json`` holds, as plain JSON values (NaN becomes null)."""
+        sessions = self.sessions + ([self._session_summary()] if self._session is not None else [])
+        total_seconds = sum(float(session["training_seconds"]) for session in sessions)
+        recorded = len(self.episodes["episode"])
+        datamodule = trainer.datamodule
+        run_dir = self.run_dir or trainer.default_root_dir
+        return _json_safe({
+            "format_version": LOG_FORMAT_VERSION,
+            "experiment": os.path.basename(os.path.normpath(run_dir)),
+            "run_dir": run_dir,
+            "phase": self.phase,
+            "written_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "episodes_done": episodes_done(trainer),
+            "total_episodes": getattr(datamodule, "total_episodes", None),
+            "config": _config(trainer, pl_module),
+            "time": {
+                "sessions": len(sessions),
+                "total_training_hours": total_seconds / 3600.0,
+                "episodes_per_second": recorded / total_seconds if total_seconds > 0 else None,
+            },
+            "sessions": sessions,
+            "best": _best(self.episodes, self.validations),
+            "checkpoints": checkpoints,
+            "saved_episodes": self.saved_episodes,
+            "exported_model": exported,
+            "episodes": _rows(self.episodes),
+            "validations": _rows(self.validations),
+        })  # fmt: skip
+
+    def _checkpoints(self, trainer: pl.Trainer, wait_s: float) -> tuple[str, list[dict[str, Any]]]:
+        """The checkpoint folder and its ``MANIFEST.json`` entries, once the queued writes are done."""
+        callback = trainer.checkpoint_callback
+        if callable(getattr(callback, "wait", None)) and not callback.wait(timeout=wait_s):
+            log.warning("checkpoint writes still pending after %.0f s: the report may miss the newest", wait_s)
+        folder = getattr(callback, "dirpath", None) or os.path.join(self.run_dir or trainer.default_root_dir,
+                                                                    "checkpoints")  # fmt: skip
+        manifest = read_manifest(LocalFileSystem(), os.path.abspath(folder))
+        entries = [
+            {"file": name, "kind": entry.kind, "episode": entry.episode, "metric": entry.metric, "size": entry.size}
+            for name, entry in sorted(manifest.files.items(), key=lambda item: item[1].episode)
+        ]
+        return str(folder), entries
+
+    def _export_best(self, folder: str, checkpoints: list[dict[str, Any]], exports: str) -> dict[str, Any] | None:
+        """Export the lowest-``val/combined`` top-k checkpoint (else ``last.ckpt``) to ``model.ts``."""
+        from atheria_lightning.export import export_checkpoint, load_metadata  # the export side needs the physics
+
+        chosen = _best_checkpoint(checkpoints)
+        if chosen is None:
+            log.warning("no checkpoint in %s: model.ts not exported", folder)
+            return None
+        output = export_checkpoint(os.path.join(folder, chosen["file"]), os.path.join(exports, "model.ts"))
+        return {
+            "file": os.path.basename(output),
+            "from_checkpoint": chosen["file"],
+            "episode": chosen["episode"],
+            "metric": chosen["metric"],
+            "method": load_metadata(output)["export_method"],
+        }
+
+    def _show(self, png: bytes) -> None:
+        """Show ``png`` in the notebook cell, replacing the previous picture (other output in the cell stays)."""
+        if self.show_inline is False:
+            return
+        display = _notebook_display(force=bool(self.show_inline))
+        if display is None:
+            return
+        display_fn, image_cls = display
+        if self._display_handle is None:
+            self._display_handle = display_fn(image_cls(data=png), display_id=True)
+        else:
+            self._display_handle.update(image_cls(data=png))
+
+    def _guarded(self, action: Callable[..., Any], *args: Any, once: bool = False) -> None:
+        # A plot or a report must never stop (or crash the end of) a day-long training.
+        try:
+            action(*args)
+        except Exception as err:
+            if not (once and self._warned_plot):
+                log.warning("TrainingReport: %s failed: %s", getattr(action, "__name__", "report"), err)
+            self._warned_plot = self._warned_plot or once
+
+
+# ----- figures and text (from plain data, so a notebook can redraw them from training_log.json) -----
+def loss_figure(
+    episodes: dict[str, list[float]], validations: dict[str, list[float]], total: int | None = None,
+    phase: str | None = None,
+) -> Figure:  # fmt: skip
+    """The live plot: ``train/loss`` per episode, its moving average and ``val/combined``, on one axes."""
+    figure = Figure(figsize=(8, 4), layout="constrained")
+    axes = figure.add_subplot()
+    _plot_series(axes, episodes["episode"], episodes["loss"], "train/loss", "tab:blue")
+    if validations["episode"]:
+        axes.plot(validations["episode"], validations["combined"], "o", color="tab:red", ms=4, label="val/combined")
+    done = int(episodes["episode"][-1]) + 1 if episodes["episode"] else 0
+    title = f"episode {done}" + (f" of {total}" if total else "") + (f" - {phase}" if phase else "")
+    axes.set(title=title, xlabel="episode", ylabel="loss")
+    if episodes["episode"]:
+        axes.legend(loc="upper right")
+    return figure
+
+
+def summary_figure(training_log: dict[str, Any]) -> Figure:
+    """The four panels of ``summary.png``, drawn from a ``training_log.json`` dict."""
+    episodes = _columns_of(training_log.get("episodes", []), EPISODE_KEYS)
+    validations = _columns_of(training_log.get("validations", []), VALIDATION_KEYS)
+    figure = Figure(figsize=(12, 8), layout="constrained")
+    loss_axes, survival_axes, timeline_axes, histogram_axes = figure.subplots(2, 2).flat
+    _plot_series(loss_axes, episodes["episode"], episodes["loss"], "train/loss", "tab:blue")
+    if validations["episode"]:
+        loss_axes.plot(validations["episode"], validations["combined"], "o", color="tab:red", ms=4,
+                       label="val/combined")  # fmt: skip
+    loss_axes.set(title="Loss", xlabel="episode", ylabel="loss")
+    _plot_series(survival_axes, episodes["episode"], episodes["survival"], "train/survival", "tab:green")
+    survival_axes.set(title="Survival (energy kept vs target; lower is better)", xlabel="episode", ylabel="survival")
+    for axes in (loss_axes, survival_axes):
+        _mark_sessions(axes, training_log.get("sessions", []))
+        if episodes["episode"]:
+            axes.legend(loc="upper right", fontsize=8)
+    _plot_timeline(timeline_axes, training_log)
+    _plot_histogram(histogram_axes, episodes["loss"])
+    title = f"{training_log.get('experiment', 'atheria')}" + (
+        f" - {training_log['phase']}" if training_log.get("phase") else ""
+    )
+    figure.suptitle(f"{title}: {training_log.get('episodes_done', 0)} episodes")
+    return figure
+
+
+def report_markdown(training_log: dict[str, Any], files: list[str]) -> str:
+    """``report.md``: progress, time, best metrics, checkpoints, config and files of a ``training_log`` dict."""
+    lines = [f"# Atheria training report: {training_log.get('experiment')}", ""]
+    if training_log.get("phase"):
+        lines += [f"Phase: **{training_log['phase']}**", ""]
+    lines += [f"Written {training_log.get('written_at')} in `{training_log.get('run_dir')}`.", ""]
+    lines += _progress_section(training_log) + _best_section(training_log) + _checkpoint_section(training_log)
+    lines += _config_section(training_log.get("config", {}))
+    lines += ["## Files", "", "| file | what |", "|---|---|"]
+    lines += [f"| `exports/{name}` | {FILE_NOTES.get(name, '')} |" for name in files]
+    lines += ["| `checkpoints/` | last.ckpt, best-eNNNNNN.ckpt (top-k by val/combined), MANIFEST.json |",
+              "| `logs/` | TensorBoard events (`tensorboard --logdir logs`), config.yaml |", ""]  # fmt: skip
+    return "\n".join(lines)
+
+
+def _progress_section(training_log: dict[str, Any]) -> list[str]:
+    done, total = training_log.get("episodes_done", 0), training_log.get("total_episodes")
+    share = f" ({100.0 * done / total:.0f}%)" if total else ""
+    time_used = training_log.get("time", {})
+    speed = time_used.get("episodes_per_second")
+    lines = ["## Progress", "", "| | |", "|---|---|",
+             f"| episodes | {done}" + (f" of {total}" if total else "") + f"{share} |",
+             f"| sessions | {time_used.get('sessions', 0)} |",
+             f"| training time | {time_used.get('total_training_hours', 0.0):.3f} h |",
+             f"| episodes per second | {_fmt(speed, '.3f')} (over all sessions) |", "",
+             "| session | episodes | first - last | training time | episodes/s |", "|---|---|---|---|---|"]  # fmt: skip
+    for session in training_log.get("sessions", []):
+        seconds, count = session["training_seconds"], session["episodes"]
+        rate = _fmt(count / seconds if seconds else None, ".3f")
+        lines.append(f"| {session['session']} | {count} | {session['first_episode']} - {session['last_episode']} "
+                     f"| {seconds / 3600.0:.3f} h ({seconds:.1f} s) | {rate} |")  # fmt: skip
+    return lines + [""]
+
+
+def _best_section(training_log: dict[str, Any]) -> list[str]:
+    best = training_log.get("best", {})
+    lines = ["## Best metrics", "", "| | value | episode |", "|---|---|---|",
+             f"| best val/combined (lower is better) | {_fmt(best.get('val_combined'))} "
+             f"| {_fmt(best.get('val_combined_episode'), 'd')} |",
+             f"| lowest train/loss | {_fmt(best.get('train_loss'))} | {_fmt(best.get('train_loss_episode'), 'd')} |",
+             f"| last train/loss | {_fmt(best.get('last_train_loss'))} | {_fmt(best.get('last_episode'), 'd')} |",
+             f"| last train/survival | {_fmt(best.get('last_train_survival'))} "
+             f"| {_fmt(best.get('last_episode'), 'd')} |"]  # fmt: skip
+    exported = training_log.get("exported_model")
+    if exported:
+        lines.append(f"| exported model `exports/{exported['file']}` | from {exported['from_checkpoint']} "
+                     f"(val/combined {_fmt(exported.get('metric'))}, torch.jit.{exported['method']}) "
+                     f"| {exported['episode']} |")  # fmt: skip
+    return lines + [""]
+
+
+def _checkpoint_section(training_log: dict[str, Any]) -> list[str]:
+    lines = ["## Checkpoints (MANIFEST.json)", "", "| file | kind | episode | val/combined | size |",
+             "|---|---|---|---|---|"]  # fmt: skip
+    for entry in training_log.get("checkpoints", []):
+        lines.append(f"| {entry['file']} | {entry['kind']} | {entry['episode']} | {_fmt(entry.get('metric'))} "
+                     f"| {entry['size'] / 1e6:.2f} MB |")  # fmt: skip
+    return lines + [""]
+
+
+def _config_section(config: dict[str, Any]) -> list[str]:
+    lines = ["## Config", ""]
+    for part in ("model", "data", "trainer"):
+        settings = config.get(part) or {}
+        lines += [f"### {part}", "", "| key | value |", "|---|---|"]
+        lines += [f"| `{key}` | `{value}` |" for key, value in settings.items()] + [""]
+    return lines
+
+
+# ----- helpers -----
+def _columns(keys: tuple[str, ...]) -> dict[str, list[float]]:
+    return {"episode": [], **{key: [] for key in keys}}
+
+
+def _load_columns(state: dict[str, list[float]] | None, keys: tuple[str, ...]) -> dict[str, list[float]]:
+    columns = _columns(keys)
+    state = state or {}
+    length = len(state.get("episode", []))
+    for key in columns:
+        values = list(state.get(key, []))
+        columns[key] = values if len(values) == length else [math.nan] * length
+    columns["episode"] = [int(episode) for episode in columns["episode"]]
+    return columns
+
+
+def _append(columns: dict[str, list[float]], episode: int, values: list[float]) -> None:
+    columns["episode"].append(int(episode))
+    for key, value in zip(list(columns)[1:], values, strict=True):
+        columns[key].append(value)
+
+
+def _read_metrics(metrics: dict[str, Any], prefix: str, keys: tuple[str, ...]) -> list[float]:
+    """``metrics[prefix/key]`` as floats (NaN when absent), with a single device-to-host copy for all of them."""
+    present = [(index, metrics[f"{prefix}/{key}"]) for index, key in enumerate(keys) if f"{prefix}/{key}" in metrics]
+    values = [math.nan] * len(keys)
+    if present:
+        stacked = torch.stack([torch.as_tensor(value).detach().float().reshape(()) for _, value in present])
+        for (index, _), value in zip(present, stacked.cpu().tolist(), strict=True):
+            values[index] = value
+    return values
+
+
+def _rows(columns: dict[str, list[float]]) -> list[dict[str, Any]]:
+    keys = list(columns)
+    return [dict(zip(keys, values, strict=True)) for values in zip(*columns.values(), strict=True)]
+
+
+def _columns_of(rows: list[dict[str, Any]], keys: tuple[str, ...]) -> dict[str, list[float]]:
+    columns = _columns(keys)
+    for row in rows:
+        for key in columns:
+            value = row.get(key)
+            columns[key].append(math.nan if value is None else value)
+    return columns
+
+
+def _best(episodes: dict[str, list[float]], validations: dict[str, list[float]]) -> dict[str, Any]:
+    best: dict[str, Any] = {}
+    val_index = _argmin(validations["combined"])
+    if val_index is not None:
+        best.update(
+            val_combined=validations["combined"][val_index], val_combined_episode=validations["episode"][val_index]
+        )
+    loss_index = _argmin(episodes["loss"])
+    if loss_index is not None:
+        best.update(train_loss=episodes["loss"][loss_index], train_loss_episode=episodes["episode"][loss_index])
+    if episodes["episode"]:
+        best.update(last_episode=episodes["episode"][-1], last_train_loss=episodes["loss"][-1],
+                    last_train_survival=episodes["survival"][-1])  # fmt: skip
+    return best
+
+
+def _argmin(values: list[float]) -> int | None:
+    finite = [(value, index) for index, value in enumerate(values) if value is not None and math.isfinite(value)]
+    return min(finite)[1] if finite else None
+
+
+def _best_checkpoint(checkpoints: list[dict[str, Any]]) -> dict[str, Any] | None:
+    ranked = [c for c in checkpoints if c["kind"] == "best" and c["metric"] is not None and math.isfinite(c["metric"])]
+    if ranked:
+        return min(ranked, key=lambda entry: entry["metric"])
+    return next((entry for entry in checkpoints if entry["file"] == "last.ckpt"), None)
+
+
+def _time_guard(trainer: pl.Trainer | None) -> Any:
+    """The callback that measures training time per session (the time guard), found by what it can tell."""
+    for callback in getattr(trainer, "callbacks", None) or []:
+        if callable(getattr(callback, "training_seconds_this_session", None)) and hasattr(callback, "sessions"):
+            return callback
+    return None
+
+
+def _config(trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
+    datamodule = trainer.datamodule
+    data = {key: getattr(datamodule, key) for key in ("total_episodes", "seed", "val_every_episodes", "val_universes")
+            if hasattr(datamodule, key)}  # fmt: skip
+    return {
+        "model": dict(pl_module.hparams),
+        "data": data,
+        "trainer": {
+            "accelerator": type(trainer.accelerator).__name__,
+            "devices": trainer.num_devices,
+            "num_nodes": trainer.num_nodes,
+            "precision": trainer.precision,
+            "max_steps": trainer.max_steps,
+            "gradient_clip_val": trainer.gradient_clip_val,
+            "callbacks": [type(callback).__name__ for callback in trainer.callbacks],
+        },
+    }
+
+
+def _json_safe(value: Any) -> Any:
+    """Plain JSON: NaN and infinities become null (strict parsers reject them), unknown objects their str."""
+    if isinstance(value, dict):
+        return {str(key): _json_safe(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(item) for item in value]
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if value is None or isinstance(value, bool | int | str):
+        return value
+    return str(value)
+
+
+def _png(figure: Figure) -> bytes:
+    buffer = BytesIO()
+    figure.savefig(buffer, format="png", dpi=100)  # Agg, without pyplot: no window, no global state
+    return buffer.getvalue()
+
+
+def _write_bytes(path: str, data: bytes) -> None:
+    atomic_write(LocalFileSystem(), path, lambda handle: handle.write(data))
+
+
+def _notebook_display(force: bool = False) -> tuple[Callable[..., Any], type] | None:
+    """``(display, Image)`` of IPython when running in a notebook kernel (or ``force`` and IPython importable)."""
+    try:
+        from IPython import get_ipython
+        from IPython.display import Image, display
+    except ImportError:
+        return None
+    shell = get_ipython()
+    in_kernel = shell is not None and getattr(shell, "kernel", None) is not None
+    return (display, Image) if in_kernel or force else None
+
+
+def _moving_average(values: np.ndarray) -> np.ndarray:
+    window = max(1, min(50, len(values) // 10))
+    kernel = np.ones(window) / window
+    return np.convolve(values, kernel, mode="valid") if len(values) >= window else values
+
+
+def _plot_series(axes: Any, episodes: list[float], values: list[float], label: str, color: str) -> None:
+    x, y = np.asarray(episodes, dtype=float), np.asarray(values, dtype=float)
+    finite = np.isfinite(y)
+    if not finite.any():
+        axes.text(0.5, 0.5, "no episodes yet", ha="center", va="center", transform=axes.transAxes)
+        return
+    x, y = x[finite], y[finite]
+    average = _moving_average(y)
+    if len(average) == len(y):  # too few episodes to average: one plain line
+        axes.plot(x, y, color=color, lw=1.5, label=label)
+        return
+    axes.plot(x, y, color=color, alpha=0.35, lw=0.8, label=label)
+    axes.plot(x[len(x) - len(average) :], average, color=color, lw=1.8, label=f"{label} (moving average)")
+
+
+def _mark_sessions(axes: Any, sessions: list[dict[str, Any]]) -> None:
+    for session in sessions[1:]:
+        axes.axvline(session["first_episode"], color="gray", ls=":", lw=1)
+
+
+def _plot_timeline(axes: Any, training_log: dict[str, Any]) -> None:
+    """Episodes at which checkpoints were saved, and the files kept now: ``last`` and the top-k (``best``)."""
+    rows = {"saved": 0, "last": 1, "top-k": 2}
+    saved = training_log.get("saved_episodes", [])
+    axes.plot(saved, [rows["saved"]] * len(saved), "|", color="gray", ms=14, label="saved")
+    for entry in training_log.get("checkpoints", []):
+        row = rows["top-k"] if entry["kind"] == "best" else rows["last"]
+        axes.plot(entry["episode"], row, "*" if row == rows["top-k"] else "s", color="tab:orange", ms=10)
+        if entry.get("metric") is not None:
+            axes.annotate(f"{entry['metric']:.3g}", (entry["episode"], row), textcoords="offset points",
+                          xytext=(0, 8), ha="center", fontsize=7)  # fmt: skip
+    exported = training_log.get("exported_model")
+    if exported:
+        axes.plot(exported["episode"], rows["top-k"] + 0.5, "v", color="tab:red", ms=9, label="exported model.ts")
+        axes.legend(loc="upper left", fontsize=8)
+    axes.set_yticks(list(rows.values()), list(rows))
+    axes.set_ylim(-0.7, 3.0)
+    axes.set(title="Checkpoint timeline (top-k by val/combined)", xlabel="episode")
+    if training_log.get("total_episodes"):
+        axes.set_xlim(-0.5, training_log["total_episodes"] + 0.5)
+
+
+def _plot_histogram(axes: Any, losses: list[float]) -> None:
+    values = np.asarray(losses, dtype=float)
+    values = values[np.isfinite(values)]
+    axes.set(title="Loss distribution", xlabel="train/loss", ylabel="episodes")
+    if not len(values):
+        axes.text(0.5, 0.5, "no episodes yet", ha="center", va="center", transform=axes.transAxes)
+        return
+    axes.hist(values, bins=max(5, min(50, len(values) // 5)), color="tab:blue", alpha=0.7)
+    axes.axvline(float(np.median(values)), color="black", ls="--", lw=1, label=f"median {np.median(values):.3g}")
+    axes.legend(loc="upper right", fontsize=8)
+
+
+def _fmt(value: Any, spec: str = ".4g") -> str:
+    return "n/a" if value is None else format(value, spec)

@@ -1,0 +1,74 @@
+"""One table of bad configurations: each fails before training with one line naming the setting, and writes nothing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from conftest import demo_args
+
+from atheria_lightning.cli import main
+
+
+def _callback(class_name: str, **init_args: object) -> str:
+    args = ", ".join(f"{key}: {value}" for key, value in init_args.items())
+    entry = f"    - class_path: atheria_lightning.callbacks.{class_name}\n      init_args: {{{args}}}\n"
+    return "trainer:\n  callbacks:\n" + entry
+
+
+# (id, command-line overrides, extra YAML or None, the message's start, exit code)
+BAD_CONFIGS = [
+    ("architecture", ["--model.architecture", "TRANSFORMER"], None,
+     "model.architecture='TRANSFORMER' is not one of UNET, UNET_UNITARY, MLP, DEEP_QCA, UNET_CONVLSTM", 2),
+    ("loss", ["--model.loss", "entropy"], None, "model.loss='entropy' is not one of evolutionary", 2),
+    ("initial_state", ["--model.initial_state", "big_bang"], None, "model.initial_state='big_bang' is not one of", 2),
+    ("grid_not_multiple_of_4", ["--model.grid_size", "30"], None,
+     "model.grid_size=30 must be at least 8 and divisible by 4 for UNET", 2),
+    ("grid_too_small", ["--model.grid_size", "4"], None, "model.grid_size=4 must be at least 8", 2),
+    ("d_state", ["--model.d_state", "0"], None, "model.d_state=0 must be a positive integer", 2),
+    ("hidden_channels", ["--model.hidden_channels", "-3"], None,
+     "model.hidden_channels=-3 must be a positive integer", 2),
+    ("qca_steps", ["--model.qca_steps", "0"], None, "model.qca_steps=0 must be a positive integer", 2),
+    ("universes", ["--model.universes_per_episode", "0"], None,
+     "model.universes_per_episode=0 must be a positive integer", 2),
+    ("gamma_decay", ["--model.gamma_decay", "1.0"], None, "model.gamma_decay=1.0 must be in [0, 1)", 2),
+    ("max_noise", ["--model.max_noise", "-0.1"], None, "model.max_noise=-0.1 must be in [0, 1)", 2),
+    ("lr", ["--model.lr", "0"], None, "model.lr=0.0 must be > 0", 2),
+    ("total_episodes", ["--data.total_episodes", "0"], None, "data.total_episodes=0 must be a positive integer", 2),
+    ("val_every", ["--data.val_every_episodes", "0"], None, "data.val_every_episodes=0 must be a positive integer", 2),
+    ("experiment_name", ["--experiment_name", "../escape"], None,
+     "experiment_name='../escape' must be a plain folder name", 2),
+    ("experiment_name_slash", ["--experiment_name", "a/b"], None,
+     "experiment_name='a/b' must be a plain folder name", 2),
+    ("resume", ["--resume", "/no/such/file.ckpt"], None, "resume='/no/such/file.ckpt' must be one of auto, never", 2),
+    ("mirror_protocol", ["--mirror_url", "foo://bucket/runs"], None, "mirror_url", 2),
+    ("guard_hours", [], _callback("TimeLimitGuard", max_hours=0), "TimeLimitGuard.max_hours=0", 2),
+    ("guard_fraction_1", [], _callback("TimeLimitGuard", max_hours=1, emergency_fraction=1.0),
+     "TimeLimitGuard.emergency_fraction=1.0 must be in (0, 1)", 2),
+    ("guard_fraction_0", [], _callback("TimeLimitGuard", max_hours=1, emergency_fraction=0),
+     "TimeLimitGuard.emergency_fraction=0", 2),
+    ("top_k", [], _callback("SmartCheckpoint", top_k=0), "SmartCheckpoint.top_k=0 must be at least 1", 2),
+    ("checkpoint_interval", [], _callback("SmartCheckpoint", every_n_episodes=0),
+     "SmartCheckpoint.every_n_episodes=0 must be a positive integer", 2),
+    ("mirror_interval", [], _callback("MirrorSync", every_n_episodes=-5),
+     "MirrorSync.every_n_episodes=-5 must be a positive integer", 2),
+    ("monitor_interval", [], _callback("ResourceMonitor", every_n_episodes=0),
+     "ResourceMonitor.every_n_episodes=0 must be a positive integer", 2),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("overrides", "yaml", "message", "code"), [c[1:] for c in BAD_CONFIGS],
+                         ids=[c[0] for c in BAD_CONFIGS])  # fmt: skip
+def test_bad_configuration_fails_in_one_line_before_training(
+    overrides: list[str], yaml: str | None, message: str, code: int, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    if yaml is not None:
+        (tmp_path / "extra.yaml").write_text(yaml)
+        overrides = [*overrides, "--config", str(tmp_path / "extra.yaml")]
+    assert main(demo_args(tmp_path, *overrides)) == code
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "Traceback" not in err, err
+    assert err.startswith(f"atheria: error: {message}") or (
+        message == "mirror_url" and err.startswith("atheria: error: ") and "foo" in err
+    ), err
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "mirror").exists(), "nothing may be written"

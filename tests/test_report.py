@@ -1,0 +1,184 @@
+"""TrainingReport: a log of every episode across sessions, four-panel summary, report.md, model.ts, live plots."""
+
+from __future__ import annotations
+
+import json
+import sys
+import types
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from conftest import demo_args, run_dir
+from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import Callback
+
+from atheria_lightning import export
+from atheria_lightning.callbacks import SmartCheckpoint, TimeLimitGuard
+from atheria_lightning.callbacks.report import TrainingReport, summary_figure
+from atheria_lightning.cli import main
+from atheria_lightning.data import EpisodeDataModule
+from atheria_lightning.errors import ConfigError
+from atheria_lightning.module import QCAModule
+
+# A second --config replaces the demo's whole callback list, so the checkpoint callback is listed again.
+REPORT_CALLBACKS = """trainer:
+  callbacks:
+    - class_path: atheria_lightning.callbacks.TimeLimitGuard
+      init_args: {max_hours: 0.25}
+    - class_path: atheria_lightning.callbacks.SmartCheckpoint
+      init_args: {top_k: 2, every_n_episodes: 2}
+    - class_path: atheria_lightning.callbacks.report.TrainingReport
+      init_args: {plot_every_n_episodes: 3, phase: Fase1_Vacuum_Stability}
+"""
+
+
+def _read_log(exports: Path) -> dict[str, Any]:
+    return json.loads((exports / "training_log.json").read_text())
+
+
+def test_the_log_covers_every_episode_across_a_resume_and_the_report_is_complete(tmp_path: Path) -> None:
+    config = tmp_path / "report.yaml"
+    config.write_text(REPORT_CALLBACKS)
+
+    def fit(*extra: str) -> int:
+        return main(demo_args(tmp_path, "--config", str(config), *extra, episodes=6, val_every=2, mirror=False))
+
+    assert fit("--trainer.max_steps", "3") == 0  # session 1 ends after 3 of 6 episodes
+    exports = run_dir(tmp_path) / "exports"
+    first = _read_log(exports)
+    assert [row["episode"] for row in first["episodes"]] == [0, 1, 2]
+    assert fit() == 0  # session 2 resumes from last.ckpt and finishes
+
+    log = _read_log(exports)
+    assert [row["episode"] for row in log["episodes"]] == list(range(6))
+    assert log["episodes"][:3] == first["episodes"], "session 1's records come back from the checkpoint"
+    assert all(isinstance(row[key], float) for row in log["episodes"] for key in ("loss", "survival", "noise_level"))
+    assert [v["episode"] for v in log["validations"]] == [2, 4, 6]
+    assert [(s["session"], s["first_episode"], s["episodes"]) for s in log["sessions"]] == [(1, 0, 3), (2, 3, 3)]
+    assert log["time"]["sessions"] == 2 and log["time"]["episodes_per_second"] > 0
+    assert log["config"]["model"]["hidden_channels"] == 4 and log["config"]["data"]["total_episodes"] == 6
+    assert {entry["kind"] for entry in log["checkpoints"]} == {"last", "best"}
+
+    assert (exports / "summary.png").read_bytes().startswith(b"\x89PNG")
+    assert (exports / "live_loss.png").read_bytes().startswith(b"\x89PNG")
+    assert len(summary_figure(log).axes) == 4  # the builder that drew summary.png, from the same log
+
+    best = log["best"]
+    text = (exports / "report.md").read_text()
+    assert (
+        f"| best val/combined (lower is better) | {best['val_combined']:.4g} | {best['val_combined_episode']} |" in text
+    )
+    assert "Phase: **Fase1_Vacuum_Stability**" in text and "episodes per second" in text
+
+    exported = log["exported_model"]
+    best_file = min((e for e in log["checkpoints"] if e["kind"] == "best"), key=lambda entry: entry["metric"])
+    assert exported["from_checkpoint"] == best_file["file"] and exported["method"] == "script"
+    metadata = export.load_metadata(exports / "model.ts")
+    assert (metadata["architecture"], metadata["hidden_channels"]) == ("UNET", 4)
+
+
+class JumpClock(Callback):
+    """Moves a fake clock past the time budget after ``at_episode`` episodes, as a long session would."""
+
+    def __init__(self, at_episode: int) -> None:
+        self.now = 0.0
+        self.at_episode = at_episode
+
+    def clock(self) -> float:
+        return self.now
+
+    def on_train_batch_end(self, trainer: Trainer, *args: Any) -> None:
+        if trainer.global_step == self.at_episode:
+            self.now = 10_000.0  # past 90% of a 1 h budget
+
+
+class FakeNotebook:
+    """Stands in for IPython inside a notebook kernel and records what is displayed."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.shown: list[int] = []
+        self.updates: list[int] = []
+        ipython = types.ModuleType("IPython")
+        ipython.get_ipython = lambda: types.SimpleNamespace(kernel=object())
+        display = types.ModuleType("IPython.display")
+        display.Image = lambda data: len(data)
+        display.display = self.display
+        monkeypatch.setitem(sys.modules, "IPython", ipython)
+        monkeypatch.setitem(sys.modules, "IPython.display", display)
+
+    def display(self, image: int, display_id: bool = False) -> Any:
+        assert display_id, "the picture must be updated in place, not appended"
+        self.shown.append(image)
+        return types.SimpleNamespace(update=self.updates.append)
+
+
+def test_an_emergency_stop_writes_the_report_and_its_checkpoint_holds_every_episode(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    notebook = FakeNotebook(monkeypatch)
+    jump = JumpClock(at_episode=3)
+    guard = TimeLimitGuard(max_hours=1.0, clock=jump.clock)
+    report = TrainingReport(plot_every_n_episodes=1, clock=lambda: 0.0)
+    # The guard comes before the report, so it saves last.ckpt before the report's own hook sees episode 2.
+    trainer = Trainer(max_epochs=-1, logger=False, default_root_dir=str(tmp_path), val_check_interval=2,
+                      check_val_every_n_epoch=None, enable_progress_bar=False, enable_model_summary=False,
+                      num_sanity_val_steps=0,
+                      callbacks=[jump, guard, report, SmartCheckpoint(every_n_episodes=100)])  # fmt: skip
+    model = QCAModule(architecture="MLP", d_state=2, hidden_channels=4, grid_size=8, qca_steps=2)
+    trainer.fit(model, datamodule=EpisodeDataModule(total_episodes=20, val_every_episodes=2))
+    assert guard.stopped_early
+
+    log = _read_log(tmp_path / "exports")
+    assert [row["episode"] for row in log["episodes"]] == [0, 1, 2] and log["episodes_done"] == 3
+    assert log["sessions"][0]["training_seconds"] == 10_000.0, "time per session comes from the guard"
+    assert (tmp_path / "exports" / "model.ts").is_file() and (tmp_path / "exports" / "report.md").is_file()
+    assert len(notebook.shown) == 1 and len(notebook.updates) == 3, "3 live plots and the summary, in one place"
+
+    checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    state = checkpoint["callbacks"]["TrainingReport"]
+    assert state["episodes"]["episode"] == [0, 1, 2], "the episode the guard stopped at is in its checkpoint"
+    twin = TrainingReport()
+    twin.load_state_dict(state)
+    assert twin.state_dict() == state
+
+
+def test_a_resume_from_an_older_checkpoint_forgets_the_episodes_after_it() -> None:
+    report = TrainingReport()
+    report.load_state_dict({
+        "episodes": {"episode": [0, 1, 2, 3], **{key: [1.0] * 4 for key in ("loss", "survival", "symmetry",
+                                                                           "complexity", "noise_level")}},
+        "validations": {"episode": [2, 4], **{key: [1.0] * 2 for key in ("combined", "survival", "symmetry",
+                                                                        "complexity")}},
+        "saved_episodes": [2, 4],
+        "sessions": [{"session": 1, "first_episode": 0, "last_episode": 3, "episodes": 4, "training_seconds": 9.0}],
+    })  # fmt: skip
+    report._truncate(2)
+    state = report.state_dict()
+    assert state["episodes"]["episode"] == [0, 1] and state["validations"]["episode"] == [2]
+    assert state["saved_episodes"] == [2] and len(state["sessions"]) == 1
+
+
+def test_summary_of_a_run_without_episodes_still_has_four_panels() -> None:
+    assert len(summary_figure({"episodes": [], "validations": [], "checkpoints": []}).axes) == 4
+
+
+def test_bad_plot_interval_is_a_one_line_config_error() -> None:
+    with pytest.raises(ConfigError, match="TrainingReport.plot_every_n_episodes=0 must be a positive integer"):
+        TrainingReport(plot_every_n_episodes=0)
+
+
+def test_a_non_finite_episode_is_logged_as_null_not_as_the_previous_loss(tmp_path: Path) -> None:
+    from test_callbacks import NaNLoss
+
+    trainer = Trainer(max_epochs=-1, logger=False, default_root_dir=str(tmp_path), enable_progress_bar=False,
+                      enable_model_summary=False, limit_val_batches=0,
+                      callbacks=[NaNLoss({1}), TrainingReport(export_model=False)])  # fmt: skip
+    model = QCAModule(architecture="MLP", d_state=2, hidden_channels=4, grid_size=8, qca_steps=2)
+    trainer.fit(model, datamodule=EpisodeDataModule(total_episodes=3))
+    rows = _read_log(tmp_path / "exports")["episodes"]
+    assert [row["episode"] for row in rows] == [0, 1, 2]
+    assert rows[1]["loss"] is None and rows[1]["survival"] is None and rows[1]["noise_level"] == 0.0
+    assert isinstance(rows[0]["loss"], float) and isinstance(rows[2]["loss"], float)
+    assert not (tmp_path / "exports" / "model.ts").exists()
