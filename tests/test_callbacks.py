@@ -170,3 +170,25 @@ def test_platform_defaults(env: dict, platform: Platform, run_root: str, mirror:
     assert detect_platform() is platform
     assert default_run_root() == run_root
     assert default_mirror_url() == mirror
+
+
+def test_a_non_finite_validation_is_never_kept_as_a_best_checkpoint(tmp_path: Path, monkeypatch) -> None:
+    import atheria_lightning.module as module
+
+    poisoned = {"on": False}
+
+    class NaNValidation(Callback):
+        def on_validation_start(self, trainer: Trainer, pl_module: QCAModule) -> None:
+            poisoned["on"] = trainer.global_step == 4  # the second validation of the run goes non-finite
+
+    real_metric = module.combined_metric
+    monkeypatch.setattr(module, "combined_metric", lambda p: real_metric(p) * (float("nan") if poisoned["on"] else 1))
+    checkpoint = SmartCheckpoint(top_k=5, every_n_episodes=2, dirpath=str(tmp_path / "checkpoints"))
+    trainer = Trainer(max_epochs=-1, logger=False, enable_progress_bar=False, default_root_dir=str(tmp_path),
+                      val_check_interval=2, check_val_every_n_epoch=None, num_sanity_val_steps=0,
+                      callbacks=[NaNValidation(), checkpoint])  # fmt: skip
+    model = QCAModule(architecture="MLP", d_state=2, hidden_channels=4, grid_size=8, qca_steps=2)
+    trainer.fit(model, datamodule=EpisodeDataModule(total_episodes=6, val_every_episodes=2))
+    best = sorted(p.name for p in (tmp_path / "checkpoints").glob("best-*.ckpt"))
+    assert best == ["best-e000002.ckpt", "best-e000006.ckpt"]
+    assert all(torch.isfinite(score) for score in checkpoint.best_k_models.values())

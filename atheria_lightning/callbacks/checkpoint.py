@@ -156,6 +156,15 @@ class SmartCheckpoint(ModelCheckpoint):
         }
 
     @override
+    def _save_topk_checkpoint(self, trainer: pl.Trainer, monitor_candidates: dict[str, torch.Tensor]) -> None:
+        current = monitor_candidates.get(self.monitor) if self.monitor else None
+        if current is not None and not torch.isfinite(torch.as_tensor(current)):
+            # Lightning would rank a NaN as +inf and still keep it while fewer than k exist: never a "best" model.
+            log.warning("%s is %s at episode %d: not a top-k candidate", self.monitor, current, episodes_done(trainer))
+            return
+        super()._save_topk_checkpoint(trainer, monitor_candidates)
+
+    @override
     def _monitor_candidates(self, trainer: pl.Trainer) -> dict[str, torch.Tensor]:
         candidates = super()._monitor_candidates(trainer)
         candidates["episode"] = torch.tensor(episodes_done(trainer))
