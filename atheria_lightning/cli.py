@@ -25,7 +25,7 @@ from atheria_lightning.data import EpisodeDataModule
 from atheria_lightning.errors import ConfigError, require
 from atheria_lightning.lock import RunLock
 from atheria_lightning.module import NonFiniteTrainingError, QCAModule
-from atheria_lightning.platform import default_mirror_url, default_run_root
+from atheria_lightning.platform import COLAB_DRIVE_ROOT, Platform, default_mirror_url, default_run_root, detect_platform
 from atheria_lightning.resume import ResumePoint, find_resume_checkpoint
 
 log = logging.getLogger(__name__)
@@ -115,7 +115,17 @@ class AtheriaCLI(LightningCLI):
     @property
     def mirror_url(self) -> str | None:
         url = self.run_settings["mirror_url"]
-        return default_mirror_url() if url == "auto" else url
+        if url != "auto":
+            return url
+        url = default_mirror_url()
+        if url is not None and detect_platform() is Platform.COLAB:
+            # Unmounted, /content/drive is an ordinary folder of the session's disk: a "mirror" there dies with it.
+            require(
+                os.path.isdir(COLAB_DRIVE_ROOT),
+                f"mirror_url=auto needs Google Drive mounted at {COLAB_DRIVE_ROOT}: run "
+                "google.colab.drive.mount('/content/drive') first, or set mirror_url to another folder or null",
+            )
+        return url
 
     @override
     def before_instantiate_classes(self) -> None:
@@ -134,10 +144,23 @@ class AtheriaCLI(LightningCLI):
                 save_dir=self.run_dir, name="logs", version="", default_hp_metric=False
             )
         kwargs.setdefault("default_root_dir", self.run_dir)
-        configured = list(trainer_config.get("callbacks") or [])
+        configured = self.configured_callbacks(list(trainer_config.get("callbacks") or []))
         progress_bar = trainer_config.get("enable_progress_bar") in (None, True)
         kwargs["callbacks"] = configured + self.default_callbacks(configured, progress_bar)
         return super().instantiate_trainer(**kwargs)
+
+    def configured_callbacks(self, configured: list[Any]) -> list[Any]:
+        """The config's callbacks, with ``mirror_url`` given to a MirrorSync that names no url of its own."""
+        kept = []
+        for callback in configured:
+            if isinstance(callback, MirrorSync) and callback.url is None:
+                if self.mirror_url is None:
+                    # e.g. a Colab preset run locally: mirror_url "auto" means no mirror off Colab.
+                    log.warning("no mirror_url on this platform: MirrorSync is off, checkpoints stay local")
+                    continue
+                callback.set_url(self.mirror_url)
+            kept.append(callback)
+        return kept
 
     def default_callbacks(self, configured: list[Any], progress_bar: bool = True) -> list[Any]:
         """The callbacks every run needs that its config did not list."""
@@ -147,14 +170,6 @@ class AtheriaCLI(LightningCLI):
             callbacks.append(SmartCheckpoint())
         if StopOnSignal not in have:
             callbacks.append(StopOnSignal())
-        for callback in list(configured):
-            if isinstance(callback, MirrorSync) and callback.url is None:
-                if self.mirror_url is None:
-                    # e.g. a Colab preset run locally: mirror_url "auto" means no mirror off Colab.
-                    log.warning("no mirror_url on this platform: MirrorSync is off, checkpoints stay local")
-                    configured.remove(callback)
-                else:
-                    callback.set_url(self.mirror_url)
         if self.mirror_url and MirrorSync not in have:
             callbacks.append(MirrorSync(self.mirror_url))
         for callback in configured + callbacks:

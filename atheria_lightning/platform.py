@@ -25,6 +25,8 @@ def detect_platform() -> Platform:
 #: The fast local folder where a run writes first (Colab's /content is a local SSD; Kaggle keeps /kaggle/working).
 DEFAULT_RUN_ROOTS = {Platform.COLAB: "/content/atheria_runs", Platform.KAGGLE: "/kaggle/working/atheria_runs",
                      Platform.LOCAL: "./runs"}  # fmt: skip
+#: Where Colab mounts the user's Drive (``google.colab.drive.mount("/content/drive")``).
+COLAB_DRIVE_ROOT = "/content/drive/MyDrive"
 #: The persistent mirror: Drive on Colab; none elsewhere (Kaggle's /kaggle/working already persists its output).
 DEFAULT_MIRRORS = {Platform.COLAB: "/content/drive/MyDrive/Atheria", Platform.KAGGLE: None, Platform.LOCAL: None}
 

@@ -72,3 +72,15 @@ def test_bad_configuration_fails_in_one_line_before_training(
         message == "mirror_url" and err.startswith("atheria: error: ") and "foo" in err
     ), err
     assert not (tmp_path / "runs").exists() and not (tmp_path / "mirror").exists(), "nothing may be written"
+
+
+def test_colab_without_drive_mounted_refuses_the_default_mirror(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    monkeypatch.setenv("COLAB_RELEASE_TAG", "release-colab_20261101")
+    args = demo_args(tmp_path)
+    args[args.index("--mirror_url") + 1] = "auto"
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("atheria: error: mirror_url=auto needs Google Drive mounted at /content/drive/MyDrive"), err
+    assert not (tmp_path / "runs").exists()
