@@ -3,14 +3,24 @@
 from __future__ import annotations
 
 import hashlib
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from atheria_lightning.physics.noise import apply_noise
 from atheria_lightning.physics.state import normalize
+
+#: Accepted values of ``model.compile``: the plain operator, ``torch.compile`` with inductor, the same with CUDA
+#: graphs (``reduce-overhead``), or CUDA graphs of the unfused eager kernels (dynamo's ``cudagraphs`` backend).
+COMPILE_MODES = ("off", "default", "reduce-overhead", "cuda-graph")
+#: The modes that replay captured CUDA graphs: they need a CUDA device.
+CAPTURE_MODES = ("reduce-overhead", "cuda-graph")
 
 
 def episode_generator(seed: int, episode: int, device: torch.device | str = "cpu", rank: int = 0) -> torch.Generator:
@@ -65,25 +75,185 @@ class RolloutResult:
 
 
 def rollout(
-    operator: nn.Module,
+    operator: Callable[..., Any],
     psi0: torch.Tensor,
     steps: int,
     gamma: float,
     noise: float = 0.0,
     generator: torch.Generator | None = None,
     history_states: int = 10,
+    checkpoint_every: int = 0,
 ) -> RolloutResult:
     """Evolve ``psi0`` for ``steps`` steps with noise at level ``noise`` after each step.
 
     Keeps about ``history_states`` snapshots (every ``steps // history_states`` steps, plus the first and the last).
     The recurrent memory starts empty, so it never leaks from one episode into the next.
+
+    With ``checkpoint_every = k > 0`` (and gradients on), only the state at every k-th step is kept for the backward
+    pass; each segment of k steps is recomputed during the backward, with the very same noise draws. The result and
+    the gradients are those of the plain rollout, for one more forward pass. The memory falls from ``steps`` steps
+    of activations to ``steps / k`` states plus k steps of activations.
     """
     every = max(1, steps // max(1, history_states))
+    segment = checkpoint_every if checkpoint_every > 0 and torch.is_grad_enabled() else steps
+    if isinstance(operator, CompiledOperator):
+        operator.probe(to_channels(psi0))  # here, not inside a checkpointed segment, whose recompute would not match
     psi, memory = psi0, None
     history = [psi0.detach()]
-    for t in range(1, steps + 1):
+    for first in range(1, steps + 1, segment):
+        last = min(first + segment - 1, steps)
+        evolve = partial(_evolve, operator, first=first, last=last, steps=steps, every=every, gamma=gamma, noise=noise)
+        if segment < steps:
+            psi, memory, snapshots = _checkpointed(evolve, psi, memory, generator)
+        else:
+            psi, memory, snapshots = evolve(psi, memory, generator)
+        history.extend(snapshots)
+    return RolloutResult(final=psi, history=history)
+
+
+def _evolve(
+    operator: Callable[..., Any],
+    psi: torch.Tensor,
+    memory: Any,
+    generator: torch.Generator | None,
+    *,
+    first: int,
+    last: int,
+    steps: int,
+    every: int,
+    gamma: float,
+    noise: float,
+) -> tuple[torch.Tensor, Any, list[torch.Tensor]]:
+    """Steps ``first..last`` (1-based, inclusive) of a rollout of ``steps``: the state, the memory, the snapshots."""
+    snapshots = []
+    for t in range(first, last + 1):
         psi, memory = lindblad_step(operator, psi, gamma, memory)
         psi = apply_noise(psi, noise, generator)
         if t % every == 0 or t == steps:
-            history.append(psi.detach())
-    return RolloutResult(final=psi, history=history)
+            snapshots.append(psi.detach())
+    return psi, memory, snapshots
+
+
+def _checkpointed(
+    evolve: Callable[..., Any], psi: torch.Tensor, memory: Any, generator: torch.Generator | None
+) -> tuple[torch.Tensor, Any, list[torch.Tensor]]:
+    """``evolve`` under activation checkpointing, its noise replayed exactly when the backward recomputes it.
+
+    checkpoint's own ``preserve_rng_state`` covers the global generators only. An explicit generator is therefore
+    never drawn from inside the segment: a private copy is rewound to the segment's start on every run, and the
+    caller's generator is moved on to where the first run left the copy, as if it had drawn the noise itself.
+    """
+    if generator is None:
+        return checkpoint(evolve, psi, memory, None, use_reentrant=False)
+    start = generator.get_state()
+    replay = torch.Generator(device=generator.device)
+
+    def segment(psi: torch.Tensor, memory: Any) -> tuple[torch.Tensor, Any, list[torch.Tensor]]:
+        replay.set_state(start)
+        return evolve(psi, memory, replay)
+
+    result = checkpoint(segment, psi, memory, use_reentrant=False)
+    generator.set_state(replay.get_state())
+    return result
+
+
+class CompiledOperator:
+    """The operator behind ``torch.compile``, falling back to the plain operator (one warning) if compiling fails.
+
+    Only the operator is compiled: it holds nearly all the work and is real-valued, while inductor does not generate
+    code for the complex arithmetic of the step. Its parameters stay those of ``operator`` (nothing is copied), so
+    the optimizer and the checkpoints see the plain module. :meth:`probe` (which :func:`rollout` runs) compiles
+    the forward and the backward once, so that a failure to compile or capture shows there, not inside
+    ``loss.backward()``.
+
+    Args:
+        operator: The Law M operator.
+        mode: ``default``, ``reduce-overhead`` or ``cuda-graph`` (see :data:`COMPILE_MODES`).
+    """
+
+    def __init__(self, operator: nn.Module, mode: str) -> None:
+        if mode not in COMPILE_MODES[1:]:
+            raise ValueError(f"mode={mode!r} is not one of {', '.join(COMPILE_MODES[1:])}")
+        self.operator = operator
+        self.mode = mode
+        self.multiplicative = getattr(operator, "multiplicative", False)
+        self.recurrent = getattr(operator, "recurrent", False)
+        if mode == "cuda-graph":
+            self.compiled: Callable[..., Any] | None = torch.compile(operator, backend="cudagraphs")
+        else:
+            self.compiled = torch.compile(operator, mode=mode)
+        self._probed = False
+
+    @property
+    def active(self) -> bool:
+        """False once compiling has failed and the plain operator runs instead."""
+        return self.compiled is not None
+
+    def __call__(self, x: torch.Tensor, *memory: Any) -> Any:
+        if self.compiled is None:
+            return self.operator(x, *memory)
+        if torch.is_grad_enabled() and not x.requires_grad:
+            # The first step's input carries no gradient; asking for one (a few kFLOP) lets that step reuse the
+            # graph of all the others instead of compiling a second one, which takes as long as the first.
+            x = x.detach().requires_grad_()
+        try:
+            return self.compiled(x, *memory)
+        except torch.cuda.OutOfMemoryError:
+            raise  # too big for the device whichever path runs: the user must hear it, not get a slower fallback
+        except Exception as err:  # any failure to compile or capture: the plain operator computes the same thing
+            self._fall_back(err)
+            return self.operator(x, *memory)
+
+    def probe(self, x: torch.Tensor) -> None:
+        """Once, with gradients on: a forward and backward on ``x`` (the first step's input), to compile both."""
+        if self._probed or self.compiled is None or not torch.is_grad_enabled():
+            return
+        try:
+            probe = x.detach().requires_grad_()
+            out = self.compiled(probe, None) if self.recurrent else self.compiled(probe)
+            out = out[0] if self.recurrent else out
+            weights = [p for p in self.operator.parameters() if p.requires_grad]
+            # autograd.grad, not backward: the probe must leave no gradient in the parameters.
+            torch.autograd.grad(out.float().sum(), [probe, *weights], allow_unused=True)
+            self._probed = True
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except Exception as err:  # any failure to compile or capture: the plain operator computes the same thing
+            self._fall_back(err)
+
+    def _fall_back(self, err: Exception) -> None:
+        self.compiled = None
+        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        warnings.warn(
+            f"model.compile={self.mode!r} failed ({type(err).__name__}: {first_line}); running the plain operator",
+            stacklevel=3,
+        )
+
+
+def fast_operator(
+    operator: nn.Module, mode: str, device: torch.device | str, checkpoint_every: int = 0
+) -> nn.Module | CompiledOperator:
+    """The operator as ``model.compile = mode`` asks, or the plain one (with one warning) where that cannot work.
+
+    CUDA graphs need a CUDA device; they are not attempted for a recurrent operator (its memory changes from none
+    to tensors after the first step and crosses from graph to graph) nor under activation checkpointing (the
+    backward recomputes forwards in the middle of a replay).
+    """
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"model.compile={mode!r} is not one of {', '.join(COMPILE_MODES)}")
+    if mode == "off":
+        return operator
+    if mode in CAPTURE_MODES:
+        reason = None
+        if torch.device(device).type != "cuda":
+            reason = f"CUDA graphs need a CUDA device, not {torch.device(device).type}"
+        elif getattr(operator, "recurrent", False):
+            reason = f"{type(operator).__name__} carries a memory from step to step"
+        elif checkpoint_every > 0:
+            reason = "model.checkpoint_every recomputes the rollout inside the backward pass"
+        if reason is not None:
+            warnings.warn(
+                f"model.compile={mode!r} is not possible here ({reason}); running the plain operator", stacklevel=2
+            )
+            return operator
+    return CompiledOperator(operator, mode)

@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# The whole GPU comparison of issue 5 in one call: the original loop and ours, on the same GPU, in the same run.
+#
+# Usage, from the repository root (needs torch and lightning; not jsonargparse):
+#     PYTHONPATH=. bash benchmarks/gpu_suite.sh [OUT_DIR]           # about 8 minutes on one H100
+#     EXTRA_ARGS="--device cpu --architecture MLP --grid 8 --steps 3 --hidden 4" BATCHES=2,4 EPISODES=2 \
+#         bash benchmarks/gpu_suite.sh /tmp/smoke
+#                                                                   # a smoke test of the script itself, on a CPU
+#
+# Writes one JSON line per row to OUT_DIR/gpu_suite.jsonl (each row's stderr to OUT_DIR/gpu_suite.log). A row that
+# fails writes a line with "error", one that runs past its limit "error": "timeout ..."; once the suite's budget
+# (BUDGET_S, default 540 s) is nearly spent, the remaining rows write "skipped". The most important rows run first:
+#   original                       the original loop, standard model (UNET d8 h64, grid 64, 100 steps), batch 1
+#   b1-bf16, b1-bf16-cuda-graph    ours, batch 1, bf16: plain, and behind CUDA graphs         -> target 2 (>= 3 ep/s)
+#   batched-bf16-compiled          ours, bf16 + channels_last + torch.compile, BATCHES universes, checkpoint_every 2
+#                                  from CHECKPOINT_FROM universes on                          -> target 1 (>= 40 M/s)
+#   grid128-*                      grid 128, batch 1: the original; ours plain, checkpoint_every 1 and 10
+#                                                                                             -> target 3 (<= 3 GiB)
+#   b1-bf16-reduce-overhead        ours, batch 1, inductor + CUDA graphs (the slowest to compile)
+#   b32-bf16[-no-channels-last], b1-bf16-no-channels-last, b1-bare-bf16, *-cudnn-benchmark
+#                                  evidence for the presets' defaults and for the framework's cost
+# Knobs (environment): PYTHON, BUDGET_S, BATCHES, EPISODES (timed episodes of the batch-1 rows), CHECKPOINT_FROM,
+# EXTRA_ARGS (appended to every row).
+set -u
+
+OUT_DIR=${1:-${OUT:-benchmarks/out}}
+mkdir -p "$OUT_DIR"
+OUT="$OUT_DIR/gpu_suite.jsonl"
+LOG="$OUT_DIR/gpu_suite.log"
+PY=${PYTHON:-python}
+BUDGET_S=${BUDGET_S:-540}
+BATCHES=${BATCHES:-16,32,64,128}
+EPISODES=${EPISODES:-8}
+CHECKPOINT_FROM=${CHECKPOINT_FROM:-64}
+read -r -a EXTRA <<<"${EXTRA_ARGS:-}"
+START=$(date +%s)
+export PYTHONPATH="${PYTHONPATH:-.}"
+export PYTHONWARNINGS=ignore
+
+row() { # row LABEL LIMIT_S ARGS...: one bench_speed.py call under a time limit, its JSON lines into $OUT
+    local label=$1 limit=$2
+    shift 2
+    local left=$((BUDGET_S - ($(date +%s) - START)))
+    if ((left < 30)); then
+        echo "{\"label\": \"$label\", \"skipped\": \"suite budget of ${BUDGET_S}s spent\"}" >>"$OUT"
+        return
+    fi
+    ((limit > left)) && limit=$left
+    echo "== $label: $* (limit ${limit}s)" >>"$LOG"
+    timeout -k 10 "$limit" "$PY" benchmarks/bench_speed.py "$@" ${EXTRA[@]+"${EXTRA[@]}"} --label "$label" >>"$OUT" 2>>"$LOG"
+    local rc=$?
+    if ((rc == 124 || rc == 137)); then
+        echo "{\"label\": \"$label\", \"args\": \"$*\", \"error\": \"timeout after ${limit}s\"}" >>"$OUT"
+    fi
+    echo "$label: exit $rc at $(($(date +%s) - START))s" >&2
+}
+
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true; } >>"$LOG" 2>&1
+ORIGINAL=(--original-from "$OUT")
+OURS=(ours --variant lightning --precision bf16-mixed "${ORIGINAL[@]}")
+B1=("${OURS[@]}" --config standard --episodes "$EPISODES")
+LARGEST=${BATCHES##*,}
+
+row original 120 original --config standard --episodes 10 --warmup 2
+row b1-bf16 120 "${B1[@]}" --warmup 2
+row b1-bf16-cuda-graph 180 "${B1[@]}" --warmup 3 --compile cuda-graph
+row batched-bf16-compiled 300 "${OURS[@]}" --config standard --compile default --universes "$BATCHES" \
+    --checkpoint-every 2 --checkpoint-from-universes "$CHECKPOINT_FROM" --episodes 3 --warmup 2
+row grid128-original 90 original --config grid128 --episodes 5 --warmup 1
+row grid128-bf16 90 "${OURS[@]}" --config grid128 --episodes 5 --warmup 2
+row grid128-bf16-checkpoint-1 90 "${OURS[@]}" --config grid128 --checkpoint-every 1 --episodes 5 --warmup 2
+row grid128-bf16-checkpoint-10 90 "${OURS[@]}" --config grid128 --checkpoint-every 10 --episodes 5 --warmup 2
+row b1-bf16-reduce-overhead 240 "${B1[@]}" --warmup 3 --compile reduce-overhead
+row b32-bf16 90 "${OURS[@]}" --config standard --universes 32 --episodes 3 --warmup 2
+row b32-bf16-no-channels-last 90 "${OURS[@]}" --config standard --universes 32 --episodes 3 --warmup 2 \
+    --no-channels-last
+row b1-bf16-no-channels-last 90 "${B1[@]}" --warmup 2 --no-channels-last
+row b1-bare-bf16 90 ours --variant bare --precision bf16-mixed "${ORIGINAL[@]}" --config standard \
+    --episodes "$EPISODES" --warmup 2
+row batched-bf16-compiled-cudnn-benchmark 240 "${OURS[@]}" --config standard --compile default \
+    --universes "$LARGEST" --checkpoint-every 2 --episodes 3 --warmup 2 --cudnn-benchmark
+
+echo "suite done in $(($(date +%s) - START))s: $OUT" >&2

@@ -1,0 +1,233 @@
+"""The fast paths (batched universes, activation checkpointing, torch.compile) compute what the plain path does."""
+
+from __future__ import annotations
+
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import Callback
+from test_physics import NoHostSync
+
+from atheria_lightning.data import EpisodeDataModule
+from atheria_lightning.errors import ConfigError
+from atheria_lightning.module import QCAModule
+from atheria_lightning.physics import compute_loss, episode_generator, initial_state, rollout
+from atheria_lightning.physics.engine import COMPILE_MODES, CompiledOperator, fast_operator
+
+EPISODES = 5
+#: The issue's tolerances (fp32, CPU): losses within 1e-6 over 5 episodes, gradients within 1e-5.
+LOSS_TOLERANCE, GRADIENT_TOLERANCE = 1e-6, 1e-5
+
+
+def tiny_model(architecture: str = "MLP", **settings: Any) -> QCAModule:
+    """A tiny model with strong noise from the first episode, so the noise draws are part of what must match."""
+    torch.manual_seed(0)  # the same initial weights for every variant
+    defaults = dict(d_state=2, hidden_channels=8, grid_size=8, qca_steps=5, max_noise=0.5, noise_ramp_episodes=0)
+    return QCAModule(architecture=architecture, **{**defaults, **settings})
+
+
+def train(model: QCAModule, episodes: int = EPISODES, seed: int = 3) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """A bare training loop (episode, backward, clip, AdamW): the loss and the flat gradient of every episode."""
+    optimizer = model.configure_optimizers()["optimizer"]
+    params = [p for p in model.operator.parameters() if p.requires_grad]
+    losses, gradients = [], []
+    for episode in range(episodes):
+        parts, _ = model.run_episode(seed, episode, model.noise_at(episode))
+        parts["loss"].backward()
+        losses.append(parts["loss"].detach())
+        gradients.append(torch.cat([p.grad.flatten() for p in params]))
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return losses, gradients
+
+
+def assert_same_training(
+    expected: tuple[list[torch.Tensor], list[torch.Tensor]], actual: tuple[list[torch.Tensor], list[torch.Tensor]]
+) -> None:
+    for tolerance, want, got in zip((LOSS_TOLERANCE, GRADIENT_TOLERANCE), expected, actual, strict=True):
+        torch.testing.assert_close(torch.stack(got), torch.stack(want), rtol=0, atol=tolerance)
+
+
+# --- activation checkpointing -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("architecture", "every"),
+    [("MLP", 2), ("UNET", 3), ("UNET_CONVLSTM", 2)],  # 5 steps: the last segment is shorter
+)
+def test_checkpointed_rollout_trains_like_the_plain_one(architecture: str, every: int) -> None:
+    plain = train(tiny_model(architecture))
+    checkpointed = train(tiny_model(architecture, checkpoint_every=every))
+    assert_same_training(plain, checkpointed)
+
+
+def test_checkpointing_replays_the_noise_and_moves_the_generator_on_as_the_plain_rollout_does() -> None:
+    model = tiny_model()
+    psi0 = initial_state("random", 2, 8, 2, torch.Generator().manual_seed(1))
+    results, generators = [], []
+    for every in (0, 2):
+        generator = torch.Generator().manual_seed(5)
+        result = rollout(model.operator, psi0, 6, 0.01, noise=0.5, generator=generator, checkpoint_every=every)
+        result.final.abs().sum().backward()  # the backward recomputes the segments, and their noise, once more
+        results.append(result)
+        generators.append(generator.get_state())
+
+    assert torch.equal(generators[0], generators[1]), "the caller's generator must end where the plain run leaves it"
+    assert len(results[0].history) == len(results[1].history) == 7
+    for plain, checkpointed in zip(results[0].history, results[1].history, strict=True):
+        assert torch.equal(plain, checkpointed)
+
+
+def test_checkpointed_rollout_never_waits_for_the_device() -> None:
+    model = tiny_model()
+    psi0 = initial_state("random", 2, 8, 2, torch.Generator().manual_seed(1))
+    with NoHostSync():
+        result = rollout(model.operator, psi0, 6, 0.01, noise=0.5, generator=torch.Generator(), checkpoint_every=2)
+    assert result.final.shape == psi0.shape
+
+
+class EpisodeLosses(Callback):
+    def __init__(self) -> None:
+        self.losses: list[torch.Tensor] = []
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.losses.append(outputs["loss"].detach())
+
+
+def test_checkpointed_training_through_lightning_gives_the_plain_losses(tmp_path: Path) -> None:
+    losses = []
+    for every in (0, 2):
+        recorder = EpisodeLosses()
+        trainer = Trainer(
+            max_epochs=1, logger=False, enable_progress_bar=False, enable_checkpointing=False,
+            enable_model_summary=False, default_root_dir=tmp_path, limit_val_batches=0, callbacks=[recorder],
+            gradient_clip_val=1.0,
+        )  # fmt: skip
+        trainer.fit(tiny_model(checkpoint_every=every), EpisodeDataModule(total_episodes=EPISODES))
+        losses.append(torch.stack(recorder.losses))
+    torch.testing.assert_close(losses[1], losses[0], rtol=0, atol=LOSS_TOLERANCE)
+
+
+# --- batched universes ------------------------------------------------------------------------------------------------
+
+
+def test_batched_universes_train_like_the_same_universes_one_at_a_time() -> None:
+    # Without noise: a batch draws each step's noise as one tensor, so its universes meet other noise than they would
+    # in separate episodes, by construction. The initial states are the batch's, sliced.
+    universes, steps = 2, 5
+    models = [tiny_model("UNET", max_noise=0.0) for _ in range(2)]
+    optimizers = [model.configure_optimizers()["optimizer"] for model in models]
+    for episode in range(EPISODES):
+        generator = episode_generator(3, episode)
+        psi0 = initial_state("random", universes, 8, 2, generator)  # (2, 8, 8, 2)
+        batched = compute_loss("evolutionary", rollout(models[0].operator, psi0, steps, 0.01).final, psi0)["loss"]
+        one_at_a_time = torch.stack([
+            compute_loss("evolutionary", rollout(models[1].operator, psi, steps, 0.01).final, psi)["loss"]
+            for psi in psi0.split(1)
+        ]).mean()  # fmt: skip
+        torch.testing.assert_close(one_at_a_time, batched, rtol=0, atol=LOSS_TOLERANCE)
+        batched.backward()
+        one_at_a_time.backward()
+        for a, b in zip(models[0].operator.parameters(), models[1].operator.parameters(), strict=True):
+            torch.testing.assert_close(b.grad, a.grad, rtol=0, atol=GRADIENT_TOLERANCE)
+        for model, optimizer in zip(models, optimizers, strict=True):
+            torch.nn.utils.clip_grad_norm_(model.operator.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+
+# --- torch.compile ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(shutil.which("cc") is None and shutil.which("g++") is None, reason="inductor needs a C compiler")
+def test_compiled_operator_trains_like_the_plain_one_checkpointed_or_not() -> None:
+    # The MLP: inductor compiles it in seconds on two cores, where the U-Net takes a minute and a half.
+    torch._dynamo.reset()
+    plain = train(tiny_model())
+    for settings in ({}, {"checkpoint_every": 2}):
+        model = tiny_model(compile="default", **settings)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            compiled = train(model)
+        if not model.rollout_operator().active:
+            pytest.skip(f"torch.compile does not work on this machine: {[str(w.message) for w in caught]}")
+        assert_same_training(plain, compiled)
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("mode", ["reduce-overhead", "cuda-graph"])
+def test_cuda_graph_modes_fall_back_on_the_cpu_with_one_warning(mode: str) -> None:
+    model = tiny_model(compile=mode)
+    with pytest.warns(UserWarning, match=rf"model\.compile='{mode}' is not possible here \(CUDA graphs need") as caught:
+        losses, _ = train(model, episodes=2)
+    assert len([w for w in caught if "model.compile" in str(w.message)]) == 1
+    assert model.rollout_operator() is model.operator
+    assert all(torch.isfinite(loss) for loss in losses)
+
+
+def test_capture_is_not_attempted_for_a_recurrent_operator_or_under_checkpointing() -> None:
+    recurrent = tiny_model("UNET_CONVLSTM").operator
+    with pytest.warns(UserWarning, match="carries a memory"):
+        assert fast_operator(recurrent, "cuda-graph", "cuda") is recurrent
+    operator = tiny_model().operator
+    with pytest.warns(UserWarning, match="checkpoint_every"):
+        assert fast_operator(operator, "reduce-overhead", "cuda", checkpoint_every=10) is operator
+
+
+def test_a_failing_forward_compile_falls_back_to_the_plain_operator_with_one_warning() -> None:
+    operator = tiny_model().operator
+    compiled = CompiledOperator(operator, "default")
+
+    def broken(*args: Any) -> Any:
+        raise RuntimeError("capture failed\nsecond line")
+
+    compiled.compiled = broken
+    x = torch.randn(2, 4, 8, 8)
+    with pytest.warns(UserWarning, match=r"model\.compile='default' failed \(RuntimeError: capture failed\)") as caught:
+        first, second = compiled(x), compiled(x)
+    assert len(caught) == 1 and not compiled.active
+    assert torch.equal(first, operator(x)) and torch.equal(second, operator(x))
+
+
+def test_a_failing_backward_compile_falls_back_at_the_probe_before_training_uses_it() -> None:
+    operator = tiny_model().operator
+    compiled = CompiledOperator(operator, "default")
+
+    def forward_only(x: torch.Tensor) -> torch.Tensor:
+        class NoBackward(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx: Any, y: torch.Tensor) -> torch.Tensor:
+                return y.clone()
+
+            @staticmethod
+            def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+                raise RuntimeError("backward capture failed")
+
+        return NoBackward.apply(operator(x))
+
+    compiled.compiled = forward_only
+    with pytest.warns(UserWarning, match="backward capture failed"):
+        compiled.probe(torch.randn(2, 4, 8, 8))
+    assert not compiled.active
+
+
+# --- settings ---------------------------------------------------------------------------------------------------------
+
+
+def test_bad_compile_mode_is_one_line_naming_the_flag_and_the_accepted_values() -> None:
+    with pytest.raises(ConfigError) as raised:
+        tiny_model(compile="max-autotune")
+    message = str(raised.value)
+    assert message == "model.compile='max-autotune' is not one of off, default, reduce-overhead, cuda-graph"
+    assert "\n" not in message and all(mode in message for mode in COMPILE_MODES)
+
+
+def test_negative_checkpoint_every_is_rejected() -> None:
+    with pytest.raises(ConfigError, match=r"model\.checkpoint_every=-1 must be >= 0"):
+        tiny_model(checkpoint_every=-1)
