@@ -24,7 +24,7 @@ from atheria_lightning.checkpoint_io import META_KEY
 from atheria_lightning.data import EpisodeDataModule
 from atheria_lightning.errors import ConfigError, require
 from atheria_lightning.lock import RunLock
-from atheria_lightning.module import NonFiniteTrainingError, QCAModule
+from atheria_lightning.module import EpisodeOutOfMemoryError, NonFiniteTrainingError, QCAModule
 from atheria_lightning.platform import COLAB_DRIVE_ROOT, Platform, default_mirror_url, default_run_root, detect_platform
 from atheria_lightning.resume import ResumePoint, find_resume_checkpoint
 
@@ -265,7 +265,7 @@ def main(args: list[str] | None = None) -> int:
         return export_main(argv[1:])
     try:
         AtheriaCLI(args=args)
-    except NonFiniteTrainingError as err:
+    except (NonFiniteTrainingError, EpisodeOutOfMemoryError) as err:
         print(f"atheria: error: {err}", file=sys.stderr)
         return 3
     except SIGTERMException:

@@ -107,6 +107,10 @@ class EpisodeDataModule(pl.LightningDataModule):
             self._running_episode = int(batch["episode"])
         return batch
 
+    def abandon_running_episode(self) -> None:
+        """The running episode failed before it finished: checkpoints must not count it as done."""
+        self._running_episode = max(self.next_episode, self._running_episode) - 1
+
     @override
     def state_dict(self) -> dict[str, Any]:
         # Checkpoints are written after an episode ends, so the one running has finished by then.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 from typing import Any
 
@@ -29,6 +30,18 @@ log = logging.getLogger(__name__)
 
 # U-Nets pool twice; below 8 cells their bottleneck is 1x1 and the symmetry score is meaningless.
 MIN_GRID_SIZE = 8
+
+
+class EpisodeOutOfMemoryError(torch.cuda.OutOfMemoryError):
+    """An episode ran out of accelerator memory twice, the second time after the cache was emptied."""
+
+    def __init__(self, episode: int, settings: str) -> None:
+        super().__init__(
+            f"out of GPU memory at episode {episode} ({settings}), also after freeing the cache; the last finished "
+            "episode is saved. Try a smaller --model.universes_per_episode, --model.checkpoint_every 2, a smaller "
+            "--model.hidden_channels or --model.grid_size, or --trainer.precision bf16-mixed, then run again"
+        )
+        self.episode = episode
 
 
 class NonFiniteTrainingError(RuntimeError):
@@ -167,7 +180,7 @@ class QCAModule(pl.LightningModule):
     def training_step(self, batch: dict[str, int], batch_idx: int) -> torch.Tensor | None:
         episode = batch["episode"]
         noise = self.noise_at(episode)
-        parts, final = self.run_episode(batch["seed"], episode, noise)
+        parts, final = self._run_episode_retrying_oom(batch["seed"], episode, noise)
         self._snapshot = final[0].detach()
         self.log("train/noise_level", noise, on_step=True, on_epoch=False)
         # One host sync per episode (not per step): the optimizer must not see a NaN.
@@ -178,6 +191,27 @@ class QCAModule(pl.LightningModule):
         self.log_dict({f"train/{k}": v for k, v in parts.items() if k != "loss"}, on_step=True, on_epoch=False)
         self.log("train/nonfinite_skipped", float(self.nonfinite_skipped), on_step=True, on_epoch=False)
         return parts["loss"]
+
+    def _run_episode_retrying_oom(
+        self, seed: int, episode: int, noise: float
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """One retry after an out-of-memory error (fragmentation often frees enough), then a clear error."""
+        try:
+            return self.run_episode(seed, episode, noise)
+        except torch.cuda.OutOfMemoryError:
+            log.warning("episode %d ran out of GPU memory: emptying the cache and trying once more", episode)
+        gc.collect()  # only on this rare path: drops the failed attempt's tensors before the retry
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        try:
+            return self.run_episode(seed, episode, noise)
+        except torch.cuda.OutOfMemoryError:
+            hp = self.hparams
+            settings = (
+                f"grid {hp.grid_size}, {hp.universes_per_episode} universes, hidden {hp.hidden_channels}, "
+                f"{hp.qca_steps} steps, precision {self.trainer.precision if self._trainer else 'n/a'}"
+            )
+            raise EpisodeOutOfMemoryError(episode, settings) from None
 
     def _skip_nonfinite(self, episode: int, loss: torch.Tensor) -> None:
         self.nonfinite_skipped += 1

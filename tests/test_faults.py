@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import functools
 import hashlib
 import json
 import pickle
@@ -149,3 +150,53 @@ trainer:
     assert main(demo_args(tmp_path, "--config", str(extra), episodes=8, val_every=2)) == 0
     out = capsys.readouterr().out
     assert "resuming from episode 4 of 8" in out and "[mirror:" in out
+
+
+class OutOfMemoryAt:
+    """Raises the CUDA out-of-memory error from the episode's forward pass, as a too-big universe would on a GPU."""
+
+    def __init__(self, module: QCAModule, episode: int, times: int) -> None:
+        self.run_episode, self.episode, self.left = module.run_episode, episode, times
+        module.run_episode = self
+
+    def __call__(self, seed: int, episode: int, noise: float):
+        if episode == self.episode and self.left > 0:
+            self.left -= 1
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return self.run_episode(seed, episode, noise)
+
+
+def _fit_with_oom(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, times: int) -> int:
+    from atheria_lightning import cli
+
+    original = cli.QCAModule.__init__
+
+    @functools.wraps(original)  # the CLI reads the signature
+    def patched(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        OutOfMemoryAt(self, episode=3, times=times)
+
+    monkeypatch.setattr(cli.QCAModule, "__init__", patched)
+    return main(demo_args(tmp_path, episodes=8, val_every=4, mirror=False))
+
+
+def test_out_of_memory_once_is_retried_after_freeing_the_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    assert _fit_with_oom(tmp_path, monkeypatch, times=1) == 0
+    assert "episode 3 ran out of GPU memory: emptying the cache and trying once more" in caplog.text
+    assert read_manifest(LOCAL, str(run_dir(tmp_path) / "checkpoints")).files["last.ckpt"].episode == 8
+
+
+def test_out_of_memory_twice_saves_the_last_finished_episode_and_suggests_smaller_settings(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    assert _fit_with_oom(tmp_path, monkeypatch, times=2) == 3
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("atheria: error: out of GPU memory at episode 3") and "universes_per_episode" in err, err
+    last = read_manifest(LOCAL, str(run_dir(tmp_path) / "checkpoints")).files["last.ckpt"]
+    assert last.episode == 3, "episodes 0-2 finished; the failing episode 3 is not counted"
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert main(demo_args(tmp_path, episodes=8, val_every=4, mirror=False)) == 0
+    assert "resuming from episode 3 of 8" in capsys.readouterr().out

@@ -131,6 +131,14 @@ class SmartCheckpoint(ModelCheckpoint):
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         # A crash mid-episode may leave the model half-updated: keep the last good last.ckpt instead of
         # overwriting it (Lightning's default would save here). Only finish the writes already queued.
+        # Out of memory is the exception: it strikes in the forward pass or backward, before the optimizer
+        # step, so the weights are those of the last finished episode and worth an emergency checkpoint.
+        if isinstance(exception, torch.cuda.OutOfMemoryError):
+            abandon = getattr(trainer.datamodule, "abandon_running_episode", None)
+            if callable(abandon):
+                abandon()
+            if not self._skip(trainer):
+                self.save_last_now(trainer)
         self.wait(timeout=60.0)
 
     def save_last_now(self, trainer: pl.Trainer) -> None:
