@@ -53,6 +53,7 @@ class AtomicCheckpointIO(CheckpointIO):
         self._pending: list[Future] = []
         self._error: BaseException | None = None
         self._manifest_lock = threading.Lock()
+        self._pending_lock = threading.Lock()
 
     @override
     def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
@@ -73,10 +74,14 @@ class AtomicCheckpointIO(CheckpointIO):
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until every queued write and removal is done (or ``timeout`` passes); True when all are done."""
-        pending = [future for future in self._pending if not future.done()]
-        done, not_done = wait(pending, timeout=timeout)
-        self._pending = list(not_done)
+        done, not_done = wait(self.pending_writes(), timeout=timeout)
         return not not_done
+
+    def pending_writes(self) -> list[Future]:
+        """The writes and removals queued and not yet done; safe to call from another thread (the mirror's)."""
+        with self._pending_lock:
+            self._pending = [future for future in self._pending if not future.done()]
+            return list(self._pending)
 
     @override
     def teardown(self) -> None:
@@ -93,8 +98,9 @@ class AtomicCheckpointIO(CheckpointIO):
             return
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="atheria-ckpt")
-        self._pending = [future for future in self._pending if not future.done()]
-        self._pending.append(self._executor.submit(fn, *args))
+        with self._pending_lock:
+            self._pending = [future for future in self._pending if not future.done()]
+            self._pending.append(self._executor.submit(fn, *args))
 
     def _raise_pending_error(self) -> None:
         if self._error is not None:

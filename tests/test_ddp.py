@@ -39,3 +39,36 @@ def test_guard_stops_both_ranks_together_and_a_two_rank_run_resumes(tmp_path: Pa
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert f"resuming from episode {episode} of {episode + 4}" in second.stdout
     assert f"episodes: 4 this session, {episode + 4} of {episode + 4} in the run" in second.stdout
+
+
+def test_sigterm_to_one_rank_stops_every_rank_with_a_checkpoint(tmp_path: Path) -> None:
+    import signal
+    import time
+
+    import psutil
+
+    extra = callbacks_config(tmp_path, guard_hours=1.0, every=5, sync=5, monitor_every=1000)
+    args = demo_args(tmp_path, "--config", extra, "--trainer.strategy", "ddp", "--trainer.devices", "2",
+                     episodes=100000, val_every=5)  # fmt: skip
+    process = subprocess.Popen([sys.executable, "-u", "-m", "atheria_lightning.cli", *args], stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, cwd=REPO, env=env_without_warnings())  # fmt: skip
+    try:
+        manifest = run_dir(tmp_path) / "checkpoints" / "MANIFEST.json"
+        deadline = time.monotonic() + 180
+        while not (manifest.exists() and "last.ckpt" in manifest.read_text()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        ranks = [
+            p
+            for p in psutil.Process(process.pid).children(recursive=True)
+            if "atheria_lightning" in " ".join(p.cmdline())
+        ]
+        assert ranks, "the DDP launcher starts rank 1 as a child process"
+        ranks[0].send_signal(signal.SIGTERM)  # rank 1 only
+        out, _ = process.communicate(timeout=180)
+    finally:
+        process.kill()
+    assert process.returncode == 0, out[-3000:]
+    stopped = re.search(r"stopped at episode (\d+) of 100000 .*stop requested on another rank", out)
+    assert stopped, out[-3000:]
+    local = json.loads(manifest.read_text())["files"]
+    assert local["last.ckpt"]["episode"] == int(stopped.group(1))

@@ -209,3 +209,30 @@ def test_sigkill_mid_training_resumes_losing_at_most_every_n_episodes(tmp_path: 
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     episode = int(re.search(r"resuming from episode (\d+) of 400", resumed.stdout).group(1))
     assert reached - every <= episode <= reached
+
+
+def test_a_periodic_mirror_sync_carries_the_checkpoint_of_the_same_episode(tmp_path: Path) -> None:
+    """SmartCheckpoint runs after MirrorSync in Lightning's order: the sync must still see this episode's file."""
+    from lightning.pytorch import Trainer
+
+    from atheria_lightning.callbacks import MirrorSync, SmartCheckpoint
+    from atheria_lightning.data import EpisodeDataModule
+    from atheria_lightning.module import QCAModule
+
+    seen: dict[int, int] = {}
+
+    class MirrorProbe(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            episode = batch["episode"] + 1
+            if episode % 4 == 1 and episode > 1:  # the sync for episode - 1 was requested as this episode started
+                assert _wait_for(lambda: mirror._finished >= mirror._started and not mirror._pending, 30)
+                remote = manifest_of(tmp_path / "mirror" / "run" / "checkpoints")
+                seen[episode - 1] = remote["last.ckpt"]["episode"]
+
+    mirror = MirrorSync(str(tmp_path / "mirror"), every_n_episodes=4, max_share=0.99)
+    trainer = Trainer(max_epochs=-1, logger=False, enable_progress_bar=False, limit_val_batches=0,
+                      default_root_dir=str(tmp_path / "run"), num_sanity_val_steps=0,
+                      callbacks=[MirrorProbe(), mirror, SmartCheckpoint(every_n_episodes=4)])  # fmt: skip
+    model = QCAModule(architecture="MLP", d_state=2, hidden_channels=4, grid_size=8, qca_steps=2)
+    trainer.fit(model, datamodule=EpisodeDataModule(total_episodes=14, val_every_episodes=100))
+    assert seen == {4: 4, 8: 8, 12: 12}

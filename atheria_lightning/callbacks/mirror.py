@@ -11,6 +11,7 @@ import random
 import threading
 import time
 from collections.abc import Callable
+from concurrent import futures
 from typing import IO, Any
 
 import fsspec
@@ -195,6 +196,9 @@ class MirrorSync(Callback):
         self._plain_stamps: dict[str, tuple[int, float | None]] = {}
         self._made_dirs: set[str] = set()
         self._episodes_since_request = 0
+        self._sync_due = False
+        # The trainer's strategy: a sync first waits for the checkpoint writes its IO has queued.
+        self._strategy: Any = None
         self._last_request_at: float | None = None
         # Worker hand-off: a pending flag, the gap before the pending periodic request, and counters of syncs that
         # started and finished, so flush can wait for one that started after it was called.
@@ -225,6 +229,7 @@ class MirrorSync(Callback):
         if problem:
             raise ConfigError(problem)
         if trainer.is_global_zero:
+            self._strategy = trainer.strategy
             self._start_worker()
 
     @override
@@ -235,12 +240,22 @@ class MirrorSync(Callback):
             return
         self._episodes_since_request += 1
         if self._episodes_since_request >= self.interval:
+            # Not now: Lightning runs SmartCheckpoint after this callback, so this episode's checkpoint (and the
+            # validation's) is queued only later. The request goes out at the next episode's start.
             self._episodes_since_request = 0
-            self._request(periodic=True)
+            self._sync_due = True
         if self.last_sync_seconds is not None:
             pl_module.log("mirror/last_sync_seconds", self.last_sync_seconds, on_step=True, on_epoch=False,
                           rank_zero_only=True)  # fmt: skip
         pl_module.log("mirror/failures", float(self.failures), on_step=True, on_epoch=False, rank_zero_only=True)
+
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self._sync_due and trainer.is_global_zero and self._fs is not None:
+            self._sync_due = False
+            self._request(periodic=True)
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -383,7 +398,15 @@ class MirrorSync(Callback):
 
     # -- one sync -----------------------------------------------------------------------------------------------
 
+    def _await_checkpoint_writes(self) -> None:
+        """Let the checkpoint writes already queued finish first, so the sync sees their manifest (bounded)."""
+        # Read at sync time: SmartCheckpoint installs its IO in its own setup, after this callback's.
+        pending = getattr(getattr(self._strategy, "checkpoint_io", None), "pending_writes", None)
+        if callable(pending):
+            futures.wait(pending(), timeout=self.flush_timeout_s)
+
     def _run_sync(self, gap_s: float | None) -> bool:
+        self._await_checkpoint_writes()
         with self._sync_lock:
             started = self._clock()
             try:

@@ -26,8 +26,8 @@ class StopOnSignal(Callback):
     - SIGINT (Ctrl+C, a notebook's "interrupt"): the first one asks for a stop after the running episode; a
       second one interrupts at once, as usual.
 
-    Under DDP rank 0's view decides and is broadcast, so every rank stops after the same episode. The CLI adds this
-    callback to every run.
+    Under DDP a signal to any rank stops every rank after the same episode (the ranks agree through an all-reduce).
+    The CLI adds this callback to every run.
 
     Args:
         flush_timeout_s: Longest wait for the mirror flush after the checkpoint is written.
@@ -80,5 +80,6 @@ class StopOnSignal(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         reason = self.requested or ("SIGTERM received" if trainer.received_sigterm else None)
-        if trainer.strategy.broadcast(reason is not None, src=0):
-            emergency_stop(trainer, reason or "stop requested on rank 0", self.flush_timeout_s)
+        # A signal to any one rank stops them all, after the same episode.
+        if trainer.strategy.reduce_boolean_decision(reason is not None, all=False):
+            emergency_stop(trainer, reason or "stop requested on another rank", self.flush_timeout_s)
