@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import os
+import threading
 import time
 from bisect import bisect_left
 from collections.abc import Callable
@@ -19,6 +20,7 @@ import torch
 from fsspec.implementations.local import LocalFileSystem
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn, TrainerStatus
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from typing_extensions import override
 
@@ -39,6 +41,8 @@ VALIDATION_KEYS = ("combined", "survival", "symmetry", "complexity")
 # Bounded waits at the end: the report must never hold a dying session (the quota kills it anyway).
 CHECKPOINT_WAIT_S = 120.0
 EXCEPTION_WAIT_S = 30.0
+#: How long the end of fit waits for a live plot still being drawn in the background.
+LIVE_PLOT_WAIT_S = 30.0
 FILE_NOTES = {
     "live_loss.png": "loss so far, redrawn every plot_every_n_episodes episodes",
     "summary.png": "loss, survival, checkpoint timeline, loss distribution",
@@ -52,7 +56,10 @@ class TrainingReport(Callback):
     """Shows how a run goes while it trains, and leaves plots, a log, a report and the best model when it stops.
 
     On global rank 0 only. Every ``plot_every_n_episodes`` episodes it redraws ``exports/live_loss.png`` (and, in
-    a Jupyter/Colab/Kaggle notebook, the same picture in the cell's output, updated in place). When fit ends,
+    a Jupyter/Colab/Kaggle notebook, the same picture in the cell's output, updated in place). The drawing and the
+    file write run in a background thread, from a copy of the records, so the training thread never waits for
+    them (nothing slow on the training path): a redraw asked for while the previous one is still drawing is
+    dropped, and the notebook shows each finished picture at the next episode's end. When fit ends,
     normally or by an early stop (the time guard sets ``trainer.should_stop``, so fit still ends cleanly), and on
     an exception (best effort), it writes into ``<run_dir>/exports/``:
 
@@ -74,7 +81,7 @@ class TrainingReport(Callback):
 
     Args:
         plot_every_n_episodes: Redraw the live loss plot every this many episodes (a redraw takes a fraction of a
-            second).
+            second, in a background thread).
         run_dir: The run folder; ``trainer.default_root_dir`` by default (the CLI sets it to
             ``<run_root>/<experiment_name>``).
         phase: The curriculum phase this run is, shown in the report and the log.
@@ -118,15 +125,19 @@ class TrainingReport(Callback):
         self._trainer: pl.Trainer | None = None
         self._display_handle: Any = None
         self._warned_plot = False
+        self._renderer: _BackgroundRenderer | None = None  # made in setup: a thread and a lock do not pickle
 
     # ----- hooks -----
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._trainer = trainer  # for state_dict, which Lightning calls without the trainer
         self._display_handle = None  # a new fit (a notebook cell run again) shows its plots in its own cell
+        if self._renderer is None:
+            self._renderer = _BackgroundRenderer()
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._finish_live_plot()
         self._trainer = None
 
     @override
@@ -150,6 +161,7 @@ class TrainingReport(Callback):
         episode = episodes_done(trainer) - 1
         # A non-finite episode returns no loss and logs no loss parts: the values there would be the last episode's.
         self._record_episode(trainer, episode, finite=bool(outputs))
+        self._show_rendered()
         if (episode + 1) % self.plot_every_n_episodes == 0:
             self._guarded(self._redraw_live_plot, trainer, once=True)
 
@@ -173,12 +185,14 @@ class TrainingReport(Callback):
         # and after the strategy's teardown has waited for the background writes, yet before the mirror's teardown
         # flush, so the exports reach the mirror too.
         if trainer.is_global_zero:
+            self._finish_live_plot()
             self._guarded(self.write_report, trainer, pl_module)
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         # Only after episodes ran in this fit: a fit that failed in setup (e.g. an unreachable mirror) writes nothing.
         if trainer.is_global_zero and self._session is not None and self.episodes["episode"]:
+            self._finish_live_plot(EXCEPTION_WAIT_S)
             self._guarded(self.write_report, trainer, pl_module, EXCEPTION_WAIT_S)
 
     @override
@@ -270,10 +284,42 @@ class TrainingReport(Callback):
         return os.path.join(self.run_dir or trainer.default_root_dir, EXPORTS)
 
     def _redraw_live_plot(self, trainer: pl.Trainer) -> None:
+        """Hand a copy of the records to the background thread, unless it is still drawing the previous plot."""
+        if self._renderer is None:
+            self._renderer = _BackgroundRenderer()
+        if self._renderer.busy():
+            self._renderer.dropped += 1
+            return
         total = getattr(trainer.datamodule, "total_episodes", None) if trainer.datamodule is not None else None
-        png = _png(loss_figure(self.episodes, self.validations, total=total, phase=self.phase))
-        _write_bytes(os.path.join(self.exports_dir(trainer), "live_loss.png"), png)
-        self._show(png)
+        episodes = {key: list(column) for key, column in self.episodes.items()}  # the thread draws this copy
+        validations = {key: list(column) for key, column in self.validations.items()}
+        path, phase = os.path.join(self.exports_dir(trainer), "live_loss.png"), self.phase
+
+        def draw() -> bytes:
+            png = _png(loss_figure(episodes, validations, total=total, phase=phase))
+            _write_bytes(path, png)
+            return png
+
+        self._renderer.submit(draw)
+
+    def _show_rendered(self) -> None:
+        """On the training thread: show the live plot the background finished (if any), and report its failure."""
+        if self._renderer is None:
+            return
+        png, error = self._renderer.take()
+        if error is not None:
+            if not self._warned_plot:
+                log.warning("TrainingReport: the live plot failed: %s", error)
+            self._warned_plot = True
+        if png is not None:
+            self._guarded(self._show, png, once=True)
+
+    def _finish_live_plot(self, wait_s: float = LIVE_PLOT_WAIT_S) -> None:
+        """Wait (bounded) for a live plot still drawing, then show it: the end of fit leaves the file complete."""
+        if self._renderer is not None:
+            if not self._renderer.wait(wait_s):
+                log.warning("TrainingReport: the live plot is still drawing after %.0f s", wait_s)
+            self._show_rendered()
 
     def write_report(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, wait_s: float = CHECKPOINT_WAIT_S
@@ -614,9 +660,53 @@ def _json_safe(value: Any) -> Any:
 
 
 def _png(figure: Figure) -> bytes:
+    # An Agg canvas of its own, without pyplot (no window, no global state): safe in a background thread.
+    FigureCanvasAgg(figure)
     buffer = BytesIO()
-    figure.savefig(buffer, format="png", dpi=100)  # Agg, without pyplot: no window, no global state
+    figure.savefig(buffer, format="png", dpi=100)
     return buffer.getvalue()
+
+
+class _BackgroundRenderer:
+    """Runs one drawing job at a time in a daemon thread; the caller collects the PNG (or the error) later."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._png: bytes | None = None
+        self._error: BaseException | None = None
+        self.dropped = 0  # redraws asked for while one was drawing
+        self.drawn = 0
+
+    def busy(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def submit(self, job: Callable[[], bytes]) -> None:
+        self._thread = threading.Thread(target=self._run, args=(job,), name="TrainingReport-live-plot", daemon=True)
+        self._thread.start()
+
+    def _run(self, job: Callable[[], bytes]) -> None:
+        try:
+            png = job()
+        except Exception as err:  # reported on the training thread by take()
+            with self._lock:
+                self._error = err
+            return
+        with self._lock:
+            self._png, self.drawn = png, self.drawn + 1
+
+    def take(self) -> tuple[bytes | None, BaseException | None]:
+        """The newest finished PNG not yet taken, and the error of a failed job; each once."""
+        with self._lock:
+            png, error, self._png, self._error = self._png, self._error, None, None
+        return png, error
+
+    def wait(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for the running job; True when none is running any more."""
+        thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
+        return not self.busy()
 
 
 def _write_bytes(path: str, data: bytes) -> None:

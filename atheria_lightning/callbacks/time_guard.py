@@ -55,8 +55,12 @@ class TimeLimitGuard(Callback):
         max_hours: The session budget in hours (Colab Free about 12, Kaggle 9-12).
         emergency_fraction: Share of the budget that training may use, in (0, 1); the rest is the safety margin.
         clock: Seconds as a float, monotonic; injectable so tests need not wait.
+        log_every_n_episodes: Send ``time/*`` to the loggers after every this many episodes. The stop
+            decision is still taken after every episode; only the logging is thinned.
 
-    Logged keys (every episode):
+    Logged keys (every ``log_every_n_episodes`` episodes, straight to ``trainer.loggers`` at the trainer's step,
+    as Lightning's ``LearningRateMonitor`` does: ``pl_module.log`` costs about 1.5 ms per key and episode on a CPU,
+    the direct call nothing between logging episodes):
 
     ========================  =====================================================
     ``time/elapsed_hours``    hours since this process started
@@ -64,7 +68,7 @@ class TimeLimitGuard(Callback):
     ========================  =====================================================
 
     Raises:
-        ConfigError: ``max_hours <= 0`` or ``emergency_fraction`` outside (0, 1).
+        ConfigError: ``max_hours <= 0``, ``emergency_fraction`` outside (0, 1) or ``log_every_n_episodes < 1``.
 
     Example::
 
@@ -72,15 +76,24 @@ class TimeLimitGuard(Callback):
     """
 
     def __init__(
-        self, max_hours: float, emergency_fraction: float = 0.9, clock: Callable[[], float] | None = None
+        self,
+        max_hours: float,
+        emergency_fraction: float = 0.9,
+        clock: Callable[[], float] | None = None,
+        log_every_n_episodes: int = 10,
     ) -> None:
         require(max_hours > 0, f"TimeLimitGuard.max_hours={max_hours} must be > 0")
+        require(
+            isinstance(log_every_n_episodes, int) and log_every_n_episodes >= 1,
+            f"TimeLimitGuard.log_every_n_episodes={log_every_n_episodes!r} must be a positive integer",
+        )
         require(
             0.0 < emergency_fraction < 1.0, f"TimeLimitGuard.emergency_fraction={emergency_fraction} must be in (0, 1)"
         )
         self.max_hours = max_hours
         self.emergency_fraction = emergency_fraction
         self.clock = clock or time.monotonic
+        self.log_every_n_episodes = log_every_n_episodes
         # With the real clock the process's own start-up counts; an injected clock starts now.
         self._start = self.clock() - (_process_age_seconds() if clock is None else 0.0)
         self.episode_seconds: float | None = None
@@ -130,11 +143,19 @@ class TimeLimitGuard(Callback):
         # The time between two batch ends includes validation and checkpoint saves, which the next episode pays too.
         self._record_episode(now - (self._last_batch_end if self._last_batch_end is not None else now))
         self._last_batch_end = now
-        pl_module.log("time/elapsed_hours", self.elapsed_hours(), on_step=True, on_epoch=False)
-        pl_module.log("time/remaining_hours", self.remaining_hours(), on_step=True, on_epoch=False)
+        self._log_time(trainer)
         decision = self._should_stop(trainer) if trainer.is_global_zero else False
         if trainer.strategy.broadcast(decision, src=0):
             self._emergency_stop(trainer)
+
+    def _log_time(self, trainer: pl.Trainer) -> None:
+        """``time/*`` to every logger, at the step Lightning gives this episode's ``train/*`` values."""
+        if not trainer.loggers or not trainer.is_global_zero or episodes_done(trainer) % self.log_every_n_episodes:
+            return
+        metrics = {"time/elapsed_hours": self.elapsed_hours(), "time/remaining_hours": self.remaining_hours()}
+        step = trainer.fit_loop.epoch_loop._batches_that_stepped
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=step)
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
