@@ -18,14 +18,15 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $(STAMP)
 
+# One intra-op thread: the demo's tiny tensors gain nothing from more, and lose a lot when cores are shared.
 demo: install
-	$(VENV)/bin/atheria fit --config configs/demo.yaml
+	OMP_NUM_THREADS=1 $(VENV)/bin/atheria fit --config configs/demo.yaml
 
 test: install
 	$(PY) -m pytest -q
 
 lint: install
-	$(VENV)/bin/ruff check atheria_lightning tests benchmarks scripts
+	$(VENV)/bin/ruff check atheria_lightning tests benchmarks scripts notebooks
 
 clean:
 	rm -rf runs runs_mirror .pytest_cache

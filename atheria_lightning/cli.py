@@ -216,7 +216,9 @@ class AtheriaCLI(LightningCLI):
         total = datamodule.total_episodes
         if point is not None:
             # Read from the checkpoint itself (weights_only): a manifest on a shared mirror may lie about it.
-            episode = _checkpoint_episode(point.path)
+            header = _peek_checkpoint(point.path)
+            _check_same_operator(header, model)
+            episode = int(header.get(META_KEY, {}).get("episode", 0))
             if episode >= total:
                 print(f"run finished: episode {episode} of {total} (100%), nothing to do; "
                       "raise data.total_episodes to train further", flush=True)  # fmt: skip
@@ -247,8 +249,19 @@ def _peek_checkpoint(path: str) -> dict[str, Any]:
         ) from None
 
 
-def _checkpoint_episode(path: str) -> int:
-    return int(_peek_checkpoint(path).get(META_KEY, {}).get("episode", 0))
+#: Settings that shape the operator's weights: a run cannot resume under different ones.
+OPERATOR_SHAPE = ("architecture", "d_state", "hidden_channels")
+
+
+def _check_same_operator(header: dict[str, Any], model: QCAModule) -> None:
+    saved = header.get("hyper_parameters", {})
+    for name in OPERATOR_SHAPE:
+        if name in saved and saved[name] != model.hparams[name]:
+            raise ConfigError(
+                f"model.{name}={model.hparams[name]!r} differs from the checkpoint's {saved[name]!r}: this run's "
+                "weights have another shape; keep the setting, or start a new experiment_name "
+                "(atheria curriculum's load_from_phase carries matching weights over)"
+            )
 
 
 def main(args: list[str] | None = None) -> int:

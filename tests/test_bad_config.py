@@ -84,3 +84,12 @@ def test_colab_without_drive_mounted_refuses_the_default_mirror(
     err = capsys.readouterr().err.strip()
     assert err.startswith("atheria: error: mirror_url=auto needs Google Drive mounted at /content/drive/MyDrive"), err
     assert not (tmp_path / "runs").exists()
+
+
+def test_resuming_with_another_operator_shape_fails_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(demo_args(tmp_path, "--trainer.max_steps", "2", episodes=6, val_every=3)) == 0
+    capsys.readouterr()
+    assert main(demo_args(tmp_path, "--model.hidden_channels", "8", episodes=6, val_every=3)) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("atheria: error: model.hidden_channels=8 differs from the checkpoint's 4"), err
+    assert "\n" not in err
