@@ -113,12 +113,24 @@ class AtomicCheckpointIO(CheckpointIO):
         started = time.monotonic()
         try:
             fs_path = os.path.abspath(path)
-            atomic_write(_local_fs(), fs_path, lambda handle: torch.save(checkpoint, handle))
-            entry = entry_for(_local_fs(), fs_path, int(meta.get("episode", -1)), meta.get("metric"), _kind_of(path))
+            folder, name = os.path.split(fs_path)
+            measured: dict[str, Any] = {}
+
+            def journal(tmp: str) -> None:
+                # Before last.ckpt is replaced in place: a kill after the rename still finds its new entry.
+                entry = entry_for(_local_fs(), tmp, int(meta.get("episode", -1)), meta.get("metric"), _kind_of(path))
+                measured["entry"] = entry
+                with self._manifest_lock:
+                    manifest = read_manifest(_local_fs(), folder)
+                    if name in manifest.files:
+                        manifest.pending[name] = entry
+                        write_manifest(_local_fs(), folder, manifest)
+
+            atomic_write(_local_fs(), fs_path, lambda handle: torch.save(checkpoint, handle), before_replace=journal)
             with self._manifest_lock:
-                folder = os.path.dirname(fs_path)
                 manifest = read_manifest(_local_fs(), folder)
-                manifest.files[os.path.basename(fs_path)] = entry
+                manifest.files[name] = measured["entry"]
+                manifest.pending.pop(name, None)
                 write_manifest(_local_fs(), folder, manifest)
         except BaseException as err:  # surfaced on the caller's thread at the next save or teardown
             log.error("checkpoint write to %s failed, earlier checkpoints are kept: %s", path, err)

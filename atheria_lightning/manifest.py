@@ -48,14 +48,23 @@ class ManifestEntry:
 
 @dataclass
 class Manifest:
-    """The files of one checkpoint folder that may be trusted."""
+    """The files of one checkpoint folder that may be trusted.
+
+    ``pending`` journals a replacement of a listed file (``last.ckpt`` is rewritten in place): its new entry is
+    recorded before the rename and moved to ``files`` after it, so a kill between the two leaves a file that
+    verifies against one of the two entries, never an unverifiable one.
+    """
 
     files: dict[str, ManifestEntry] = field(default_factory=dict)
     updated: float = 0.0
+    pending: dict[str, ManifestEntry] = field(default_factory=dict)
 
     def to_json(self) -> str:
-        files = {name: asdict(entry) for name, entry in sorted(self.files.items())}
-        return json.dumps({"version": MANIFEST_VERSION, "updated": self.updated, "files": files}, indent=1)
+        data = {"version": MANIFEST_VERSION, "updated": self.updated,
+                "files": {name: asdict(entry) for name, entry in sorted(self.files.items())}}  # fmt: skip
+        if self.pending:
+            data["pending"] = {name: asdict(entry) for name, entry in sorted(self.pending.items())}
+        return json.dumps(data, indent=1)
 
     @classmethod
     def from_json(cls, text: str) -> Manifest:
@@ -63,7 +72,8 @@ class Manifest:
         if not isinstance(data, dict) or data.get("version") != MANIFEST_VERSION:
             raise ValueError(f"unknown manifest version {data.get('version') if isinstance(data, dict) else data!r}")
         files = {name: ManifestEntry(**entry) for name, entry in data.get("files", {}).items()}
-        return cls(files=files, updated=float(data.get("updated", 0.0)))
+        pending = {name: ManifestEntry(**entry) for name, entry in data.get("pending", {}).items()}
+        return cls(files=files, updated=float(data.get("updated", 0.0)), pending=pending)
 
     def newest_first(self) -> list[tuple[str, ManifestEntry]]:
         """Entries by episode, newest first; at equal episode ``last``/``emergency`` before ``best``."""
@@ -123,15 +133,21 @@ def tmp_path_for(path: str) -> str:
     return os.path.join(folder, f".{name}{TMP_MARKER}{secrets.token_hex(4)}")
 
 
-def atomic_write(fs: AbstractFileSystem, path: str, write: Callable[[IO[bytes]], Any]) -> None:
+def atomic_write(
+    fs: AbstractFileSystem,
+    path: str,
+    write: Callable[[IO[bytes]], Any],
+    before_replace: Callable[[str], Any] | None = None,
+) -> None:
     """Write ``path`` so that readers see either the old file or the complete new one, never a partial file.
 
     Local disks (and mounted Drive folders): a temporary file beside the target, flushed and fsynced, then
     ``os.replace`` and an fsync of the folder. Other filesystems: a temporary name then a move, which object
-    stores carry out as a single PUT followed by a server-side copy.
+    stores carry out as a single PUT followed by a server-side copy. ``before_replace`` (local only) is called with
+    the complete, fsynced temporary file just before the rename.
     """
     if isinstance(fs, LocalFileSystem):
-        _atomic_write_local(path, write)
+        _atomic_write_local(path, write, before_replace)
         return
     tmp = tmp_path_for(path)
     try:
@@ -143,7 +159,9 @@ def atomic_write(fs: AbstractFileSystem, path: str, write: Callable[[IO[bytes]],
             fs.rm(tmp)
 
 
-def _atomic_write_local(path: str, write: Callable[[IO[bytes]], Any]) -> None:
+def _atomic_write_local(
+    path: str, write: Callable[[IO[bytes]], Any], before_replace: Callable[[str], Any] | None = None
+) -> None:
     path = os.path.abspath(path)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = tmp_path_for(path)
@@ -152,6 +170,8 @@ def _atomic_write_local(path: str, write: Callable[[IO[bytes]], Any]) -> None:
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
+        if before_replace is not None:
+            before_replace(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -58,6 +58,7 @@ def find_resume_checkpoint(
 
 def _newest_verified_local(checkpoint_dir: str) -> ResumePoint | None:
     fs = LocalFileSystem()
+    _settle_pending(checkpoint_dir)
     manifest = read_manifest(fs, checkpoint_dir)
     for name, entry in manifest.newest_first():
         path = os.path.join(checkpoint_dir, name)
@@ -66,6 +67,19 @@ def _newest_verified_local(checkpoint_dir: str) -> ResumePoint | None:
         log.warning("checkpoint %s does not match its manifest (truncated or corrupt): moved aside", path)
         _quarantine(checkpoint_dir, name)
     return None
+
+
+def _settle_pending(checkpoint_dir: str) -> None:
+    """Finish a replacement that a kill interrupted: a file matching its journalled entry takes that entry."""
+    fs = LocalFileSystem()
+    manifest = read_manifest(fs, checkpoint_dir)
+    if not manifest.pending:
+        return
+    for name, entry in manifest.pending.items():
+        if verify(fs, os.path.join(checkpoint_dir, name), entry):
+            manifest.files[name] = entry
+    manifest.pending.clear()
+    write_manifest(fs, checkpoint_dir, manifest)
 
 
 def _quarantine(checkpoint_dir: str, name: str) -> None:
@@ -90,7 +104,9 @@ def _newest_from_mirror(
     except Exception as err:  # an unreachable mirror must not prevent resuming from the local copy
         log.warning("could not read the mirror's manifest at %s: %s", remote_dir, err)
         return None
-    for name, entry in manifest.newest_first():
+    # A replacement journalled as pending (the mirror was killed mid-upload) may be the newest complete file.
+    candidates = manifest.newest_first() + sorted(manifest.pending.items(), key=lambda item: -item[1].episode)
+    for name, entry in sorted(candidates, key=lambda item: -item[1].episode):
         if entry.episode <= newer_than:
             return None
         if _fetch(fs, remote_dir, checkpoint_dir, name, entry):

@@ -200,3 +200,67 @@ def test_out_of_memory_twice_saves_the_last_finished_episode_and_suggests_smalle
     capsys.readouterr()
     assert main(demo_args(tmp_path, episodes=8, val_every=4, mirror=False)) == 0
     assert "resuming from episode 3 of 8" in capsys.readouterr().out
+
+
+def test_a_kill_between_replacing_last_ckpt_and_listing_it_still_resumes_from_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from atheria_lightning.checkpoint_io import META_KEY, AtomicCheckpointIO
+    from atheria_lightning.resume import find_resume_checkpoint
+
+    io = AtomicCheckpointIO(async_write=False)
+    target = tmp_path / "last.ckpt"
+    io.save_checkpoint({"w": torch.zeros(3), META_KEY: {"episode": 10}}, target)
+
+    real_write = checkpoint_io.write_manifest
+    calls = {"n": 0}
+
+    def killed_after_rename(fs, folder, manifest):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the write that would list the renamed file: the process dies here
+            raise KeyboardInterrupt("SIGKILL stand-in")
+        real_write(fs, folder, manifest)
+
+    monkeypatch.setattr(checkpoint_io, "write_manifest", killed_after_rename)
+    with pytest.raises(KeyboardInterrupt):
+        io.save_checkpoint({"w": torch.ones(3), META_KEY: {"episode": 20}}, target)
+    monkeypatch.setattr(checkpoint_io, "write_manifest", real_write)
+
+    point = find_resume_checkpoint(str(tmp_path))
+    assert point is not None and point.path == str(target) and point.episode == 20
+    assert torch.equal(torch.load(target, weights_only=True)["w"], torch.ones(3))
+    assert not read_manifest(LOCAL, str(tmp_path)).pending, "the interrupted replacement is settled"
+
+
+def test_a_mirror_killed_between_moving_last_ckpt_and_listing_it_still_serves_a_verified_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from atheria_lightning.callbacks import mirror as mirror_module
+    from atheria_lightning.checkpoint_io import META_KEY, AtomicCheckpointIO
+    from atheria_lightning.resume import find_resume_checkpoint
+
+    run = tmp_path / "run"
+    io = AtomicCheckpointIO(async_write=False)
+    io.save_checkpoint({"w": torch.zeros(3), META_KEY: {"episode": 10}}, run / "checkpoints" / "last.ckpt")
+    mirror = mirror_module.MirrorSync(str(tmp_path / "mirror"), run_dir=str(run), max_retries=0)
+    mirror.connect()
+    assert mirror.sync_once()
+    io.save_checkpoint({"w": torch.ones(3), META_KEY: {"episode": 20}}, run / "checkpoints" / "last.ckpt")
+
+    real_write = mirror_module.write_manifest
+    calls = {"n": 0}
+
+    def killed_before_listing(fs, folder, manifest):
+        calls["n"] += 1
+        if calls["n"] == 2:  # after the journal and the move: the mirror dies before its final manifest
+            raise OSError(errno.EIO, "connection lost")
+        real_write(fs, folder, manifest)
+
+    monkeypatch.setattr(mirror_module, "write_manifest", killed_before_listing)
+    assert not mirror.sync_once()
+    monkeypatch.setattr(mirror_module, "write_manifest", real_write)
+
+    remote = (LOCAL, str(tmp_path / "mirror" / "run" / "checkpoints"))
+    point = find_resume_checkpoint(str(tmp_path / "fresh" / "checkpoints"), remote)
+    assert point is not None and point.source == "mirror" and point.episode == 20
+    assert torch.equal(torch.load(point.path, weights_only=True)["w"], torch.ones(3))

@@ -456,6 +456,7 @@ class MirrorSync(Callback):
         remote = read_manifest(self._fs, remote_dir)
         remote_sizes = self._remote_sizes(remote_dir)
         known = {**remote.files, **self._uploaded}
+        self._journal_replacements(remote_dir, remote, snapshot, known)
         kept = Manifest()
         for name, entry in snapshot.files.items():
             previous = known.get(name)
@@ -472,6 +473,16 @@ class MirrorSync(Callback):
         for name in remote_sizes.keys() - kept.files.keys() - {MANIFEST_NAME}:
             self._fs.rm(join(remote_dir, name))
             self._uploaded.pop(name, None)
+
+    def _journal_replacements(
+        self, remote_dir: str, remote: Manifest, snapshot: Manifest, known: dict[str, ManifestEntry | None]
+    ) -> None:
+        """Before a listed remote file (last.ckpt) is overwritten, record its new entry as pending, so a mirror
+        killed between the move and the manifest still holds a file that verifies against one of the two."""
+        replacing = {name: entry for name, entry in snapshot.files.items()
+                     if name in remote.files and not _same(known.get(name), entry)}  # fmt: skip
+        if replacing and replacing != remote.pending:  # a retry finds its journal already written
+            write_manifest(self._fs, remote_dir, Manifest(files=dict(remote.files), pending=replacing))
 
     def _upload_checkpoint(self, name: str, entry: ManifestEntry) -> bool:
         """Upload and verify one listed checkpoint; ``False`` when the local file no longer matches its entry."""
