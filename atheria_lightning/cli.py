@@ -7,6 +7,7 @@ import logging
 import os
 import pickle
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -276,8 +277,17 @@ def main(args: list[str] | None = None) -> int:
         from atheria_lightning.export import main as export_main
 
         return export_main(argv[1:])
+    return run_reporting_errors(lambda: AtheriaCLI(args=args) and 0)
+
+
+def run_reporting_errors(run: Callable[[], int]) -> int:
+    """Run ``run`` and turn the errors a user can act on into one line on stderr and an exit code.
+
+    Exit codes: 0 done or stopped cleanly, 1 out of disk space, 2 bad settings or a refused checkpoint,
+    3 training cannot go on (non-finite losses, out of GPU memory). Anything else is a bug and keeps its traceback.
+    """
     try:
-        AtheriaCLI(args=args)
+        return run()
     except (NonFiniteTrainingError, EpisodeOutOfMemoryError) as err:
         print(f"atheria: error: {err}", file=sys.stderr)
         return 3
@@ -298,15 +308,14 @@ def main(args: list[str] | None = None) -> int:
         return 1
     except Exception as err:
         # jsonargparse wraps an error raised while building a callback in its own ValueError: find ours.
-        config_error = _find_config_error(err)
+        config_error = find_config_error(err)
         if config_error is None:
             raise
         print(f"atheria: error: {config_error}", file=sys.stderr)
         return 2
-    return 0
 
 
-def _find_config_error(err: BaseException | None) -> ConfigError | None:
+def find_config_error(err: BaseException | None) -> ConfigError | None:
     seen = set()
     while err is not None and id(err) not in seen:
         if isinstance(err, ConfigError):

@@ -24,10 +24,9 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
 from atheria_lightning.callbacks import TimeLimitGuard, time_guard
-from atheria_lightning.cli import AtheriaCLI, _find_config_error
+from atheria_lightning.cli import AtheriaCLI, find_config_error, run_reporting_errors
 from atheria_lightning.errors import ConfigError, require
 from atheria_lightning.manifest import atomic_write, read_manifest, verify
-from atheria_lightning.module import NonFiniteTrainingError
 from atheria_lightning.platform import default_mirror_url, default_run_root
 from atheria_lightning.resume import ResumePoint
 
@@ -357,17 +356,9 @@ def main(argv: list[str] | None = None, trainer_defaults: dict[str, Any] | None 
     notebook can add its own callbacks.
     """
     logging.getLogger("lightning.fabric.utilities.seed").setLevel(logging.WARNING)  # "Seed set to 42" is noise
-    try:
-        return run_curriculum(sys.argv[1:] if argv is None else list(argv), trainer_defaults or {})
-    except NonFiniteTrainingError as err:
-        print(f"atheria: error: {err}", file=sys.stderr)
-        return 3
-    except Exception as err:
-        config_error = _find_config_error(err)
-        if config_error is None:
-            raise
-        print(f"atheria: error: {config_error}", file=sys.stderr)
-        return 2
+    return run_reporting_errors(
+        lambda: run_curriculum(sys.argv[1:] if argv is None else list(argv), trainer_defaults or {})
+    )
 
 
 def run_curriculum(argv: list[str], trainer_defaults: dict[str, Any]) -> int:
@@ -398,7 +389,7 @@ def _check_phase(
                 trainer_defaults=copy.copy(trainer_defaults),
             )
     except (argparse.ArgumentError, MisconfigurationException, ValueError) as err:
-        problem = _find_config_error(err) or err
+        problem = find_config_error(err) or err
         raise ConfigError(f"phase {phase.name!r}: {' '.join(str(problem).split())}") from err
     guard = next((cb for cb in cli.trainer.callbacks if isinstance(cb, TimeLimitGuard)), None)
     return PhasePlan(total_episodes=cli.datamodule.total_episodes, guard=guard)
