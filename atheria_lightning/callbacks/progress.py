@@ -6,6 +6,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 from typing_extensions import override
 
 
@@ -28,9 +29,7 @@ class EpisodeProgressBar(TQDMProgressBar):
     @override
     def init_validation_tqdm(self) -> Any:
         # Validation takes a moment every few episodes; its own bar would bury the episode bar in a notebook.
-        bar = super().init_validation_tqdm()
-        bar.disable = True
-        return bar
+        return Tqdm(disable=True)
 
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, *args: Any) -> None:
