@@ -53,6 +53,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml  # PyYAML comes with Lightning, also on the GPU machine
 from lightning.pytorch import Callback, Trainer, seed_everything
 
 from atheria_lightning.data import VALIDATION_SEED_OFFSET, EpisodeDataModule
@@ -67,16 +68,7 @@ DEFAULT_ANCHOR = REPO.parent / "shared" / "bench" / "anchor_original.py"
 STANDARD = {"architecture": "UNET", "d_state": 8, "hidden_channels": 64, "grid_size": 64, "qca_steps": 100,
             "universes_per_episode": 1, "lr": 1e-4, "noise_ramp_episodes": 2000}  # fmt: skip
 CONFIGS: dict[str, dict[str, Any]] = {
-    "demo": {
-        "architecture": "UNET",
-        "d_state": 4,
-        "hidden_channels": 8,
-        "grid_size": 16,
-        "qca_steps": 20,
-        "universes_per_episode": 2,
-        "lr": 0.003,
-        "noise_ramp_episodes": 100,
-    },  # fmt: skip
+    "demo": yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())["model"],
     "standard": STANDARD,
     "grid128": {**STANDARD, "grid_size": 128},
 }

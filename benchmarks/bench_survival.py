@@ -25,11 +25,13 @@ import tempfile
 import threading
 import time
 import warnings
+from pathlib import Path
 from typing import Any
 
 import fsspec
 import lightning
 import torch
+import yaml
 from fsspec import AbstractFileSystem
 from fsspec.implementations.local import LocalFileSystem
 from fsspec.utils import stringify_path
@@ -55,16 +57,7 @@ COLAB_FREE_MODEL = {
     "lr": 1e-4,
 }
 #: configs/demo.yaml's model: small enough that an episode takes a fraction of a second on a laptop CPU.
-DEMO_MODEL = {
-    "architecture": "UNET",
-    "d_state": 4,
-    "hidden_channels": 8,
-    "grid_size": 16,
-    "qca_steps": 20,
-    "universes_per_episode": 2,
-    "lr": 0.003,
-    "noise_ramp_episodes": 100,
-}
+DEMO_MODEL = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "demo.yaml").read_text())["model"]
 #: The smallest model the module accepts: the time-guard figure is about the fake clock, not the model.
 TINY_MODEL = {"architecture": "MLP", "d_state": 2, "hidden_channels": 8, "grid_size": 8, "qca_steps": 2}
 
