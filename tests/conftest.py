@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -74,3 +76,21 @@ def env_without_warnings() -> dict[str, str]:
     env["PYTHONWARNINGS"] = "ignore"
     env["OMP_NUM_THREADS"] = "1"
     return env
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float) -> bool:
+    """Poll ``predicate`` every 50 ms until it holds (True) or ``timeout`` seconds pass (False)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def wait_for_first_checkpoint(run: Path, timeout: float = 180) -> Path:
+    """Wait until ``<run>/checkpoints/MANIFEST.json`` lists ``last.ckpt``; returns the manifest's path."""
+    manifest = run / "checkpoints" / "MANIFEST.json"
+    if not wait_for(lambda: manifest.exists() and "last.ckpt" in manifest.read_text(), timeout):
+        raise AssertionError(f"no checkpoint appeared in {manifest.parent} within {timeout} s")
+    return manifest

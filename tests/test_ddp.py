@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, callbacks_config, demo_args, env_without_warnings, run_dir
+from conftest import REPO, callbacks_config, demo_args, env_without_warnings, run_dir, wait_for_first_checkpoint
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="DDP on CPU is exercised on Linux")
 
@@ -43,7 +43,6 @@ def test_guard_stops_both_ranks_together_and_a_two_rank_run_resumes(tmp_path: Pa
 
 def test_sigterm_to_one_rank_stops_every_rank_with_a_checkpoint(tmp_path: Path) -> None:
     import signal
-    import time
 
     import psutil
 
@@ -53,10 +52,7 @@ def test_sigterm_to_one_rank_stops_every_rank_with_a_checkpoint(tmp_path: Path) 
     process = subprocess.Popen([sys.executable, "-u", "-m", "atheria_lightning.cli", *args], stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True, cwd=REPO, env=env_without_warnings())  # fmt: skip
     try:
-        manifest = run_dir(tmp_path) / "checkpoints" / "MANIFEST.json"
-        deadline = time.monotonic() + 180
-        while not (manifest.exists() and "last.ckpt" in manifest.read_text()) and time.monotonic() < deadline:
-            time.sleep(0.1)
+        manifest = wait_for_first_checkpoint(run_dir(tmp_path))
         ranks = [
             p
             for p in psutil.Process(process.pid).children(recursive=True)

@@ -7,11 +7,10 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, demo_args, env_without_warnings, run_dir
+from conftest import REPO, demo_args, env_without_warnings, run_dir, wait_for_first_checkpoint
 
 from atheria_lightning.cli import main
 
@@ -22,21 +21,11 @@ def _start_long_run(tmp_path: Path) -> subprocess.Popen:
                             env=env_without_warnings())  # fmt: skip
 
 
-def _wait_for_first_checkpoint(tmp_path: Path, timeout: float = 120) -> None:
-    manifest = run_dir(tmp_path) / "checkpoints" / "MANIFEST.json"
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if manifest.exists() and "last.ckpt" in manifest.read_text():
-            return
-        time.sleep(0.05)
-    raise AssertionError("no checkpoint appeared")
-
-
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_a_stop_signal_saves_flushes_the_mirror_and_exits_zero(signum: int, tmp_path: Path) -> None:
     process = _start_long_run(tmp_path)
     try:
-        _wait_for_first_checkpoint(tmp_path)
+        wait_for_first_checkpoint(run_dir(tmp_path))
         process.send_signal(signum)
         out, _ = process.communicate(timeout=120)
     finally:
@@ -57,7 +46,7 @@ def test_a_second_trainer_on_the_same_run_folder_is_refused_and_writes_nothing(
 ) -> None:
     process = _start_long_run(tmp_path)
     try:
-        _wait_for_first_checkpoint(tmp_path)
+        wait_for_first_checkpoint(run_dir(tmp_path))
         process.send_signal(signal.SIGSTOP)  # freeze the first run so the folder stays still while we look
         before = {p: p.stat().st_mtime_ns for p in run_dir(tmp_path).rglob("*")}
         mirror_before = sorted((tmp_path / "mirror").rglob("*"))

@@ -15,7 +15,15 @@ from pathlib import Path
 
 import fsspec
 import pytest
-from conftest import REPO, callbacks_config, demo_args, env_without_warnings, run_dir
+from conftest import (
+    REPO,
+    callbacks_config,
+    demo_args,
+    env_without_warnings,
+    run_dir,
+    wait_for,
+    wait_for_first_checkpoint,
+)
 from fsspec.implementations.memory import MemoryFileSystem
 from lightning.pytorch.callbacks import Callback
 from test_cli import scalars
@@ -177,15 +185,6 @@ def test_mirror_failing_every_second_call_still_ends_complete(tmp_path: Path) ->
         assert verify(fs, f"{remote}/{name}", entry)
 
 
-def _wait_for(predicate, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
-
-
 def test_sigkill_mid_training_resumes_losing_at_most_every_n_episodes(tmp_path: Path) -> None:
     every = 10  # demo.yaml: SmartCheckpoint(every_n_episodes=10)
     # ResourceMonitor prints "[episode k/400]" after every episode: how far the killed run got.
@@ -195,9 +194,8 @@ def test_sigkill_mid_training_resumes_losing_at_most_every_n_episodes(tmp_path: 
     log_path = tmp_path / "first.log"
     with open(log_path, "w") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env_without_warnings())
-        manifest = run_dir(tmp_path) / "checkpoints" / "MANIFEST.json"
         try:
-            assert _wait_for(lambda: manifest.exists() and "last.ckpt" in manifest.read_text(), 120)
+            wait_for_first_checkpoint(run_dir(tmp_path), 120)
             time.sleep(0.7)
         finally:
             process.send_signal(signal.SIGKILL)
@@ -225,7 +223,7 @@ def test_a_periodic_mirror_sync_carries_the_checkpoint_of_the_same_episode(tmp_p
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
             episode = batch["episode"] + 1
             if episode % 4 == 1 and episode > 1:  # the sync for episode - 1 was requested as this episode started
-                assert _wait_for(lambda: mirror._finished >= mirror._started and not mirror._pending, 30)
+                assert wait_for(lambda: mirror._finished >= mirror._started and not mirror._pending, 30)
                 remote = manifest_of(tmp_path / "mirror" / "run" / "checkpoints")
                 seen[episode - 1] = remote["last.ckpt"]["episode"]
 

@@ -288,8 +288,7 @@ class TrainingReport(Callback):
         if self._renderer is None:
             self._renderer = _BackgroundRenderer()
         if self._renderer.busy():
-            self._renderer.dropped += 1
-            return
+            return  # still drawing the previous plot: this redraw is dropped
         total = getattr(trainer.datamodule, "total_episodes", None) if trainer.datamodule is not None else None
         episodes = {key: list(column) for key, column in self.episodes.items()}  # the thread draws this copy
         validations = {key: list(column) for key, column in self.validations.items()}
@@ -675,7 +674,6 @@ class _BackgroundRenderer:
         self._thread: threading.Thread | None = None
         self._png: bytes | None = None
         self._error: BaseException | None = None
-        self.dropped = 0  # redraws asked for while one was drawing
         self.drawn = 0
 
     def busy(self) -> bool:
