@@ -2,7 +2,7 @@
 # The whole GPU comparison of issue 5 in one call: the original loop and ours, on the same GPU, in the same run.
 #
 # Usage, from the repository root (needs torch and lightning; not jsonargparse):
-#     PYTHONPATH=. bash benchmarks/gpu_suite.sh [OUT_DIR]           # about 8 minutes on one H100
+#     PYTHONPATH=. bash benchmarks/gpu_suite.sh [OUT_DIR]           # about 9 minutes on one H100
 #     EXTRA_ARGS="--device cpu --architecture MLP --grid 8 --steps 3 --hidden 4" BATCHES=2,4 EPISODES=2 \
 #         bash benchmarks/gpu_suite.sh /tmp/smoke
 #                                                                   # a smoke test of the script itself, on a CPU
@@ -12,15 +12,17 @@
 # (BUDGET_S, default 540 s) is nearly spent, the remaining rows write "skipped". The most important rows run first:
 #   original                       the original loop, standard model (UNET d8 h64, grid 64, 100 steps), batch 1
 #   b1-bf16, b1-bf16-cuda-graph    ours, batch 1, bf16: plain, and behind CUDA graphs         -> target 2 (>= 3 ep/s)
-#   batched-bf16-compiled          ours, bf16 + channels_last + torch.compile, BATCHES universes, checkpoint_every 2
-#                                  from CHECKPOINT_FROM universes on                          -> target 1 (>= 40 M/s)
+#   batched-bf16                   ours, bf16 + channels_last, BATCHES universes (eager), checkpoint_every 2 from
+#                                  CHECKPOINT_FROM universes on                               -> target 1 (>= 40 M/s)
 #   grid128-*                      grid 128, batch 1: the original; ours plain, checkpoint_every 1 and 10
 #                                                                                             -> target 3 (<= 3 GiB)
+#   batched-bf16-compiled          the same as batched-bf16 under torch.compile, COMPILED_BATCHES universes
 #   b1-bf16-reduce-overhead        ours, batch 1, inductor + CUDA graphs (the slowest to compile)
-#   b32-bf16[-no-channels-last], b1-bf16-no-channels-last, b1-bare-bf16, *-cudnn-benchmark
-#                                  evidence for the presets' defaults and for the framework's cost
-# Knobs (environment): PYTHON, BUDGET_S, BATCHES, EPISODES (timed episodes of the batch-1 rows), CHECKPOINT_FROM,
-# EXTRA_ARGS (appended to every row).
+#   b1-bare-bf16, b16-bf16-no-channels-last (against batched-bf16's 16), b1-bf16-no-channels-last,
+#   batched-bf16-cudnn-benchmark   evidence for the presets' defaults and for the framework's cost
+# Knobs (environment): PYTHON, BUDGET_S, BATCHES, COMPILED_BATCHES, EPISODES (timed episodes of the batch-1 rows),
+# CHECKPOINT_FROM, ANCHOR (the original loop's file, when ../shared/bench/anchor_original.py is not beside the
+# repository), EXTRA_ARGS (appended to every row).
 set -u
 
 OUT_DIR=${1:-${OUT:-benchmarks/out}}
@@ -29,10 +31,12 @@ OUT="$OUT_DIR/gpu_suite.jsonl"
 LOG="$OUT_DIR/gpu_suite.log"
 PY=${PYTHON:-python}
 BUDGET_S=${BUDGET_S:-540}
-BATCHES=${BATCHES:-16,32,64,128}
+BATCHES=${BATCHES:-16,32,64,128,256}
+COMPILED_BATCHES=${COMPILED_BATCHES:-32,128}
 EPISODES=${EPISODES:-8}
-CHECKPOINT_FROM=${CHECKPOINT_FROM:-64}
+CHECKPOINT_FROM=${CHECKPOINT_FROM:-32}
 read -r -a EXTRA <<<"${EXTRA_ARGS:-}"
+[[ -n "${ANCHOR:-}" ]] && EXTRA+=(--anchor "$ANCHOR")
 START=$(date +%s)
 export PYTHONPATH="${PYTHONPATH:-.}"
 export PYTHONWARNINGS=ignore
@@ -63,21 +67,22 @@ LARGEST=${BATCHES##*,}
 
 row original 120 original --config standard --episodes 10 --warmup 2
 row b1-bf16 120 "${B1[@]}" --warmup 2
-row b1-bf16-cuda-graph 180 "${B1[@]}" --warmup 3 --compile cuda-graph
-row batched-bf16-compiled 300 "${OURS[@]}" --config standard --compile default --universes "$BATCHES" \
-    --checkpoint-every 2 --checkpoint-from-universes "$CHECKPOINT_FROM" --episodes 3 --warmup 2
+row b1-bf16-cuda-graph 150 "${B1[@]}" --warmup 3 --compile cuda-graph
+row batched-bf16 150 "${OURS[@]}" --config standard --universes "$BATCHES" --checkpoint-every 2 \
+    --checkpoint-from-universes "$CHECKPOINT_FROM" --episodes 3 --warmup 1
 row grid128-original 90 original --config grid128 --episodes 5 --warmup 1
 row grid128-bf16 90 "${OURS[@]}" --config grid128 --episodes 5 --warmup 2
 row grid128-bf16-checkpoint-1 90 "${OURS[@]}" --config grid128 --checkpoint-every 1 --episodes 5 --warmup 2
 row grid128-bf16-checkpoint-10 90 "${OURS[@]}" --config grid128 --checkpoint-every 10 --episodes 5 --warmup 2
-row b1-bf16-reduce-overhead 240 "${B1[@]}" --warmup 3 --compile reduce-overhead
-row b32-bf16 90 "${OURS[@]}" --config standard --universes 32 --episodes 3 --warmup 2
-row b32-bf16-no-channels-last 90 "${OURS[@]}" --config standard --universes 32 --episodes 3 --warmup 2 \
-    --no-channels-last
-row b1-bf16-no-channels-last 90 "${B1[@]}" --warmup 2 --no-channels-last
+row batched-bf16-compiled 240 "${OURS[@]}" --config standard --compile default --universes "$COMPILED_BATCHES" \
+    --checkpoint-every 2 --checkpoint-from-universes 64 --episodes 3 --warmup 2
+row b1-bf16-reduce-overhead 200 "${B1[@]}" --warmup 3 --compile reduce-overhead
 row b1-bare-bf16 90 ours --variant bare --precision bf16-mixed "${ORIGINAL[@]}" --config standard \
     --episodes "$EPISODES" --warmup 2
-row batched-bf16-compiled-cudnn-benchmark 240 "${OURS[@]}" --config standard --compile default \
-    --universes "$LARGEST" --checkpoint-every 2 --episodes 3 --warmup 2 --cudnn-benchmark
+row b16-bf16-no-channels-last 90 "${OURS[@]}" --config standard --universes 16 --episodes 3 --warmup 1 \
+    --no-channels-last
+row b1-bf16-no-channels-last 90 "${B1[@]}" --warmup 2 --no-channels-last
+row batched-bf16-cudnn-benchmark 150 "${OURS[@]}" --config standard --universes "$LARGEST" --checkpoint-every 2 \
+    --episodes 3 --warmup 1 --cudnn-benchmark
 
 echo "suite done in $(($(date +%s) - START))s: $OUT" >&2

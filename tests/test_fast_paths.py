@@ -161,6 +161,30 @@ def test_compiled_operator_trains_like_the_plain_one_checkpointed_or_not() -> No
     torch._dynamo.reset()
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device (run on a GPU machine)")
+@pytest.mark.parametrize(("mode", "settings"), [
+    ("cuda-graph", {}), ("reduce-overhead", {}), ("default", {}), ("default", {"checkpoint_every": 2}),
+    ("off", {"checkpoint_every": 2}),
+])  # fmt: skip
+def test_fast_paths_train_like_the_plain_one_on_cuda(
+    mode: str, settings: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # TF32 convolutions (cuDNN's default) round differently per algorithm; the comparison is of fp32 arithmetic.
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    torch._dynamo.reset()
+    plain = train(tiny_model("UNET").cuda())
+    model = tiny_model("UNET", compile=mode, **settings).cuda()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fast = train(model)
+    # A fallback to the plain operator would pass for the wrong reason.
+    assert not [str(w.message) for w in caught if "model.compile" in str(w.message)]
+    assert mode == "off" or model.rollout_operator().active
+    assert_same_training(plain, fast)
+    torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("mode", ["reduce-overhead", "cuda-graph"])
 def test_cuda_graph_modes_fall_back_on_the_cpu_with_one_warning(mode: str) -> None:
     model = tiny_model(compile=mode)
