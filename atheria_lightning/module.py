@@ -80,9 +80,8 @@ class QCAModule(pl.LightningModule):
             smaller than one step's U-Net activations, so 1 or 2 uses the least (grid 128 on the CPU: +1.76 GiB
             for 10 plain steps, +0.34 GiB with 1).
         compile: ``off``; ``default`` (``torch.compile`` of the operator); ``reduce-overhead`` (the same, replayed as
-            CUDA graphs); ``cuda-graph`` (CUDA graphs of the eager kernels, quick to build). The CUDA-graph modes
-            need a GPU and a non-recurrent operator without ``checkpoint_every``; elsewhere, or if compiling fails,
-            the plain operator runs after one warning. The maths is that of ``off``.
+            CUDA graphs), which needs a GPU and a non-recurrent operator without ``checkpoint_every``; elsewhere, or
+            if compiling fails, the plain operator runs after one warning. The maths is that of ``off``.
         channels_last: On a GPU, store the operator's weights channels-last so cuDNN runs its NHWC kernels (the
             state already reaches the operator in that layout). Ignored on the CPU.
 

@@ -16,11 +16,13 @@ from torch.utils.checkpoint import checkpoint
 from atheria_lightning.physics.noise import apply_noise
 from atheria_lightning.physics.state import normalize
 
-#: Accepted values of ``model.compile``: the plain operator, ``torch.compile`` with inductor, the same with CUDA
-#: graphs (``reduce-overhead``), or CUDA graphs of the unfused eager kernels (dynamo's ``cudagraphs`` backend).
-COMPILE_MODES = ("off", "default", "reduce-overhead", "cuda-graph")
+#: Accepted values of ``model.compile``: the plain operator, ``torch.compile`` with inductor, or the same replayed as
+#: CUDA graphs (``reduce-overhead``, inductor's CUDA-graph trees). Dynamo's plain ``cudagraphs`` backend is not
+#: offered: on an H100 (torch 2.11) it gave wrong gradients for an operator called many times before one backward,
+#: which is what a rollout does (benchmarks/RESULTS.md).
+COMPILE_MODES = ("off", "default", "reduce-overhead")
 #: The modes that replay captured CUDA graphs: they need a CUDA device.
-CAPTURE_MODES = ("reduce-overhead", "cuda-graph")
+CAPTURE_MODES = ("reduce-overhead",)
 
 
 def episode_generator(seed: int, episode: int, device: torch.device | str = "cpu", rank: int = 0) -> torch.Generator:
@@ -168,7 +170,7 @@ class CompiledOperator:
 
     Args:
         operator: The Law M operator.
-        mode: ``default``, ``reduce-overhead`` or ``cuda-graph`` (see :data:`COMPILE_MODES`).
+        mode: ``default`` or ``reduce-overhead`` (see :data:`COMPILE_MODES`).
     """
 
     def __init__(self, operator: nn.Module, mode: str) -> None:
@@ -178,10 +180,7 @@ class CompiledOperator:
         self.mode = mode
         self.multiplicative = getattr(operator, "multiplicative", False)
         self.recurrent = getattr(operator, "recurrent", False)
-        if mode == "cuda-graph":
-            self.compiled: Callable[..., Any] | None = torch.compile(operator, backend="cudagraphs")
-        else:
-            self.compiled = torch.compile(operator, mode=mode)
+        self.compiled: Callable[..., Any] | None = torch.compile(operator, mode=mode)
         self._probed = False
 
     @property
