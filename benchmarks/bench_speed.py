@@ -284,10 +284,13 @@ def module_settings(args: argparse.Namespace, model: dict[str, Any]) -> dict[str
 
 
 def ours_fields(args: argparse.Namespace, module: QCAModule) -> dict[str, Any]:
+    # Lightning moves the module back to the CPU after fit: read what ran on the benchmark's device.
+    device_type = torch.device(args.device).type
+    operators = [op for device, op in module._rollout_operators.items() if device.type == device_type]
     return {"precision": args.precision, "compile": args.compile,
-            "compile_active": bool(getattr(module.rollout_operator(), "active", False)),
+            "compile_active": any(getattr(op, "active", False) for op in operators),
             "checkpoint_every": module.hparams.checkpoint_every,
-            "channels_last": module.hparams.channels_last and module.device.type == "cuda",
+            "channels_last": module.hparams.channels_last and device_type == "cuda",
             "cudnn_benchmark": torch.backends.cudnn.benchmark}  # fmt: skip
 
 
@@ -328,6 +331,37 @@ def validate_bare(module: QCAModule, episode: int, universes: int) -> float:
     return combined
 
 
+def profile_episode(train_episode: Callable[[], None], device: torch.device, top: int) -> dict[str, Any]:
+    """One more episode under ``torch.profiler``: where its time goes, for the next optimisation.
+
+    Gives the episode's wall time, the number of device kernels (or, on the CPU, of operators) and the ``top``
+    entries by self time on the device (CPU: self CPU time), each with its calls and share of the total.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    on_gpu = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
+    sync(device)
+    start = time.perf_counter()
+    with profile(activities=activities) as prof:
+        train_episode()
+        sync(device)
+    wall = time.perf_counter() - start
+    events = [e for e in prof.key_averages() if (e.self_device_time_total if on_gpu else e.self_cpu_time_total) > 0]
+
+    def self_us(event: Any) -> float:
+        return event.self_device_time_total if on_gpu else event.self_cpu_time_total
+
+    total_us = sum(self_us(e) for e in events)
+    ranked = sorted(events, key=self_us, reverse=True)[:top]
+    return {
+        "wall_s": significant(wall), "clock": "device" if on_gpu else "cpu", "total_self_ms": significant(total_us / 1e3),
+        "calls": sum(e.count for e in events),
+        "top": [{"name": e.key[:120], "calls": e.count, "self_ms": significant(self_us(e) / 1e3),
+                 "share": significant(self_us(e) / max(total_us, 1e-9), 3)} for e in ranked],
+    }  # fmt: skip
+
+
 def run_bare(
     args: argparse.Namespace, device: torch.device, model: dict[str, Any], validation: bool = False
 ) -> dict[str, Any]:
@@ -340,8 +374,8 @@ def run_bare(
     params = [p for p in module.operator.parameters() if p.requires_grad]
     autocast, scaler = precision_context(args.precision, device)
     clock = EpisodeClock(args.warmup, device)
-    clock.mark()
-    for episode in range(FIRST_EPISODE, FIRST_EPISODE + args.warmup + args.episodes):
+
+    def train_episode(episode: int) -> None:
         with autocast:
             parts, _ = module.run_episode(SEED, episode, module.noise_at(episode))
         if scaler is not None:
@@ -356,6 +390,11 @@ def run_bare(
         else:
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+
+    clock.mark()
+    last = FIRST_EPISODE + args.warmup + args.episodes
+    for episode in range(FIRST_EPISODE, last):
+        train_episode(episode)
         clock.mark()  # syncs once per episode, as Lightning's finite-loss check and the original's loss.item() do
         # As Lightning: after the batch-end hooks (where the clock marks), every val_every episodes of this fit.
         if validation and (episode - FIRST_EPISODE + 1) % val_every == 0:
@@ -365,6 +404,8 @@ def run_bare(
             clock.intervals.append(("validation", start, time.perf_counter()))
     row = base_row(args, device, "bare+validation" if validation else "bare", model)
     row.update(ours_fields(args, module), **clock.fields())
+    if args.profile:
+        row["profile"] = profile_episode(lambda: train_episode(last), device, args.profile)
     if validation:
         row.update(val_every_episodes=val_every, val_universes=val_universes,
                    validation_ms_per_episode=clock.ms_per_episode().get("validation", 0.0))  # fmt: skip
@@ -635,6 +676,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--checkpoint-from-universes", type=int, default=0, help="checkpoint only from this batch on")
     parser.add_argument("--no-channels-last", action="store_true", help="model.channels_last=false")
     parser.add_argument("--cudnn-benchmark", action="store_true", help="torch.backends.cudnn.benchmark = True")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="bare: profile one more episode, report its N most expensive kernels")
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     parser.add_argument("--anchor", default=str(DEFAULT_ANCHOR), help="the original loop's re-implementation")
     parser.add_argument("--original-from", default=None, help="JSON lines holding this run's `original` rows")

@@ -9,20 +9,23 @@
 #
 # Writes one JSON line per row to OUT_DIR/gpu_suite.jsonl (each row's stderr to OUT_DIR/gpu_suite.log). A row that
 # fails writes a line with "error", one that runs past its limit "error": "timeout ..."; once the suite's budget
-# (BUDGET_S, default 540 s) is nearly spent, the remaining rows write "skipped". The most important rows run first:
+# (BUDGET_S, default 540 s) is nearly spent, the remaining rows write "skipped". ROWS=label,label runs only those
+# (the original's row too, where ratios are wanted). Rows, in order (what the last measurement left open first):
 #   original                       the original loop, standard model (UNET d8 h64, grid 64, 100 steps), batch 1
-#   b1-bf16, b1-bf16-cuda-graph    ours, batch 1, bf16: plain, and behind CUDA graphs         -> target 2 (>= 3 ep/s)
-#   batched-bf16                   ours, bf16 + channels_last, BATCHES universes (eager), checkpoint_every 2 from
-#                                  CHECKPOINT_FROM universes on                               -> target 1 (>= 40 M/s)
-#   grid128-*                      grid 128, batch 1: the original; ours plain, checkpoint_every 1 and 10
-#                                                                                             -> target 3 (<= 3 GiB)
-#   batched-bf16-compiled          the same as batched-bf16 under torch.compile, COMPILED_BATCHES universes
-#   b1-bf16-reduce-overhead        ours, batch 1, inductor + CUDA graphs (the slowest to compile)
+#   b1-bf16-reduce-overhead        ours, batch 1, bf16, inductor + CUDA-graph trees           -> target 2 (>= 3 ep/s)
+#   profile-b1-bf16, profile-b16-bf16
+#                                  one bare episode (1 and 16 universes) under torch.profiler: the top kernels
+#   batched-bf16-compiled          ours, bf16 + channels_last + torch.compile, COMPILED_BATCHES universes,
+#                                  checkpoint_every 2 from 64 universes                      -> target 1 (>= 40 M/s)
+#   grid128-*                      grid 128, batch 1: the original; ours plain, checkpoint_every 10 (eager and
+#                                  compiled) and 1                                            -> target 3 (<= 3 GiB)
+#   b1-bf16, batched-bf16          ours, batch 1 plain; BATCHES universes eager, checkpoint_every 2 from
+#                                  CHECKPOINT_FROM universes on (targets 2 and 1 without compile)
 #   b1-bare-bf16, b16-bf16-no-channels-last (against batched-bf16's 16), b1-bf16-no-channels-last,
 #   batched-bf16-cudnn-benchmark   evidence for the presets' defaults and for the framework's cost
-# Knobs (environment): PYTHON, BUDGET_S, BATCHES, COMPILED_BATCHES, EPISODES (timed episodes of the batch-1 rows),
-# CHECKPOINT_FROM, ANCHOR (the original loop's file, when ../shared/bench/anchor_original.py is not beside the
-# repository), EXTRA_ARGS (appended to every row).
+# Knobs (environment): PYTHON, BUDGET_S, ROWS, BATCHES, COMPILED_BATCHES, EPISODES (timed episodes of the batch-1
+# rows), CHECKPOINT_FROM, ANCHOR (the original loop's file, when ../shared/bench/anchor_original.py is not beside
+# the repository), EXTRA_ARGS (appended to every row).
 set -u
 
 OUT_DIR=${1:-${OUT:-benchmarks/out}}
@@ -32,7 +35,7 @@ LOG="$OUT_DIR/gpu_suite.log"
 PY=${PYTHON:-python}
 BUDGET_S=${BUDGET_S:-540}
 BATCHES=${BATCHES:-16,32,64,128,256}
-COMPILED_BATCHES=${COMPILED_BATCHES:-32,128}
+COMPILED_BATCHES=${COMPILED_BATCHES:-128,256}
 EPISODES=${EPISODES:-8}
 CHECKPOINT_FROM=${CHECKPOINT_FROM:-32}
 read -r -a EXTRA <<<"${EXTRA_ARGS:-}"
@@ -44,6 +47,7 @@ export PYTHONWARNINGS=ignore
 row() { # row LABEL LIMIT_S ARGS...: one bench_speed.py call under a time limit, its JSON lines into $OUT
     local label=$1 limit=$2
     shift 2
+    [[ -n "${ROWS:-}" && ",$ROWS," != *",$label,"* ]] && return
     local left=$((BUDGET_S - ($(date +%s) - START)))
     if ((left < 30)); then
         echo "{\"label\": \"$label\", \"skipped\": \"suite budget of ${BUDGET_S}s spent\"}" >>"$OUT"
@@ -66,22 +70,26 @@ B1=("${OURS[@]}" --config standard --episodes "$EPISODES")
 LARGEST=${BATCHES##*,}
 
 row original 120 original --config standard --episodes 10 --warmup 2
-row b1-bf16 120 "${B1[@]}" --warmup 2
-row b1-bf16-cuda-graph 150 "${B1[@]}" --warmup 3 --compile cuda-graph
+row b1-bf16-reduce-overhead 200 "${B1[@]}" --warmup 3 --compile reduce-overhead
+row profile-b1-bf16 60 ours --variant bare --precision bf16-mixed --config standard --episodes 1 --warmup 2 --profile 25
+row profile-b16-bf16 60 ours --variant bare --precision bf16-mixed --config standard --universes 16 --episodes 1 \
+    --warmup 1 --profile 25
+row batched-bf16-compiled 200 "${OURS[@]}" --config standard --compile default --universes "$COMPILED_BATCHES" \
+    --checkpoint-every 2 --checkpoint-from-universes 64 --episodes 3 --warmup 2
+row grid128-original 60 original --config grid128 --episodes 5 --warmup 1
+row grid128-bf16 60 "${OURS[@]}" --config grid128 --episodes 5 --warmup 2
+row grid128-bf16-checkpoint-10 60 "${OURS[@]}" --config grid128 --checkpoint-every 10 --episodes 5 --warmup 2
+row grid128-bf16-compiled-checkpoint-10 150 "${OURS[@]}" --config grid128 --compile default --checkpoint-every 10 \
+    --episodes 5 --warmup 2
+row grid128-bf16-checkpoint-1 60 "${OURS[@]}" --config grid128 --checkpoint-every 1 --episodes 5 --warmup 2
+row b1-bf16 60 "${B1[@]}" --warmup 2
 row batched-bf16 150 "${OURS[@]}" --config standard --universes "$BATCHES" --checkpoint-every 2 \
     --checkpoint-from-universes "$CHECKPOINT_FROM" --episodes 3 --warmup 1
-row grid128-original 90 original --config grid128 --episodes 5 --warmup 1
-row grid128-bf16 90 "${OURS[@]}" --config grid128 --episodes 5 --warmup 2
-row grid128-bf16-checkpoint-1 90 "${OURS[@]}" --config grid128 --checkpoint-every 1 --episodes 5 --warmup 2
-row grid128-bf16-checkpoint-10 90 "${OURS[@]}" --config grid128 --checkpoint-every 10 --episodes 5 --warmup 2
-row batched-bf16-compiled 240 "${OURS[@]}" --config standard --compile default --universes "$COMPILED_BATCHES" \
-    --checkpoint-every 2 --checkpoint-from-universes 64 --episodes 3 --warmup 2
-row b1-bf16-reduce-overhead 200 "${B1[@]}" --warmup 3 --compile reduce-overhead
-row b1-bare-bf16 90 ours --variant bare --precision bf16-mixed "${ORIGINAL[@]}" --config standard \
+row b1-bare-bf16 60 ours --variant bare --precision bf16-mixed "${ORIGINAL[@]}" --config standard \
     --episodes "$EPISODES" --warmup 2
-row b16-bf16-no-channels-last 90 "${OURS[@]}" --config standard --universes 16 --episodes 3 --warmup 1 \
+row b16-bf16-no-channels-last 60 "${OURS[@]}" --config standard --universes 16 --episodes 3 --warmup 1 \
     --no-channels-last
-row b1-bf16-no-channels-last 90 "${B1[@]}" --warmup 2 --no-channels-last
+row b1-bf16-no-channels-last 60 "${B1[@]}" --warmup 2 --no-channels-last
 row batched-bf16-cudnn-benchmark 150 "${OURS[@]}" --config standard --universes "$LARGEST" --checkpoint-every 2 \
     --episodes 3 --warmup 1 --cudnn-benchmark
 
