@@ -110,6 +110,16 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def weights_layout(operator: torch.nn.Module) -> str:
+    """The memory layout of the operator's convolution weights: channels_last, contiguous or mixed."""
+    last = torch.channels_last
+    layouts = {
+        "channels_last" if p.is_contiguous(memory_format=last) and not p.is_contiguous() else "contiguous"
+        for p in operator.parameters() if p.dim() == 4 and p.shape[-1] * p.shape[-2] > 1
+    }  # fmt: skip
+    return layouts.pop() if len(layouts) == 1 else "mixed"
+
+
 class EpisodeClock(Callback):
     """Marks the end of every episode (wall clock and the process's CPU time); the timed stretch starts after the
     warm-up. Outside Lightning, call :meth:`mark` once before the first episode and after each one; as a callback it
@@ -127,6 +137,8 @@ class EpisodeClock(Callback):
         self.intervals: list[tuple[str, float, float]] = []
         self._validation_start = 0.0
         self.rss_at_start = rss_gib()
+        #: The convolution weights' layout during the first episode (Lightning moves the module back afterwards).
+        self.layout: str | None = None
 
     def mark(self) -> None:
         sync(self.device)
@@ -142,6 +154,8 @@ class EpisodeClock(Callback):
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         self.mark()
+        if self.layout is None:
+            self.layout = weights_layout(pl_module.operator)
 
     def on_validation_start(self, trainer: Any, pl_module: Any) -> None:
         self._validation_start = time.perf_counter()
@@ -170,6 +184,8 @@ class EpisodeClock(Callback):
         wall = (self.walls[-1] - self.walls[first]) / episodes
         fields = {"episodes": episodes, "s_per_episode": significant(wall),
                   "cpu_s_per_episode": significant((self.cpus[-1] - self.cpus[first]) / episodes)}  # fmt: skip
+        if self.layout is not None:
+            fields["weights_layout"] = self.layout
         validation_ms = self.ms_per_episode().get("validation", 0.0)
         if validation_ms:
             fields["s_per_episode_without_validation"] = significant(wall - validation_ms / 1000)
@@ -355,8 +371,8 @@ def profile_episode(train_episode: Callable[[], None], device: torch.device, top
     total_us = sum(self_us(e) for e in events)
     ranked = sorted(events, key=self_us, reverse=True)[:top]
     return {
-        "wall_s": significant(wall), "clock": "device" if on_gpu else "cpu", "total_self_ms": significant(total_us / 1e3),
-        "calls": sum(e.count for e in events),
+        "wall_s": significant(wall), "clock": "device" if on_gpu else "cpu",
+        "total_self_ms": significant(total_us / 1e3), "calls": sum(e.count for e in events),
         "top": [{"name": e.key[:120], "calls": e.count, "self_ms": significant(self_us(e) / 1e3),
                  "share": significant(self_us(e) / max(total_us, 1e-9), 3)} for e in ranked],
     }  # fmt: skip
@@ -403,7 +419,7 @@ def run_bare(
             sync(device)
             clock.intervals.append(("validation", start, time.perf_counter()))
     row = base_row(args, device, "bare+validation" if validation else "bare", model)
-    row.update(ours_fields(args, module), **clock.fields())
+    row.update(ours_fields(args, module), **clock.fields(), weights_layout=weights_layout(module.operator))
     if args.profile:
         row["profile"] = profile_episode(lambda: train_episode(last), device, args.profile)
     if validation:
@@ -676,8 +692,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--checkpoint-from-universes", type=int, default=0, help="checkpoint only from this batch on")
     parser.add_argument("--no-channels-last", action="store_true", help="model.channels_last=false")
     parser.add_argument("--cudnn-benchmark", action="store_true", help="torch.backends.cudnn.benchmark = True")
-    parser.add_argument("--profile", type=int, default=0, metavar="N",
-                        help="bare: profile one more episode, report its N most expensive kernels")
+    parser.add_argument("--profile", type=int, default=0, metavar="N", help="bare: profile an episode, top N")
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     parser.add_argument("--anchor", default=str(DEFAULT_ANCHOR), help="the original loop's re-implementation")
     parser.add_argument("--original-from", default=None, help="JSON lines holding this run's `original` rows")
