@@ -24,6 +24,7 @@ from fsspec.utils import get_protocol
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
+from atheria_lightning.callbacks.logging_util import send_to_loggers
 from atheria_lightning.errors import ConfigError, require
 from atheria_lightning.manifest import (
     CHUNK,
@@ -140,7 +141,7 @@ class MirrorSync(Callback):
         ConfigError: In ``__init__`` for an out-of-range setting, an unknown protocol or a missing optional package
             (s3fs, gcsfs); in ``setup`` when no URL was set or the mirror cannot be written (before training starts).
 
-    Logged on rank 0 every episode:
+    Logged on rank 0 after each sync ends (at the episode where training notices it), straight to the loggers:
 
     ============================  =========================================================================
     Key                           Meaning
@@ -186,6 +187,8 @@ class MirrorSync(Callback):
         self.interval = every_n_episodes
         self.failures = 0
         self.last_sync_seconds: float | None = None
+        self._syncs_ended = 0  # counted by the worker; the training thread logs when it moves
+        self._syncs_logged = 0
         self.remote_path: str | None = None
         self._fs: AbstractFileSystem | None = None
         self._local_fs: AbstractFileSystem | None = None
@@ -244,10 +247,12 @@ class MirrorSync(Callback):
             # validation's) is queued only later. The request goes out at the next episode's start.
             self._episodes_since_request = 0
             self._sync_due = True
-        if self.last_sync_seconds is not None:
-            pl_module.log("mirror/last_sync_seconds", self.last_sync_seconds, on_step=True, on_epoch=False,
-                          rank_zero_only=True)  # fmt: skip
-        pl_module.log("mirror/failures", float(self.failures), on_step=True, on_epoch=False, rank_zero_only=True)
+        if self._syncs_ended != self._syncs_logged:
+            self._syncs_logged = self._syncs_ended
+            metrics = {"mirror/failures": float(self.failures)}
+            if self.last_sync_seconds is not None:
+                metrics["mirror/last_sync_seconds"] = self.last_sync_seconds
+            send_to_loggers(trainer, metrics)
 
     @override
     def on_train_batch_start(
@@ -413,10 +418,12 @@ class MirrorSync(Callback):
                 self._retrying(self._sync_attempt)
             except Exception as err:  # whatever the backend raises, training must go on
                 self.failures += 1
+                self._syncs_ended += 1
                 log.warning("mirror sync to %s failed after %d retries (%d failures so far): %s",
                             self.remote_path, self.max_retries, self.failures, err)  # fmt: skip
                 return False
             self.last_sync_seconds = self._clock() - started
+            self._syncs_ended += 1
             self._adapt_interval(self.last_sync_seconds, gap_s)
             return True
 

@@ -12,6 +12,7 @@ from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
 from atheria_lightning.callbacks.checkpoint import episodes_done
+from atheria_lightning.callbacks.logging_util import send_to_loggers
 from atheria_lightning.callbacks.stopping import emergency_stop, mirrors
 from atheria_lightning.errors import require
 
@@ -150,12 +151,11 @@ class TimeLimitGuard(Callback):
 
     def _log_time(self, trainer: pl.Trainer) -> None:
         """``time/*`` to every logger, at the step Lightning gives this episode's ``train/*`` values."""
-        if not trainer.loggers or not trainer.is_global_zero or episodes_done(trainer) % self.log_every_n_episodes:
+        if not trainer.is_global_zero or episodes_done(trainer) % self.log_every_n_episodes:
             return
-        metrics = {"time/elapsed_hours": self.elapsed_hours(), "time/remaining_hours": self.remaining_hours()}
-        step = trainer.fit_loop.epoch_loop._batches_that_stepped
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=step)
+        send_to_loggers(
+            trainer, {"time/elapsed_hours": self.elapsed_hours(), "time/remaining_hours": self.remaining_hours()}
+        )
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
