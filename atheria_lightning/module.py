@@ -228,9 +228,12 @@ class QCAModule(pl.LightningModule):
     def validation_step(self, batch: dict[str, int], batch_idx: int) -> None:
         # The initial state and noise of a validation universe depend on its seed alone; only the level follows
         # the curriculum, so successive validations score the same universes under the current conditions.
-        parts, _ = self.run_episode(batch["seed"], 0, self.noise_at(batch["episode"]))
-        parts["combined"] = combined_metric(parts)
-        metrics = {f"val/{k}": parts[k] for k in ("combined", "survival", "symmetry", "complexity")}
+        # Lightning validates under no_grad during fit; inference mode skips the autograd bookkeeping as well (the
+        # rollout is the whole cost). The scores are cloned out of it for Lightning's running means.
+        with torch.inference_mode():
+            parts, _ = self.run_episode(batch["seed"], 0, self.noise_at(batch["episode"]))
+            parts["combined"] = combined_metric(parts)
+        metrics = {f"val/{k}": parts[k].clone() for k in ("combined", "survival", "symmetry", "complexity")}
         self.log_dict(
             metrics, on_step=False, on_epoch=True, sync_dist=True, batch_size=self.hparams.universes_per_episode
         )
