@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
+from functools import partial
 from typing import Any
 
 import torch
@@ -22,6 +25,8 @@ log = logging.getLogger(__name__)
 
 #: Key of the metadata that SmartCheckpoint adds to each checkpoint dict for the manifest.
 META_KEY = "atheria"
+#: Bytes per read when a finished checkpoint is copied to a second name.
+COPY_CHUNK = 8 * 2**20
 
 
 def _to_cpu(tensor: torch.Tensor) -> torch.Tensor:
@@ -60,7 +65,17 @@ class AtomicCheckpointIO(CheckpointIO):
         self._raise_pending_error()
         meta = dict(checkpoint.get(META_KEY, {}))
         snapshot = apply_to_collection(checkpoint, torch.Tensor, _to_cpu)
-        self._submit(self._write, snapshot, os.fspath(path), meta)
+        self._submit(self._write, partial(torch.save, snapshot), os.fspath(path), meta)
+
+    def copy_checkpoint(self, source: _PATH, path: _PATH) -> None:
+        """Queue a copy of ``source`` (saved, or queued, by this IO) to ``path``, listed in the manifest like a save.
+
+        For a second file of the same state (``last.ckpt`` beside a new best checkpoint): the training thread
+        neither gathers the state again nor copies it to CPU memory; the worker copies the finished file. Skipped,
+        like every later write, when an earlier write failed.
+        """
+        self._raise_pending_error()
+        self._submit(self._copy, os.fspath(source), os.fspath(path))
 
     @override
     def load_checkpoint(self, path: _PATH, map_location: Any | None = None, weights_only: bool | None = None) -> dict:
@@ -107,7 +122,25 @@ class AtomicCheckpointIO(CheckpointIO):
             error, self._error = self._error, None
             raise error
 
-    def _write(self, checkpoint: dict[str, Any], path: str, meta: dict[str, Any]) -> None:
+    def _copy(self, source: str, path: str) -> None:
+        if self._error is not None:
+            return
+        folder, name = os.path.split(os.path.abspath(source))
+        with self._manifest_lock:
+            entry = read_manifest(_local_fs(), folder).files.get(name)
+        if entry is None:  # not a checkpoint this IO completed: nothing trusted to copy
+            self._error = FileNotFoundError(f"cannot copy {source} to {path}: it is not a listed checkpoint")
+            log.error("%s", self._error)
+            return
+
+        def copy(handle: Any) -> None:
+            with open(source, "rb") as original:
+                shutil.copyfileobj(original, handle, COPY_CHUNK)
+
+        self._write(copy, path, {"episode": entry.episode, "metric": entry.metric})
+
+    def _write(self, produce: Callable[[Any], None], path: str, meta: dict[str, Any]) -> None:
+        """Write what ``produce`` writes into a binary handle to ``path``, atomically, then list it."""
         if self._error is not None:
             return  # an earlier write failed: keep everything as it is until the error surfaces
         started = time.monotonic()
@@ -126,7 +159,7 @@ class AtomicCheckpointIO(CheckpointIO):
                         manifest.pending[name] = entry
                         write_manifest(_local_fs(), folder, manifest)
 
-            atomic_write(_local_fs(), fs_path, lambda handle: torch.save(checkpoint, handle), before_replace=journal)
+            atomic_write(_local_fs(), fs_path, produce, before_replace=journal)
             with self._manifest_lock:
                 manifest = read_manifest(_local_fs(), folder)
                 manifest.files[name] = measured["entry"]

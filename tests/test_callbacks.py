@@ -194,3 +194,50 @@ def test_a_non_finite_validation_is_never_kept_as_a_best_checkpoint(tmp_path: Pa
     best = sorted(p.name for p in (tmp_path / "checkpoints").glob("best-*.ckpt"))
     assert best == ["best-e000002.ckpt", "best-e000006.ckpt"]
     assert all(torch.isfinite(score) for score in checkpoint.best_k_models.values())
+
+
+def test_last_checkpoint_is_written_once_per_episode_and_copies_a_new_best(tmp_path: Path, monkeypatch) -> None:
+    # last.ckpt is due every 2 episodes, validation runs every 4 and each one finds a new best (a falling metric):
+    # episodes 2 and 6 save last.ckpt themselves; at 4 and 8 it waits for the validation and is a copy of the best.
+    from fsspec.implementations.local import LocalFileSystem
+
+    import atheria_lightning.module as module
+    from atheria_lightning.checkpoint_io import META_KEY, AtomicCheckpointIO
+    from atheria_lightning.manifest import read_manifest
+
+    writes: list[tuple[str, str]] = []
+    save, copy = AtomicCheckpointIO.save_checkpoint, AtomicCheckpointIO.copy_checkpoint
+
+    def recorded_save(self: AtomicCheckpointIO, checkpoint: dict, path: str, **options: object) -> None:
+        writes.append((Path(path).name, f"save@{checkpoint[META_KEY]['episode']}"))
+        save(self, checkpoint, path, **options)
+
+    def recorded_copy(self: AtomicCheckpointIO, source: str, path: str) -> None:
+        writes.append((Path(path).name, f"copy of {Path(source).name}"))
+        copy(self, source, path)
+
+    monkeypatch.setattr(AtomicCheckpointIO, "save_checkpoint", recorded_save)
+    monkeypatch.setattr(AtomicCheckpointIO, "copy_checkpoint", recorded_copy)
+    falling = iter(range(1000, 0, -1))
+    real_metric = module.combined_metric
+    monkeypatch.setattr(module, "combined_metric", lambda parts: real_metric(parts) * 0 + next(falling))
+    checkpoint = SmartCheckpoint(top_k=5, every_n_episodes=2, dirpath=str(tmp_path / "checkpoints"))
+    trainer = Trainer(max_epochs=-1, logger=False, enable_progress_bar=False, default_root_dir=str(tmp_path),
+                      val_check_interval=4, check_val_every_n_epoch=None, num_sanity_val_steps=0,
+                      callbacks=[checkpoint])  # fmt: skip
+    model = QCAModule(architecture="MLP", d_state=2, hidden_channels=4, grid_size=8, qca_steps=2)
+    trainer.fit(model, datamodule=EpisodeDataModule(total_episodes=8, val_every_episodes=4))
+
+    assert writes == [
+        ("last.ckpt", "save@2"),
+        ("best-e000004.ckpt", "save@4"), ("last.ckpt", "copy of best-e000004.ckpt"),
+        ("last.ckpt", "save@6"),
+        ("best-e000008.ckpt", "save@8"), ("last.ckpt", "copy of best-e000008.ckpt"),
+    ]  # fmt: skip
+    files = read_manifest(LocalFileSystem(), str(tmp_path / "checkpoints")).files
+    assert files["last.ckpt"].episode == 8 and files["last.ckpt"].kind == "last"
+    assert files["last.ckpt"].sha256 == files["best-e000008.ckpt"].sha256
+    state = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert state["atheria"]["episode"] == 8
+    for name, value in model.state_dict().items():
+        assert torch.equal(state["state_dict"][name], value.cpu()), name

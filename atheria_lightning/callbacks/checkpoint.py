@@ -21,6 +21,21 @@ log = logging.getLogger(__name__)
 __all__ = ["SmartCheckpoint", "episodes_done"]
 
 
+def _validation_follows(trainer: pl.Trainer) -> bool:
+    """Whether Lightning validates right after this training batch (asked from ``on_train_batch_end``).
+
+    The question Lightning's own loop asks there, through its private API; if that has moved, the answer is
+    False, so a checkpoint is never skipped on a wrong guess.
+    """
+    try:
+        epoch_loop = trainer.fit_loop.epoch_loop
+        if not trainer.enable_validation or epoch_loop._skip_next_val:
+            return False
+        return bool(epoch_loop._should_check_val_fx(trainer.fit_loop._data_fetcher))
+    except Exception:  # noqa: BLE001 - any change of Lightning's internals: save as if no validation followed
+        return False
+
+
 def episodes_done(trainer: pl.Trainer) -> int:
     """Episodes finished over the whole run (all sessions): from the episode datamodule, else the global step."""
     datamodule = getattr(trainer, "datamodule", None)
@@ -36,7 +51,9 @@ class SmartCheckpoint(ModelCheckpoint):
     Built on Lightning's :class:`~lightning.pytorch.callbacks.ModelCheckpoint` (its top-k bookkeeping and resume
     state) and :class:`~atheria_lightning.checkpoint_io.AtomicCheckpointIO`, which it installs on the strategy:
 
-    - ``last.ckpt`` every ``every_n_episodes`` episodes, after each validation and at the end of training;
+    - ``last.ckpt`` every ``every_n_episodes`` episodes, after each validation and at the end of training (once
+      per episode: a save due when a validation follows is made after it; when that validation keeps a new best
+      checkpoint, ``last.ckpt`` is a copy of that file, made by the writer thread);
     - ``best-eNNNNNN.ckpt`` (episode number) when a validation enters the top ``top_k``;
     - every write goes to a temporary file in the same folder, is fsynced and renamed into place (no symlinks,
       no system temp dir), in a background thread; ``MANIFEST.json`` is rewritten after each file is complete;
@@ -107,7 +124,7 @@ class SmartCheckpoint(ModelCheckpoint):
     ) -> None:
         episode = episodes_done(trainer)
         due = episode % self.every_n_episodes == 0 and episode != self._last_saved_episode
-        if due and not self._skip(trainer):
+        if due and not self._skip(trainer) and not _validation_follows(trainer):
             self.save_last_now(trainer)
 
     @override
@@ -117,8 +134,11 @@ class SmartCheckpoint(ModelCheckpoint):
         candidates = self._monitor_candidates(trainer)
         saved_before = self._last_checkpoint_saved
         self._save_topk_checkpoint(trainer, candidates)
-        # last.ckpt must carry the updated top-k list, so rewrite it when a best file was added.
-        if self._last_checkpoint_saved != saved_before or self._last_saved_episode != episodes_done(trainer):
+        # last.ckpt must carry the updated top-k list, so it is rewritten when a best file was added: as a copy of
+        # that file, which holds this very state (the list included), instead of gathering the state again.
+        if self._last_checkpoint_saved != saved_before and self.io is not None:
+            self._copy_to_last(trainer, candidates, self._last_checkpoint_saved)
+        elif self._last_saved_episode != episodes_done(trainer):
             self.save_last_now(trainer)
 
     @override
@@ -144,6 +164,14 @@ class SmartCheckpoint(ModelCheckpoint):
     def save_last_now(self, trainer: pl.Trainer) -> None:
         """Queue ``last.ckpt`` for the current state; the write completes in the background."""
         self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        self._last_saved_episode = episodes_done(trainer)
+
+    def _copy_to_last(self, trainer: pl.Trainer, candidates: dict[str, torch.Tensor], source: str) -> None:
+        """``last.ckpt`` as a copy of ``source``, a checkpoint of the current state just queued."""
+        self.last_model_path = self.format_checkpoint_name(candidates, self.CHECKPOINT_NAME_LAST)
+        if trainer.is_global_zero:
+            assert self.io is not None
+            self.io.copy_checkpoint(source, self.last_model_path)
         self._last_saved_episode = episodes_done(trainer)
 
     @property
