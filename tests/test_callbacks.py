@@ -9,6 +9,7 @@ import torch
 from conftest import CONFIGS, demo_args
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import Logger
 
 from atheria_lightning.callbacks import (
     EpisodeProgressBar,
@@ -241,3 +242,38 @@ def test_last_checkpoint_is_written_once_per_episode_and_copies_a_new_best(tmp_p
     assert state["atheria"]["episode"] == 8
     for name, value in model.state_dict().items():
         assert torch.equal(state["state_dict"][name], value.cpu()), name
+
+
+class RecordingLogger(Logger):
+    """Every ``log_metrics`` call: (step, keys)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[int, set[str]]] = []
+
+    name, version = "recording", 0
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        assert all(isinstance(value, (int, float)) for value in metrics.values())
+        self.calls.append((step, set(metrics)))
+
+    def log_hyperparams(self, params: object, *args: object, **kwargs: object) -> None:
+        pass
+
+
+@pytest.mark.parametrize("every", [1, 2])
+def test_every_train_scalar_reaches_the_loggers_at_the_step_of_its_loss(tmp_path: Path, every: int) -> None:
+    logger = RecordingLogger()
+    trainer = Trainer(max_epochs=-1, logger=logger, log_every_n_steps=every, enable_progress_bar=False,
+                      enable_checkpointing=False, default_root_dir=str(tmp_path), limit_val_batches=0)  # fmt: skip
+    model = QCAModule(architecture="MLP", d_state=2, hidden_channels=4, grid_size=8, qca_steps=2)
+    trainer.fit(model, datamodule=EpisodeDataModule(total_episodes=6))
+    keys = {"train/loss", "train/survival", "train/symmetry", "train/complexity", "train/noise_level",
+            "train/nonfinite_skipped"}  # fmt: skip
+    by_step: dict[int, set[str]] = {}
+    for step, names in logger.calls:
+        by_step.setdefault(step, set()).update(names)
+    logged = {step for step, names in by_step.items() if keys <= names}
+    assert logged == {step for step in range(6) if (step + 1) % every == 0 or step == 5}
+    assert all(not (names & keys) for step, names in by_step.items() if step not in logged)
+    assert {"train/survival", "train/noise_level"} <= set(trainer.callback_metrics)

@@ -24,7 +24,6 @@ from fsspec.utils import get_protocol
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
-from atheria_lightning.callbacks.logging_util import send_to_loggers
 from atheria_lightning.errors import ConfigError, require
 from atheria_lightning.manifest import (
     CHUNK,
@@ -38,6 +37,7 @@ from atheria_lightning.manifest import (
     verify,
     write_manifest,
 )
+from atheria_lightning.scalars import send_to_loggers
 
 __all__ = ["MirrorSync", "check_mirror_url", "remote_run_dir"]
 

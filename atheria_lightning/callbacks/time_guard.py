@@ -12,9 +12,9 @@ from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
 from atheria_lightning.callbacks.checkpoint import episodes_done
-from atheria_lightning.callbacks.logging_util import send_to_loggers
 from atheria_lightning.callbacks.stopping import emergency_stop, mirrors
 from atheria_lightning.errors import require
+from atheria_lightning.scalars import send_to_loggers
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,31 @@
+"""Scalars sent to the loggers directly, beside ``LightningModule.log``, where its cost per key matters."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import torch
+
+__all__ = ["send_to_loggers"]
+
+
+def send_to_loggers(trainer: pl.Trainer, metrics: dict[str, float | torch.Tensor], cadence: bool = False) -> None:
+    """``metrics`` into ``trainer.callback_metrics`` and, on rank 0, to every logger at this episode's step.
+
+    ``LightningModule.log`` costs about 0.4 ms per key and call on a CPU (Lightning moves its running-metric object
+    to the value's device on every call), 3 ms per episode for the seven ``train/*`` keys of the demo, about 3% of
+    its episode. As Lightning's ``LearningRateMonitor`` does, these go to ``trainer.loggers`` directly instead, at
+    the step Lightning gives the episode's ``train/loss``. With ``cadence`` they reach the loggers only on the
+    trainer's ``log_every_n_steps`` steps, as logged values do; without, every call is sent (for values logged
+    when they change). ``callback_metrics`` always gets them, so callbacks read them as logged values.
+    """
+    values = {key: value.detach() if isinstance(value, torch.Tensor) else torch.tensor(float(value))
+              for key, value in metrics.items()}  # fmt: skip
+    trainer.callback_metrics.update(values)
+    if not trainer.is_global_zero or not trainer.loggers or not values:
+        return
+    if cadence and not getattr(trainer._logger_connector, "should_update_logs", True):
+        return
+    step = trainer.fit_loop.epoch_loop._batches_that_stepped
+    scalars = {key: float(value) for key, value in values.items()}
+    for logger in trainer.loggers:
+        logger.log_metrics(scalars, step=step)
