@@ -192,7 +192,7 @@ def test_live_redraws_are_at_least_min_plot_interval_s_apart(tmp_path: Path, mon
                       callbacks=[FourSecondEpisodes(), report])  # fmt: skip
     model = QCAModule(architecture="MLP", d_state=2, hidden_channels=4, grid_size=8, qca_steps=2)
     trainer.fit(model, datamodule=EpisodeDataModule(total_episodes=8))
-    assert redrawn_at == [4.0, 16.0, 28.0]  # episodes 1, 4 and 7 of 8
+    assert redrawn_at == [4.0, 16.0, 28.0, 32.0]  # episodes 1, 4 and 7 of 8, then all 8 once more at the end
 
 
 def test_a_non_finite_episode_is_logged_as_null_not_as_the_previous_loss(tmp_path: Path) -> None:

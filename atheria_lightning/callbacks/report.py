@@ -124,6 +124,7 @@ class TrainingReport(Callback):
         self.plot_every_n_episodes = plot_every_n_episodes
         self.min_plot_interval_s = float(min_plot_interval_s)
         self._last_redraw: float | None = None
+        self._plotted_through: float | None = None  # the last episode in the newest live plot asked for
         self.run_dir = run_dir
         self.phase = phase
         self.export_model = export_model
@@ -145,7 +146,7 @@ class TrainingReport(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._trainer = trainer  # for state_dict, which Lightning calls without the trainer
         self._display_handle = None  # a new fit (a notebook cell run again) shows its plots in its own cell
-        self._last_redraw = None
+        self._last_redraw = self._plotted_through = None
         if self._renderer is None:
             self._renderer = _BackgroundRenderer()
 
@@ -202,7 +203,7 @@ class TrainingReport(Callback):
         # and after the strategy's teardown has waited for the background writes, yet before the mirror's teardown
         # flush, so the exports reach the mirror too.
         if trainer.is_global_zero:
-            self._finish_live_plot()
+            self._final_live_plot(trainer)
             self._guarded(self.write_report, trainer, pl_module)
 
     @override
@@ -308,6 +309,7 @@ class TrainingReport(Callback):
             return  # still drawing the previous plot: this redraw is dropped
         total = getattr(trainer.datamodule, "total_episodes", None) if trainer.datamodule is not None else None
         episodes = {key: list(column) for key, column in self.episodes.items()}  # the thread draws this copy
+        self._plotted_through = episodes["episode"][-1] if episodes["episode"] else None
         validations = {key: list(column) for key, column in self.validations.items()}
         path, phase = os.path.join(self.exports_dir(trainer), "live_loss.png"), self.phase
 
@@ -317,6 +319,16 @@ class TrainingReport(Callback):
             return png
 
         self._renderer.submit(draw)
+
+    def _final_live_plot(self, trainer: pl.Trainer) -> None:
+        """The live plot of every episode, once more at the end when the last redraw came before the last episode
+        (``min_plot_interval_s`` skips redraws, so it may be far behind)."""
+        if self._renderer is not None:
+            self._renderer.wait(LIVE_PLOT_WAIT_S)
+        recorded = self.episodes["episode"]
+        if recorded and self._last_redraw is not None and recorded[-1] != self._plotted_through:
+            self._guarded(self._redraw_live_plot, trainer, once=True)
+        self._finish_live_plot()
 
     def _show_rendered(self) -> None:
         """On the training thread: show the live plot the background finished (if any), and report its failure."""
