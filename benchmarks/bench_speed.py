@@ -186,9 +186,8 @@ class EpisodeClock(Callback):
                   "cpu_s_per_episode": significant((self.cpus[-1] - self.cpus[first]) / episodes)}  # fmt: skip
         if self.layout is not None:
             fields["weights_layout"] = self.layout
-        validation_ms = self.ms_per_episode().get("validation", 0.0)
-        if validation_ms:
-            fields["s_per_episode_without_validation"] = significant(wall - validation_ms / 1000)
+        validation_ms = self.ms_per_episode().get("validation", 0.0)  # 0 when no validation fell in the stretch
+        fields["s_per_episode_without_validation"] = significant(wall - validation_ms / 1000)
         return {**fields, **self.memory()}
 
     def memory(self) -> dict[str, Any]:
