@@ -2,10 +2,32 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import lightning.pytorch as pl
 import torch
 
-__all__ = ["send_to_loggers"]
+__all__ = ["as_floats", "send_to_loggers"]
+
+
+def as_floats(values: list[Any]) -> list[float]:
+    """Numbers and one-element tensors as floats, with one device-to-host copy per device for all the tensors.
+
+    The values may sit on different devices: ``callback_metrics`` mixes the module's tensors (on the GPU) with
+    numbers sent from the host.
+    """
+    floats = [0.0] * len(values)
+    by_device: dict[torch.device, list[int]] = {}
+    for index, value in enumerate(values):
+        if isinstance(value, torch.Tensor):
+            by_device.setdefault(value.device, []).append(index)
+        else:
+            floats[index] = float(value)
+    for indices in by_device.values():
+        stacked = torch.stack([values[index].detach().float().reshape(()) for index in indices])
+        for index, number in zip(indices, stacked.cpu().tolist(), strict=True):
+            floats[index] = number
+    return floats
 
 
 def send_to_loggers(trainer: pl.Trainer, metrics: dict[str, float | torch.Tensor], cadence: bool = False) -> None:
@@ -26,6 +48,6 @@ def send_to_loggers(trainer: pl.Trainer, metrics: dict[str, float | torch.Tensor
     if cadence and not getattr(trainer._logger_connector, "should_update_logs", True):
         return
     step = trainer.fit_loop.epoch_loop._batches_that_stepped
-    scalars = {key: float(value) for key, value in values.items()}
+    scalars = dict(zip(values, as_floats(list(values.values())), strict=True))
     for logger in trainer.loggers:
         logger.log_metrics(scalars, step=step)

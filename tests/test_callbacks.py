@@ -277,3 +277,15 @@ def test_every_train_scalar_reaches_the_loggers_at_the_step_of_its_loss(tmp_path
     assert logged == {step for step in range(6) if (step + 1) % every == 0 or step == 5}
     assert all(not (names & keys) for step, names in by_step.items() if step not in logged)
     assert {"train/survival", "train/noise_level"} <= set(trainer.callback_metrics)
+
+
+def test_as_floats_reads_numbers_and_tensors_in_order_whatever_their_device() -> None:
+    from atheria_lightning.scalars import as_floats
+
+    # callback_metrics mixes the module's tensors (on its device) with numbers sent from the host.
+    values: list[object] = [1, torch.tensor(2.5, requires_grad=True), 3.25, torch.tensor([4.0], dtype=torch.float64)]
+    expected = [1.0, 2.5, 3.25, 4.0]
+    if torch.cuda.is_available():
+        values, expected = [torch.tensor(0.5, device="cuda"), *values], [0.5, *expected]
+    assert as_floats(values) == expected
+    assert as_floats([]) == []

@@ -16,7 +16,6 @@ from typing import Any
 
 import lightning.pytorch as pl
 import numpy as np
-import torch
 from fsspec.implementations.local import LocalFileSystem
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn, TrainerStatus
@@ -27,6 +26,7 @@ from typing_extensions import override
 from atheria_lightning.callbacks.checkpoint import episodes_done
 from atheria_lightning.errors import require
 from atheria_lightning.manifest import atomic_write, read_manifest
+from atheria_lightning.scalars import as_floats
 
 log = logging.getLogger(__name__)
 
@@ -595,13 +595,11 @@ def _append(columns: dict[str, list[float]], episode: int, values: list[float]) 
 
 
 def _read_metrics(metrics: dict[str, Any], prefix: str, keys: tuple[str, ...]) -> list[float]:
-    """``metrics[prefix/key]`` as floats (NaN when absent), with a single device-to-host copy for all of them."""
+    """``metrics[prefix/key]`` as floats (NaN when absent), with one device-to-host copy per device."""
     present = [(index, metrics[f"{prefix}/{key}"]) for index, key in enumerate(keys) if f"{prefix}/{key}" in metrics]
     values = [math.nan] * len(keys)
-    if present:
-        stacked = torch.stack([torch.as_tensor(value).detach().float().reshape(()) for _, value in present])
-        for (index, _), value in zip(present, stacked.cpu().tolist(), strict=True):
-            values[index] = value
+    for (index, _), value in zip(present, as_floats([value for _, value in present]), strict=True):
+        values[index] = value
     return values
 
 
