@@ -186,8 +186,7 @@ class QCAModule(pl.LightningModule):
         self._snapshot = final[0].detach()
         # One host sync per episode (not per step): the optimizer must not see a NaN.
         if not torch.isfinite(parts["loss"]):
-            self._log_scalars({"train/noise_level": noise})
-            return self._skip_nonfinite(episode, parts["loss"])
+            return self._skip_nonfinite(episode, parts["loss"], noise)
         self._consecutive_nonfinite = 0
         self.log("train/loss", parts["loss"], on_step=True, on_epoch=False, prog_bar=True)
         self._log_scalars({"train/noise_level": noise, "train/nonfinite_skipped": float(self.nonfinite_skipped),
@@ -221,10 +220,10 @@ class QCAModule(pl.LightningModule):
             )
             raise EpisodeOutOfMemoryError(episode, settings) from None
 
-    def _skip_nonfinite(self, episode: int, loss: torch.Tensor) -> None:
+    def _skip_nonfinite(self, episode: int, loss: torch.Tensor, noise: float) -> None:
         self.nonfinite_skipped += 1
         self._consecutive_nonfinite += 1
-        self._log_scalars({"train/nonfinite_skipped": float(self.nonfinite_skipped)})
+        self._log_scalars({"train/noise_level": noise, "train/nonfinite_skipped": float(self.nonfinite_skipped)})
         log.warning("episode %d: loss is %s, optimizer step skipped", episode, loss.item())
         if self._consecutive_nonfinite >= self.hparams.max_nonfinite_episodes:
             raise NonFiniteTrainingError(
