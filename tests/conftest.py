@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from lightning.pytorch.callbacks import Callback
 
 # Tiny models on 2 cores: intra-op threads only contend (a grid-8 forward took ~1 s with 2 threads on a loaded
 # machine, ~1 ms with one).
@@ -94,3 +95,17 @@ def wait_for_first_checkpoint(run: Path, timeout: float = 180) -> Path:
     if not wait_for(lambda: manifest.exists() and "last.ckpt" in manifest.read_text(), timeout):
         raise AssertionError(f"no checkpoint appeared in {manifest.parent} within {timeout} s")
     return manifest
+
+
+class FakeEpisodeClock(Callback):
+    """A fake clock (call it for the time) that moves ``seconds_per_episode`` on at the start of each episode."""
+
+    def __init__(self, seconds_per_episode: float) -> None:
+        self.now = 0.0
+        self.seconds_per_episode = seconds_per_episode
+
+    def __call__(self) -> float:
+        return self.now
+
+    def on_train_batch_start(self, *args: object) -> None:
+        self.now += self.seconds_per_episode

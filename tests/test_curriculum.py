@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CONFIGS, REPO, env_without_warnings
+from conftest import CONFIGS, REPO, FakeEpisodeClock, env_without_warnings
 from lightning.pytorch import seed_everything
 from lightning.pytorch.callbacks import Callback
 
@@ -126,23 +126,10 @@ def test_an_interrupted_phase_resumes_mid_phase_and_the_next_one_waits(
     assert (phase_dir(tmp_path, "wide") / PHASE_DONE).exists()
 
 
-class EpisodeClock(Callback):
-    """A fake session clock: 60 s per episode, shared by every phase of the process."""
-
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def on_train_batch_start(self, *args: object) -> None:
-        self.now += 60.0
-
-
 def test_the_time_budget_is_shared_by_the_phases_of_one_session(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
-    clock = EpisodeClock()
+    clock = FakeEpisodeClock(60.0)  # a session clock shared by every phase of the process
     monkeypatch.setattr(time_guard, "time", types.SimpleNamespace(monotonic=clock, time=time.time))
     monkeypatch.setattr(time_guard, "_process_age_seconds", lambda: clock.now)  # the session started at 0
     # 0.1 h = 360 s, stop point 90% = 324 s: phase 1 (4 x 60 s) fits; phase 2 has time for one episode only.

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import demo_args, run_dir
+from conftest import FakeEpisodeClock, demo_args, run_dir
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import Callback
 
@@ -177,19 +177,14 @@ def test_bad_plot_interval_is_a_one_line_config_error() -> None:
 
 def test_live_redraws_are_at_least_min_plot_interval_s_apart(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Each episode takes 4 s of the fake clock; a redraw is due every episode but allowed every 10 s only.
-    now = [0.0]
+    clock = FakeEpisodeClock(4.0)
     report = TrainingReport(plot_every_n_episodes=1, min_plot_interval_s=10, export_model=False, show_inline=False,
-                            clock=lambda: now[0])  # fmt: skip
+                            clock=clock)  # fmt: skip
     redrawn_at: list[float] = []
-    monkeypatch.setattr(report, "_redraw_live_plot", lambda trainer: redrawn_at.append(now[0]))
-
-    class FourSecondEpisodes(Callback):
-        def on_train_batch_start(self, *args: Any) -> None:
-            now[0] += 4.0
-
+    monkeypatch.setattr(report, "_redraw_live_plot", lambda trainer: redrawn_at.append(clock.now))
     trainer = Trainer(max_epochs=-1, logger=False, default_root_dir=str(tmp_path), limit_val_batches=0,
                       enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
-                      callbacks=[FourSecondEpisodes(), report])  # fmt: skip
+                      callbacks=[clock, report])  # fmt: skip
     model = QCAModule(architecture="MLP", d_state=2, hidden_channels=4, grid_size=8, qca_steps=2)
     trainer.fit(model, datamodule=EpisodeDataModule(total_episodes=8))
     assert redrawn_at == [4.0, 16.0, 28.0, 32.0]  # episodes 1, 4 and 7 of 8, then all 8 once more at the end

@@ -17,6 +17,7 @@ import fsspec
 import pytest
 from conftest import (
     REPO,
+    FakeEpisodeClock,
     callbacks_config,
     demo_args,
     env_without_warnings,
@@ -43,24 +44,10 @@ def losses(tmp_path: Path) -> list[float]:
     return [value for _, value in scalars(run_dir(tmp_path) / "logs", "train/loss")]
 
 
-class EpisodeClock(Callback):
-    """A fake clock that advances a fixed number of seconds per episode, so the guard's budget runs out fast."""
-
-    def __init__(self, seconds_per_episode: float) -> None:
-        self.now = 0.0
-        self.seconds_per_episode = seconds_per_episode
-
-    def __call__(self) -> float:
-        return self.now
-
-    def on_train_batch_start(self, *args: object) -> None:
-        self.now += self.seconds_per_episode
-
-
 def test_guard_stops_before_the_budget_with_a_checkpoint_and_the_same_command_resumes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
-    clock = EpisodeClock(seconds_per_episode=60.0)
+    clock = FakeEpisodeClock(seconds_per_episode=60.0)  # the guard's budget runs out fast
     monkeypatch.setattr(time_guard, "time", types.SimpleNamespace(monotonic=clock, time=time.time))
     monkeypatch.setattr(time_guard, "_process_age_seconds", lambda: 0.0)
     # demo.yaml's guard: 0.25 h = 900 s, stop point 90% = 810 s; 60 s episodes
