@@ -19,7 +19,7 @@ from lightning.fabric.utilities.types import _PATH
 from lightning_utilities.core.apply_func import apply_to_collection
 from typing_extensions import override
 
-from atheria_lightning.manifest import atomic_write, entry_for, read_manifest, write_manifest
+from atheria_lightning.manifest import atomic_write, entry_for, read_manifest, verify, write_manifest
 
 log = logging.getLogger(__name__)
 
@@ -128,8 +128,10 @@ class AtomicCheckpointIO(CheckpointIO):
         folder, name = os.path.split(os.path.abspath(source))
         with self._manifest_lock:
             entry = read_manifest(_local_fs(), folder).files.get(name)
-        if entry is None:  # not a checkpoint this IO completed: nothing trusted to copy
-            self._error = FileNotFoundError(f"cannot copy {source} to {path}: it is not a listed checkpoint")
+        # Only a listed file that still matches its entry: the copy gets an entry of its own, so it must not
+        # make a damaged file trusted under a second name.
+        if entry is None or not verify(_local_fs(), source, entry):
+            self._error = FileNotFoundError(f"cannot copy {source} to {path}: it is not a verified checkpoint")
             log.error("%s", self._error)
             return
 

@@ -264,3 +264,18 @@ def test_a_mirror_killed_between_moving_last_ckpt_and_listing_it_still_serves_a_
     point = find_resume_checkpoint(str(tmp_path / "fresh" / "checkpoints"), remote)
     assert point is not None and point.source == "mirror" and point.episode == 20
     assert torch.equal(torch.load(point.path, weights_only=True)["w"], torch.ones(3))
+
+
+def test_a_copy_of_a_damaged_checkpoint_is_refused_and_nothing_is_listed(tmp_path: Path) -> None:
+    io = checkpoint_io.AtomicCheckpointIO(async_write=False)
+    best, last = tmp_path / "best-e000004.ckpt", tmp_path / "last.ckpt"
+    io.save_checkpoint({"weights": torch.ones(3), checkpoint_io.META_KEY: {"episode": 4}}, best)
+    io.copy_checkpoint(best, tmp_path / "copy.ckpt")  # a sound file copies, listed with its episode
+    listed = read_manifest(LOCAL, str(tmp_path)).files
+    assert listed["copy.ckpt"].sha256 == listed["best-e000004.ckpt"].sha256 and listed["copy.ckpt"].episode == 4
+
+    with open(best, "ab") as handle:
+        handle.write(b"bit rot")  # the listed file no longer matches its entry
+    with pytest.raises(FileNotFoundError, match="not a verified checkpoint"):
+        io.copy_checkpoint(best, last)
+    assert not last.exists() and "last.ckpt" not in read_manifest(LOCAL, str(tmp_path)).files

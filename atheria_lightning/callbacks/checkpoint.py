@@ -32,7 +32,7 @@ def _validation_follows(trainer: pl.Trainer) -> bool:
         if not trainer.enable_validation or epoch_loop._skip_next_val:
             return False
         return bool(epoch_loop._should_check_val_fx(trainer.fit_loop._data_fetcher))
-    except Exception:  # noqa: BLE001 - any change of Lightning's internals: save as if no validation followed
+    except Exception:  # any change of Lightning's internals: save as if no validation followed
         return False
 
 
