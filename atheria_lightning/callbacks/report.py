@@ -16,6 +16,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import numpy as np
+import torch
 from fsspec.implementations.local import LocalFileSystem
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn, TrainerStatus
@@ -130,7 +131,7 @@ class TrainingReport(Callback):
         self.export_model = export_model
         self.show_inline = show_inline
         self.clock = clock
-        # Columns, not one dict per episode: a 10 000-episode run adds about 0.5 MB to each checkpoint.
+        # Columns, not one dict per episode; in checkpoints each column is one tensor (see state_dict).
         self.episodes: dict[str, list[float]] = _columns(EPISODE_KEYS)
         self.validations: dict[str, list[float]] = _columns(VALIDATION_KEYS)
         self.saved_episodes: list[int] = []
@@ -217,11 +218,14 @@ class TrainingReport(Callback):
     def state_dict(self) -> dict[str, Any]:
         self._catch_up()
         sessions = self.sessions + ([self._session_summary()] if self._session is not None else [])
+        # One tensor per column, not lists of floats: Lightning walks every object of a checkpoint on the training
+        # thread (to copy tensors to the CPU) and pickles it, and lists made each save grow with the run (0.9 s
+        # more per save after 86 000 episodes); a tensor is one object and one buffer, whatever its length.
         return {
             "version": LOG_FORMAT_VERSION,
-            "episodes": {key: list(column) for key, column in self.episodes.items()},
-            "validations": {key: list(column) for key, column in self.validations.items()},
-            "saved_episodes": list(self.saved_episodes),
+            "episodes": _column_tensors(self.episodes),
+            "validations": _column_tensors(self.validations),
+            "saved_episodes": torch.tensor(self.saved_episodes, dtype=torch.int64),
             "sessions": [dict(session) for session in sessions],
         }
 
@@ -229,7 +233,7 @@ class TrainingReport(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.episodes = _load_columns(state_dict.get("episodes"), EPISODE_KEYS)
         self.validations = _load_columns(state_dict.get("validations"), VALIDATION_KEYS)
-        self.saved_episodes = [int(episode) for episode in state_dict.get("saved_episodes", [])]
+        self.saved_episodes = [int(episode) for episode in _as_list(state_dict.get("saved_episodes", []))]
         self.sessions = [dict(session) for session in state_dict.get("sessions", [])]
         self._session = None
 
@@ -577,12 +581,25 @@ def _columns(keys: tuple[str, ...]) -> dict[str, list[float]]:
     return {"episode": [], **{key: [] for key in keys}}
 
 
-def _load_columns(state: dict[str, list[float]] | None, keys: tuple[str, ...]) -> dict[str, list[float]]:
+def _column_tensors(columns: dict[str, list[float]]) -> dict[str, torch.Tensor]:
+    """Columns as one tensor each, for checkpoints: int64 episode numbers, float64 values (NaN kept)."""
+    return {
+        key: torch.tensor(values, dtype=torch.int64 if key == "episode" else torch.float64)
+        for key, values in columns.items()
+    }
+
+
+def _as_list(values: Any) -> list[Any]:
+    """A checkpoint's column as a list: a tensor (this version) or a list (checkpoints of earlier versions)."""
+    return values.tolist() if isinstance(values, torch.Tensor) else list(values)
+
+
+def _load_columns(state: dict[str, Any] | None, keys: tuple[str, ...]) -> dict[str, list[float]]:
     columns = _columns(keys)
     state = state or {}
     length = len(state.get("episode", []))
     for key in columns:
-        values = list(state.get(key, []))
+        values = [float(value) for value in _as_list(state.get(key, []))]
         columns[key] = values if len(values) == length else [math.nan] * length
     columns["episode"] = [int(episode) for episode in columns["episode"]]
     return columns
