@@ -256,3 +256,37 @@ def test_bad_compile_mode_is_one_line_naming_the_flag_and_the_accepted_values(mo
 def test_negative_checkpoint_every_is_rejected() -> None:
     with pytest.raises(ConfigError, match=r"model\.checkpoint_every=-1 must be >= 0"):
         tiny_model(checkpoint_every=-1)
+
+
+# --- mixed precision --------------------------------------------------------------------------------------------------
+
+
+def saved_for_backward(context: Any, steps: int) -> tuple[int, torch.Tensor]:
+    """The bytes a UNET rollout keeps for its backward pass under ``context`` (each storage once), and its loss."""
+    torch.manual_seed(0)
+    model = tiny_model("UNET", qca_steps=steps)
+    storages: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), context:
+        parts, _ = model.run_episode(3, 0, model.noise_at(0))
+    return sum(storages.values()), parts["loss"].detach().float()
+
+
+def test_under_lightnings_mixed_precision_a_rollout_casts_the_weights_once_not_once_per_step() -> None:
+    # Lightning's precision plugin turns autocast's cache off, so each step would cast every weight again and keep
+    # the copy for the backward: 1.3 GiB more at the standard model's 100 steps, measured on an H100.
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    lightning = MixedPrecision("bf16-mixed", "cpu").forward_context
+    cached = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
+    under_lightning, loss = saved_for_backward(lightning(), steps=6)
+    with_cache, cached_loss = saved_for_backward(cached(), steps=6)
+    assert under_lightning == with_cache
+    torch.testing.assert_close(loss, cached_loss, rtol=0, atol=0)  # the same copies: the same numbers
+    weights = sum(p.numel() * 2 for p in tiny_model("UNET").operator.parameters())  # one bf16 copy
+    growth = under_lightning - saved_for_backward(lightning(), steps=3)[0]
+    assert growth < 3 * weights, "three more steps must not keep three more copies of the weights"

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -98,19 +99,47 @@ def rollout(
     """
     every = max(1, steps // max(1, history_states))
     segment = checkpoint_every if checkpoint_every > 0 and torch.is_grad_enabled() else steps
-    if isinstance(operator, CompiledOperator):
-        operator.probe(to_channels(psi0))  # here, not inside a checkpointed segment, whose recompute would not match
     psi, memory = psi0, None
     history = [psi0.detach()]
-    for first in range(1, steps + 1, segment):
-        last = min(first + segment - 1, steps)
-        evolve = partial(_evolve, operator, first=first, last=last, steps=steps, every=every, gamma=gamma, noise=noise)
-        if segment < steps:
-            psi, memory, snapshots = _checkpointed(evolve, psi, memory, generator)
-        else:
-            psi, memory, snapshots = evolve(psi, memory, generator)
-        history.extend(snapshots)
+    with weight_cast_cache(psi0.device.type):
+        if isinstance(operator, CompiledOperator):
+            # Here, not inside a checkpointed segment, whose recompute would not match; under the same autocast
+            # state as the steps, so that they reuse what it compiled.
+            operator.probe(to_channels(psi0))
+        for first in range(1, steps + 1, segment):
+            last = min(first + segment - 1, steps)
+            evolve = partial(
+                _evolve, operator, first=first, last=last, steps=steps, every=every, gamma=gamma, noise=noise
+            )
+            if segment < steps:
+                psi, memory, snapshots = _checkpointed(evolve, psi, memory, generator)
+            else:
+                psi, memory, snapshots = evolve(psi, memory, generator)
+            history.extend(snapshots)
     return RolloutResult(final=psi, history=history)
+
+
+@contextlib.contextmanager
+def weight_cast_cache(device_type: str) -> Iterator[None]:
+    """Under mixed precision, cast each weight to the low precision once per rollout, not once per step.
+
+    Lightning's mixed-precision plugin runs the training step under ``torch.autocast(..., cache_enabled=False)``.
+    Without autocast's cache every step casts every weight again and keeps that copy for the backward pass: a
+    rollout of 100 steps held 100 half-precision copies of the weights, 1.3 GiB more for the standard model (7 M
+    weights) than with the cache. Inside such a context this enters autocast again, with the same dtype and the
+    cache on; the copies are the same numbers, and the cache is emptied when the outermost autocast context ends.
+    Elsewhere (no autocast, or its cache already on) it does nothing.
+    """
+    try:
+        uncached = torch.is_autocast_enabled(device_type) and not torch.is_autocast_cache_enabled()
+        dtype = torch.get_autocast_dtype(device_type) if uncached else None
+    except (AttributeError, TypeError):  # torch < 2.4 asks no device type: leave autocast as it is
+        uncached, dtype = False, None
+    if not uncached:
+        yield
+        return
+    with torch.autocast(device_type, dtype=dtype, cache_enabled=True):
+        yield
 
 
 def _evolve(
