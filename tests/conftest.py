@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning_utilities.core.apply_func import apply_to_collection
 
 # Tiny models on 2 cores: intra-op threads only contend (a grid-8 forward took ~1 s with 2 threads on a loaded
 # machine, ~1 ms with one).
@@ -77,6 +78,11 @@ def env_without_warnings() -> dict[str, str]:
     env["PYTHONWARNINGS"] = "ignore"
     env["OMP_NUM_THREADS"] = "1"
     return env
+
+
+def plain_state(state: dict) -> dict:
+    """A callback's state with its tensors as lists, so that two states compare with ==."""
+    return apply_to_collection(state, torch.Tensor, torch.Tensor.tolist)
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float) -> bool:

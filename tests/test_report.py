@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import FakeEpisodeClock, demo_args, run_dir
+from conftest import FakeEpisodeClock, demo_args, plain_state, run_dir
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import Callback
 from lightning_utilities.core.apply_func import apply_to_collection
@@ -147,12 +147,7 @@ def test_an_emergency_stop_writes_the_report_and_its_checkpoint_holds_every_epis
     assert state["episodes"]["episode"].tolist() == [0, 1, 2], "the episode the guard stopped at is in its checkpoint"
     twin = TrainingReport()
     twin.load_state_dict(state)
-    assert _plain(twin.state_dict()) == _plain(state)
-
-
-def _plain(state: dict) -> dict:
-    """A report state with its tensors as lists, for ==."""
-    return apply_to_collection(state, torch.Tensor, torch.Tensor.tolist)
+    assert plain_state(twin.state_dict()) == plain_state(state)
 
 
 def test_the_checkpointed_history_costs_the_same_to_save_after_10_or_10000_episodes() -> None:
@@ -181,7 +176,7 @@ def test_a_checkpoint_of_an_earlier_version_with_lists_still_resumes_its_history
         "saved_episodes": [2],
         "sessions": [],
     })  # fmt: skip
-    state = _plain(report.state_dict())
+    state = plain_state(report.state_dict())
     assert state["episodes"]["episode"] == [0, 1] and state["episodes"]["loss"][0] == 1.0
     assert math.isnan(state["episodes"]["loss"][1]) and state["validations"]["combined"] == [2.0]
     assert state["saved_episodes"] == [2]
@@ -198,7 +193,7 @@ def test_a_resume_from_an_older_checkpoint_forgets_the_episodes_after_it() -> No
         "sessions": [{"session": 1, "first_episode": 0, "last_episode": 3, "episodes": 4, "training_seconds": 9.0}],
     })  # fmt: skip
     report._truncate(2)
-    state = _plain(report.state_dict())
+    state = plain_state(report.state_dict())
     assert state["episodes"]["episode"] == [0, 1] and state["validations"]["episode"] == [2]
     assert state["saved_episodes"] == [2] and len(state["sessions"]) == 1
 
