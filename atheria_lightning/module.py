@@ -24,7 +24,7 @@ from atheria_lightning.physics import (
     noise_level,
     rollout,
 )
-from atheria_lightning.physics.engine import COMPILE_MODES, fast_operator
+from atheria_lightning.physics.engine import COMPILE_MODES, COMPILE_SCOPES, fast_operator
 from atheria_lightning.scalars import send_to_loggers
 
 log = logging.getLogger(__name__)
@@ -83,6 +83,10 @@ class QCAModule(pl.LightningModule):
         compile: ``off``; ``default`` (``torch.compile`` of the operator); ``reduce-overhead`` (the same, replayed as
             CUDA graphs), which needs a GPU and a non-recurrent operator without ``checkpoint_every``; elsewhere, or
             if compiling fails, the plain operator runs after one warning. The maths is that of ``off``.
+        compile_scope: What ``compile`` compiles: ``operator`` (the operator alone; the one measured on a GPU so far)
+            or ``step`` (the whole step: operator, Euler update, normalisation and noise, so that
+            ``reduce-overhead`` captures one CUDA graph per step; the same numbers, checked on the CPU, its speed
+            not yet measured on a GPU).
         channels_last: On a GPU, store the operator's weights channels-last so cuDNN runs its NHWC kernels (the
             state already reaches the operator in that layout). Ignored on the CPU.
 
@@ -118,6 +122,7 @@ class QCAModule(pl.LightningModule):
         max_nonfinite_episodes: int = 20,
         checkpoint_every: int = 0,
         compile: str = "off",
+        compile_scope: str = "operator",
         channels_last: bool = True,
     ) -> None:
         super().__init__()
@@ -125,7 +130,7 @@ class QCAModule(pl.LightningModule):
             architecture, d_state, hidden_channels, grid_size, qca_steps, gamma_decay, max_noise,
             noise_ramp_episodes, initial_state, loss, lr, lr_factor, universes_per_episode, max_nonfinite_episodes,
         )  # fmt: skip
-        _check_speed_settings(checkpoint_every, compile)
+        _check_speed_settings(checkpoint_every, compile, compile_scope)
         # Every argument is a plain number or string, so the checkpoint alone rebuilds the model and loads
         # with weights_only=True.
         self.save_hyperparameters()
@@ -152,7 +157,7 @@ class QCAModule(pl.LightningModule):
         if self.device not in self._rollout_operators:
             self._use_channels_last(self.device)  # a no-op after setup(); here for loops without a Trainer
             hp = self.hparams
-            compiled = fast_operator(self.operator, hp.compile, self.device, hp.checkpoint_every)
+            compiled = fast_operator(self.operator, hp.compile, self.device, hp.checkpoint_every, hp.compile_scope)
             self._rollout_operators[self.device] = compiled
         return self._rollout_operators[self.device]
 
@@ -320,6 +325,10 @@ def _check_settings(
     return operator_cls
 
 
-def _check_speed_settings(checkpoint_every: int, compile: str) -> None:
+def _check_speed_settings(checkpoint_every: int, compile: str, compile_scope: str) -> None:
     require(checkpoint_every >= 0, f"model.checkpoint_every={checkpoint_every} must be >= 0 (0 = off)")
     require(compile in COMPILE_MODES, f"model.compile={compile!r} is not one of {', '.join(COMPILE_MODES)}")
+    require(
+        compile_scope in COMPILE_SCOPES,
+        f"model.compile_scope={compile_scope!r} is not one of {', '.join(COMPILE_SCOPES)}",
+    )

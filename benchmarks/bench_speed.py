@@ -295,14 +295,14 @@ def module_settings(args: argparse.Namespace, model: dict[str, Any]) -> dict[str
     """QCAModule's arguments: the model and the speed settings (checkpointing from ``--checkpoint-from-universes``)."""
     checkpointing = model["universes_per_episode"] >= args.checkpoint_from_universes
     return {**model, "checkpoint_every": args.checkpoint_every if checkpointing else 0, "compile": args.compile,
-            "channels_last": not args.no_channels_last}  # fmt: skip
+            "compile_scope": args.compile_scope, "channels_last": not args.no_channels_last}  # fmt: skip
 
 
 def ours_fields(args: argparse.Namespace, module: QCAModule) -> dict[str, Any]:
     # Lightning moves the module back to the CPU after fit: read what ran on the benchmark's device.
     device_type = torch.device(args.device).type
     operators = [op for device, op in module._rollout_operators.items() if device.type == device_type]
-    return {"precision": args.precision, "compile": args.compile,
+    return {"precision": args.precision, "compile": args.compile, "compile_scope": args.compile_scope,
             "compile_active": any(getattr(op, "active", False) for op in operators),
             "checkpoint_every": module.hparams.checkpoint_every,
             "channels_last": module.hparams.channels_last and device_type == "cuda",
@@ -687,6 +687,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--d-state", type=int, default=None)
     parser.add_argument("--precision", default="32-true", choices=("32-true", "bf16-mixed", "16-mixed"))
     parser.add_argument("--compile", default="off", help="model.compile")
+    parser.add_argument("--compile-scope", default="operator", help="model.compile_scope: operator or step")
     parser.add_argument("--checkpoint-every", type=int, default=0, help="model.checkpoint_every")
     parser.add_argument("--checkpoint-from-universes", type=int, default=0, help="checkpoint only from this batch on")
     parser.add_argument("--no-channels-last", action="store_true", help="model.channels_last=false")

@@ -13,14 +13,16 @@
 # (the original's row too, where ratios are wanted). Rows, in order (what the last measurement left open first):
 #   original                       the original loop, standard model (UNET d8 h64, grid 64, 100 steps), batch 1
 #   b1-bf16-reduce-overhead        ours, batch 1, bf16, inductor + CUDA-graph trees           -> target 2 (>= 3 ep/s)
+#   b1-bf16-reduce-overhead-step   the same with model.compile_scope step: one CUDA graph per whole step
+#   b1-bf16                        ours, batch 1, eager: the two rows' baseline (and the peak after the autocast fix)
 #   profile-b1-bf16, profile-b16-bf16
 #                                  one bare episode (1 and 16 universes) under torch.profiler: the top kernels
 #   batched-bf16-compiled          ours, bf16 + channels_last + torch.compile, COMPILED_BATCHES universes,
 #                                  checkpoint_every 2 from 64 universes                      -> target 1 (>= 40 M/s)
 #   grid128-*                      grid 128, batch 1: the original; ours plain, checkpoint_every 10 (eager and
 #                                  compiled) and 1                                            -> target 3 (<= 3 GiB)
-#   b1-bf16, batched-bf16          ours, batch 1 plain; BATCHES universes eager, checkpoint_every 2 from
-#                                  CHECKPOINT_FROM universes on (targets 2 and 1 without compile)
+#   batched-bf16                   ours, BATCHES universes eager, checkpoint_every 2 from CHECKPOINT_FROM
+#                                  universes on (target 1 without compile)
 #   b1-bare-bf16, b16-bf16-no-channels-last (against batched-bf16's 16), b1-bf16-no-channels-last,
 #   batched-bf16-cudnn-benchmark   evidence for the presets' defaults and for the framework's cost
 # Knobs (environment): PYTHON, BUDGET_S, ROWS, BATCHES, COMPILED_BATCHES, EPISODES (timed episodes of the batch-1
@@ -71,6 +73,8 @@ LARGEST=${BATCHES##*,}
 
 row original 120 original --config standard --episodes 10 --warmup 2
 row b1-bf16-reduce-overhead 200 "${B1[@]}" --warmup 3 --compile reduce-overhead
+row b1-bf16-reduce-overhead-step 200 "${B1[@]}" --warmup 3 --compile reduce-overhead --compile-scope step
+row b1-bf16 60 "${B1[@]}" --warmup 2
 row profile-b1-bf16 60 ours --variant bare --precision bf16-mixed --config standard --episodes 1 --warmup 2 --profile 25
 row profile-b16-bf16 60 ours --variant bare --precision bf16-mixed --config standard --universes 16 --episodes 1 \
     --warmup 1 --profile 25
@@ -82,7 +86,6 @@ row grid128-bf16-checkpoint-10 60 "${OURS[@]}" --config grid128 --checkpoint-eve
 row grid128-bf16-compiled-checkpoint-10 150 "${OURS[@]}" --config grid128 --compile default --checkpoint-every 10 \
     --episodes 5 --warmup 2
 row grid128-bf16-checkpoint-1 60 "${OURS[@]}" --config grid128 --checkpoint-every 1 --episodes 5 --warmup 2
-row b1-bf16 60 "${B1[@]}" --warmup 2
 row batched-bf16 150 "${OURS[@]}" --config standard --universes "$BATCHES" --checkpoint-every 2 \
     --checkpoint-from-universes "$CHECKPOINT_FROM" --episodes 3 --warmup 1
 row b1-bare-bf16 60 ours --variant bare --precision bf16-mixed "${ORIGINAL[@]}" --config standard \

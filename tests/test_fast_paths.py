@@ -17,7 +17,7 @@ from atheria_lightning.data import EpisodeDataModule
 from atheria_lightning.errors import ConfigError
 from atheria_lightning.module import QCAModule
 from atheria_lightning.physics import compute_loss, episode_generator, initial_state, rollout
-from atheria_lightning.physics.engine import COMPILE_MODES, CompiledOperator, fast_operator
+from atheria_lightning.physics.engine import COMPILE_MODES, CompiledOperator, CompiledStep, fast_operator
 
 EPISODES = 5
 #: The issue's tolerances (fp32, CPU): losses within 1e-6 over 5 episodes, gradients within 1e-5.
@@ -161,10 +161,29 @@ def test_compiled_operator_trains_like_the_plain_one_checkpointed_or_not() -> No
     torch._dynamo.reset()
 
 
+@pytest.mark.skipif(shutil.which("cc") is None and shutil.which("g++") is None, reason="inductor needs a C compiler")
+@pytest.mark.parametrize("architecture", ["MLP", "UNET_CONVLSTM"])  # UNET_CONVLSTM: a memory from step to step
+def test_compiled_whole_step_trains_like_the_plain_one_checkpointed_or_not(architecture: str) -> None:
+    torch._dynamo.reset()
+    plain = train(tiny_model(architecture))
+    for settings in ({}, {"checkpoint_every": 2}):
+        model = tiny_model(architecture, compile="default", compile_scope="step", **settings)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            compiled = train(model)
+        step = model.rollout_operator()
+        assert isinstance(step, CompiledStep)
+        if not step.active:
+            pytest.skip(f"torch.compile does not work on this machine: {[str(w.message) for w in caught]}")
+        assert_same_training(plain, compiled)
+    torch._dynamo.reset()
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device (run on a GPU machine)")
 @pytest.mark.parametrize(("mode", "settings"), [
     ("reduce-overhead", {}), ("default", {}), ("default", {"checkpoint_every": 2}),
-    ("off", {"checkpoint_every": 2}),
+    ("off", {"checkpoint_every": 2}), ("reduce-overhead", {"compile_scope": "step"}),
+    ("default", {"compile_scope": "step", "checkpoint_every": 2}),
 ])  # fmt: skip
 def test_fast_paths_train_like_the_plain_one_on_cuda(
     mode: str, settings: dict[str, Any], monkeypatch: pytest.MonkeyPatch
@@ -251,6 +270,12 @@ def test_bad_compile_mode_is_one_line_naming_the_flag_and_the_accepted_values(mo
     message = str(raised.value)
     assert message == f"model.compile={mode!r} is not one of off, default, reduce-overhead"
     assert "\n" not in message and all(mode in message for mode in COMPILE_MODES)
+
+
+def test_bad_compile_scope_is_one_line_naming_the_flag_and_the_accepted_values() -> None:
+    with pytest.raises(ConfigError) as raised:
+        tiny_model(compile="default", compile_scope="rollout")
+    assert str(raised.value) == "model.compile_scope='rollout' is not one of operator, step"
 
 
 def test_negative_checkpoint_every_is_rejected() -> None:

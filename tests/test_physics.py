@@ -114,6 +114,19 @@ def test_apply_noise_at_level_zero_returns_the_input() -> None:
     assert apply_noise(psi0, 0.0, torch.Generator().manual_seed(4)) is psi0
 
 
+@pytest.mark.parametrize("level", [0.5, 0.05, 0.013])
+def test_apply_noise_is_a_phase_flip_then_a_gated_bit_flip_drawn_in_that_order(level: float) -> None:
+    # The noise is drawn ahead of the step (so a compiled step can take it as input); the stream and the numbers
+    # must stay those of phase_flip, a 20% gate, then bit_flip.
+    psi0 = random_state(grid_size=64, universes=3)
+    for seed in range(20):  # some with the bit-flip gate open, some closed
+        generator = torch.Generator().manual_seed(seed)
+        expected = phase_flip(psi0, level, generator)
+        gate = torch.rand((), generator=generator) < 0.2
+        expected = bit_flip(expected, 0.1 * level, generator, gate)
+        assert torch.equal(apply_noise(psi0, level, torch.Generator().manual_seed(seed)), expected)
+
+
 @pytest.mark.parametrize(("episode", "level"), [(0, 0.0), (1000, 0.025), (2000, 0.05), (5000, 0.05), (40, 0.001)])
 def test_noise_curriculum_ramps_to_max_noise(episode: int, level: float) -> None:
     assert noise_level(episode) == pytest.approx(level)

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from atheria_lightning.physics.noise import apply_noise
+from atheria_lightning.physics.noise import NoiseDraws, NoiseRates, apply_drawn_noise, draw_noise, noise_rates
 from atheria_lightning.physics.state import normalize
 
 #: Accepted values of ``model.compile``: the plain operator, ``torch.compile`` with inductor, or the same replayed as
@@ -24,6 +24,9 @@ from atheria_lightning.physics.state import normalize
 COMPILE_MODES = ("off", "default", "reduce-overhead")
 #: The modes that replay captured CUDA graphs: they need a CUDA device.
 CAPTURE_MODES = ("reduce-overhead",)
+#: Accepted values of ``model.compile_scope``: what ``model.compile`` compiles, the operator alone or the whole step
+#: (operator, Euler update, normalisation and noise; one CUDA graph per step with ``reduce-overhead``).
+COMPILE_SCOPES = ("operator", "step")
 
 
 def episode_generator(seed: int, episode: int, device: torch.device | str = "cpu", rank: int = 0) -> torch.Generator:
@@ -69,6 +72,26 @@ def lindblad_step(operator: nn.Module, psi: torch.Tensor, gamma: float, memory: 
     return normalize(psi + delta - gamma * psi), memory
 
 
+def noisy_step(
+    operator: Callable[..., Any],
+    psi: torch.Tensor,
+    memory: Any,
+    gamma: float,
+    rates: NoiseRates | None,
+    draws: NoiseDraws | None,
+) -> tuple[torch.Tensor, Any]:
+    """One step of a rollout: :func:`lindblad_step`, then the noise of ``draws`` (none when ``draws`` is None).
+
+    A pure function of its tensors (the random numbers come in ``draws``), so that ``model.compile_scope: step``
+    can compile and capture it whole.
+    """
+    psi, memory = lindblad_step(operator, psi, gamma, memory)
+    if draws is not None:
+        assert rates is not None
+        psi = apply_drawn_noise(psi, rates, draws)
+    return psi, memory
+
+
 @dataclass
 class RolloutResult:
     """The final state (with its graph) and detached snapshots along the way, first and last included."""
@@ -101,15 +124,18 @@ def rollout(
     segment = checkpoint_every if checkpoint_every > 0 and torch.is_grad_enabled() else steps
     psi, memory = psi0, None
     history = [psi0.detach()]
+    rates = noise_rates(noise, psi0.device) if noise > 0.0 else None  # once per rollout: one host-to-device copy
     with weight_cast_cache(psi0.device.type):
+        # Here, not inside a checkpointed segment, whose recompute would not match; under the same autocast state as
+        # the steps, so that they reuse what it compiled.
         if isinstance(operator, CompiledOperator):
-            # Here, not inside a checkpointed segment, whose recompute would not match; under the same autocast
-            # state as the steps, so that they reuse what it compiled.
             operator.probe(to_channels(psi0))
+        elif isinstance(operator, CompiledStep):
+            operator.probe(psi0, gamma, rates)
         for first in range(1, steps + 1, segment):
             last = min(first + segment - 1, steps)
             evolve = partial(
-                _evolve, operator, first=first, last=last, steps=steps, every=every, gamma=gamma, noise=noise
+                _evolve, operator, first=first, last=last, steps=steps, every=every, gamma=gamma, rates=rates
             )
             if segment < steps:
                 psi, memory, snapshots = _checkpointed(evolve, psi, memory, generator)
@@ -153,13 +179,15 @@ def _evolve(
     steps: int,
     every: int,
     gamma: float,
-    noise: float,
+    rates: NoiseRates | None,
 ) -> tuple[torch.Tensor, Any, list[torch.Tensor]]:
     """Steps ``first..last`` (1-based, inclusive) of a rollout of ``steps``: the state, the memory, the snapshots."""
+    step = operator.step if isinstance(operator, CompiledStep) else partial(noisy_step, operator)
     snapshots = []
     for t in range(first, last + 1):
-        psi, memory = lindblad_step(operator, psi, gamma, memory)
-        psi = apply_noise(psi, noise, generator)
+        # Drawn before the step: the generator feeds nothing else, so the stream is that of apply_noise after it.
+        draws = draw_noise(psi, generator) if rates is not None else None
+        psi, memory = step(psi, memory, gamma, rates, draws)
         if t % every == 0 or t == steps:
             snapshots.append(psi.detach())
     return psi, memory, snapshots
@@ -188,7 +216,35 @@ def _checkpointed(
     return result
 
 
-class CompiledOperator:
+#: Exceptions that pass through a compiled call instead of making it fall back to the plain computation: out of
+#: memory (too big whichever path runs: the user must hear it) and the signal with which activation checkpointing
+#: stops a recomputation once it has what the backward needs (control flow, not a failure).
+_NOT_FAILURES: tuple[type[BaseException], ...] = (torch.cuda.OutOfMemoryError,) + tuple(
+    error for error in (getattr(torch.utils.checkpoint, "_StopRecomputationError", None),) if error is not None
+)
+
+
+class _Compiled:
+    """What both compile scopes share: the fallback to the plain computation, with one warning."""
+
+    mode: str
+    compiled: Callable[..., Any] | None
+
+    @property
+    def active(self) -> bool:
+        """False once compiling has failed and the plain computation runs instead."""
+        return self.compiled is not None
+
+    def _fall_back(self, err: Exception) -> None:
+        self.compiled = None
+        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        warnings.warn(
+            f"model.compile={self.mode!r} failed ({type(err).__name__}: {first_line}); running the plain operator",
+            stacklevel=3,
+        )
+
+
+class CompiledOperator(_Compiled):
     """The operator behind ``torch.compile``, falling back to the plain operator (one warning) if compiling fails.
 
     Only the operator is compiled: it holds nearly all the work and is real-valued, while inductor does not generate
@@ -209,13 +265,8 @@ class CompiledOperator:
         self.mode = mode
         self.multiplicative = getattr(operator, "multiplicative", False)
         self.recurrent = getattr(operator, "recurrent", False)
-        self.compiled: Callable[..., Any] | None = torch.compile(operator, mode=mode)
+        self.compiled = torch.compile(operator, mode=mode)
         self._probed = False
-
-    @property
-    def active(self) -> bool:
-        """False once compiling has failed and the plain operator runs instead."""
-        return self.compiled is not None
 
     def __call__(self, x: torch.Tensor, *memory: Any) -> Any:
         if self.compiled is None:
@@ -226,8 +277,8 @@ class CompiledOperator:
             x = x.detach().requires_grad_()
         try:
             return self.compiled(x, *memory)
-        except torch.cuda.OutOfMemoryError:
-            raise  # too big for the device whichever path runs: the user must hear it, not get a slower fallback
+        except _NOT_FAILURES:
+            raise
         except Exception as err:  # any failure to compile or capture: the plain operator computes the same thing
             self._fall_back(err)
             return self.operator(x, *memory)
@@ -244,31 +295,85 @@ class CompiledOperator:
             # autograd.grad, not backward: the probe must leave no gradient in the parameters.
             torch.autograd.grad(out.float().sum(), [probe, *weights], allow_unused=True)
             self._probed = True
-        except torch.cuda.OutOfMemoryError:
+        except _NOT_FAILURES:
             raise
         except Exception as err:  # any failure to compile or capture: the plain operator computes the same thing
             self._fall_back(err)
 
-    def _fall_back(self, err: Exception) -> None:
-        self.compiled = None
-        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
-        warnings.warn(
-            f"model.compile={self.mode!r} failed ({type(err).__name__}: {first_line}); running the plain operator",
-            stacklevel=3,
-        )
+
+class CompiledStep(_Compiled):
+    """The whole step (:func:`noisy_step`: operator, Euler update, normalisation, noise) behind ``torch.compile``.
+
+    With ``reduce-overhead`` each step is one CUDA graph instead of the operator's graph plus some forty small
+    kernels launched one by one from Python; a rollout at one universe per episode is bound by those launches.
+    The noise comes in as drawn tensors and the noise rates as device scalars, so the graph is the same for every
+    step, level and episode. Inductor generates no code for the complex arithmetic (it runs PyTorch's own kernels
+    inside the graph), so on the CPU this gains nothing over compiling the operator alone. Falls back to the plain
+    step, with one warning, if compiling fails.
+
+    Args:
+        operator: The Law M operator.
+        mode: ``default`` or ``reduce-overhead`` (see :data:`COMPILE_MODES`).
+    """
+
+    def __init__(self, operator: nn.Module, mode: str) -> None:
+        if mode not in COMPILE_MODES[1:]:
+            raise ValueError(f"mode={mode!r} is not one of {', '.join(COMPILE_MODES[1:])}")
+        self.operator = operator
+        self.mode = mode
+        self.compiled = torch.compile(noisy_step, mode=mode)
+        self._probed = False
+
+    def step(
+        self, psi: torch.Tensor, memory: Any, gamma: float, rates: NoiseRates | None, draws: NoiseDraws | None
+    ) -> tuple[torch.Tensor, Any]:
+        """:func:`noisy_step` of the operator, compiled."""
+        if self.compiled is None:
+            return noisy_step(self.operator, psi, memory, gamma, rates, draws)
+        if torch.is_grad_enabled() and not psi.requires_grad:
+            psi = psi.detach().requires_grad_()  # the first step then reuses the graph of the others (see above)
+        try:
+            return self.compiled(self.operator, psi, memory, gamma, rates, draws)
+        except _NOT_FAILURES:
+            raise
+        except Exception as err:  # any failure to compile or capture: the plain step computes the same thing
+            self._fall_back(err)
+            return noisy_step(self.operator, psi, memory, gamma, rates, draws)
+
+    def probe(self, psi0: torch.Tensor, gamma: float, rates: NoiseRates | None) -> None:
+        """Once, with gradients on: a forward and backward of one step from ``psi0``, to compile both."""
+        if self._probed or self.compiled is None or not torch.is_grad_enabled():
+            return
+        try:
+            psi = psi0.detach().requires_grad_()
+            draws = None
+            if rates is not None:  # zeros: the shapes and devices of real draws, without drawing from the generator
+                cells = torch.zeros(psi0.shape[:3], device=psi0.device)
+                draws = NoiseDraws(cells, torch.zeros(psi0.shape, device=psi0.device), cells[0, 0, 0], cells)
+            out, _ = self.compiled(self.operator, psi, None, gamma, rates, draws)
+            weights = [p for p in self.operator.parameters() if p.requires_grad]
+            torch.autograd.grad(out.abs().sum(), [psi, *weights], allow_unused=True)
+            self._probed = True
+        except _NOT_FAILURES:
+            raise
+        except Exception as err:  # any failure to compile or capture: the plain step computes the same thing
+            self._fall_back(err)
 
 
 def fast_operator(
-    operator: nn.Module, mode: str, device: torch.device | str, checkpoint_every: int = 0
-) -> nn.Module | CompiledOperator:
+    operator: nn.Module, mode: str, device: torch.device | str, checkpoint_every: int = 0, scope: str = "operator"
+) -> nn.Module | CompiledOperator | CompiledStep:
     """The operator as ``model.compile = mode`` asks, or the plain one (with one warning) where that cannot work.
 
-    CUDA graphs need a CUDA device; they are not attempted for a recurrent operator (its memory changes from none
-    to tensors after the first step and crosses from graph to graph) nor under activation checkpointing (the
-    backward recomputes forwards in the middle of a replay).
+    ``scope`` (``model.compile_scope``) says what is compiled: the operator alone, or the whole step
+    (:class:`CompiledStep`). CUDA graphs need a CUDA device; they are not attempted for a recurrent operator (its
+    memory changes from none to tensors after the first step and crosses from graph to graph) nor under activation
+    checkpointing (the backward recomputes forwards in the middle of a replay).
     """
     if mode not in COMPILE_MODES:
         raise ValueError(f"model.compile={mode!r} is not one of {', '.join(COMPILE_MODES)}")
+    if scope not in COMPILE_SCOPES:
+        raise ValueError(f"model.compile_scope={scope!r} is not one of {', '.join(COMPILE_SCOPES)}")
     if mode == "off":
         return operator
     if mode in CAPTURE_MODES:
@@ -284,4 +389,4 @@ def fast_operator(
                 f"model.compile={mode!r} is not possible here ({reason}); running the plain operator", stacklevel=2
             )
             return operator
-    return CompiledOperator(operator, mode)
+    return CompiledStep(operator, mode) if scope == "step" else CompiledOperator(operator, mode)

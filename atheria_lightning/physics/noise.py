@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 
@@ -44,11 +45,54 @@ def bit_flip(
     return torch.where(mask, -psi, psi)
 
 
+class NoiseDraws(NamedTuple):
+    """The uniform draws of one noise step, in the order :func:`apply_noise` makes them."""
+
+    phase_cells: torch.Tensor  # (B, H, W): which cells turn their phase
+    phase_angles: torch.Tensor  # (B, H, W, d): by how much, as a fraction of a full turn
+    bit_gate: torch.Tensor  # (): whether a bit-flip event happens at all this step
+    bit_cells: torch.Tensor  # (B, H, W): which cells flip their sign
+
+
+class NoiseRates(NamedTuple):
+    """The per-cell rates of one noise level, as float32 device scalars: the same values in every step and episode
+    of a level, and inputs (not constants) for a compiled step, so a new level compiles nothing new."""
+
+    phase: torch.Tensor
+    bit: torch.Tensor
+
+
+def noise_rates(level: float, device: torch.device | str) -> NoiseRates:
+    """The phase-flip rate ``level`` and the bit-flip rate ``0.1 * level``, rounded to float32 as the comparisons
+    of :func:`phase_flip` and :func:`bit_flip` round them."""
+    rates = torch.tensor([level, BIT_FLIP_RATE_FACTOR * level], dtype=torch.float32).to(device, non_blocking=True)
+    return NoiseRates(rates[0], rates[1])
+
+
+def draw_noise(psi: torch.Tensor, generator: torch.Generator | None = None) -> NoiseDraws:
+    """The random numbers of one noise step on ``psi``'s device: what :func:`apply_noise` draws, in its order."""
+    cells, device = psi.shape[:3], psi.device
+    return NoiseDraws(
+        torch.rand(cells, generator=generator, device=device),
+        torch.rand(psi.shape, generator=generator, device=device),
+        torch.rand((), generator=generator, device=device),
+        torch.rand(cells, generator=generator, device=device),
+    )
+
+
+def apply_drawn_noise(psi: torch.Tensor, rates: NoiseRates, draws: NoiseDraws) -> torch.Tensor:
+    """One noise step from its draws: a pure function of its tensors, so it can be compiled and captured."""
+    phase = (draws.phase_cells < rates.phase).unsqueeze(-1)
+    angle = draws.phase_angles * (2 * math.pi)
+    psi = torch.where(phase, psi * torch.polar(torch.ones_like(angle), angle), psi)
+    flip = (draws.bit_cells < rates.bit).unsqueeze(-1) & (draws.bit_gate < BIT_FLIP_PROBABILITY)
+    return torch.where(flip, -psi, psi)
+
+
 def apply_noise(psi: torch.Tensor, level: float, generator: torch.Generator | None = None) -> torch.Tensor:
     """One step of environment noise: a phase flip at ``level``, and with probability 0.2 a bit flip at
-    ``0.1 * level``. The 20% draw stays on the device, so the step never waits for the GPU."""
+    ``0.1 * level``; the same numbers as :func:`phase_flip` then :func:`bit_flip` gated by a draw, drawn in that
+    order. The 20% draw stays on the device, so the step never waits for the GPU."""
     if level <= 0.0:  # a Python float from the curriculum, not a tensor: no sync
         return psi
-    psi = phase_flip(psi, level, generator)
-    gate = torch.rand((), generator=generator, device=psi.device) < BIT_FLIP_PROBABILITY
-    return bit_flip(psi, BIT_FLIP_RATE_FACTOR * level, generator, gate)
+    return apply_drawn_noise(psi, noise_rates(level, psi.device), draw_noise(psi, generator))
