@@ -225,23 +225,62 @@ _NOT_FAILURES: tuple[type[BaseException], ...] = (torch.cuda.OutOfMemoryError,) 
 
 
 class _Compiled:
-    """What both compile scopes share: the fallback to the plain computation, with one warning."""
+    """What both compile scopes share: ``torch.compile`` of ``target``, and the fallback to the plain computation
+    (one warning) when compiling or capturing fails, on a call or at the probe."""
 
-    mode: str
-    compiled: Callable[..., Any] | None
+    def __init__(self, operator: nn.Module, mode: str, target: Callable[..., Any]) -> None:
+        if mode not in COMPILE_MODES[1:]:
+            raise ValueError(f"mode={mode!r} is not one of {', '.join(COMPILE_MODES[1:])}")
+        self.operator = operator
+        self.mode = mode
+        self.compiled: Callable[..., Any] | None = torch.compile(target, mode=mode)
+        self._probed = False
 
     @property
     def active(self) -> bool:
         """False once compiling has failed and the plain computation runs instead."""
         return self.compiled is not None
 
+    def _run(self, plain: Callable[..., Any], *args: Any) -> Any:
+        """The compiled target on ``args``; ``plain`` (the same computation uncompiled) once compiling has failed."""
+        if self.compiled is None:
+            return plain(*args)
+        try:
+            return self.compiled(*args)
+        except _NOT_FAILURES:
+            raise
+        except Exception as err:  # any failure to compile or capture: the plain computation gives the same numbers
+            self._fall_back(err)
+            return plain(*args)
+
+    def _probe(self, forward_and_backward: Callable[[Callable[..., Any]], None]) -> None:
+        """Once, with gradients on: ``forward_and_backward(compiled)``, so that compiling fails here, if it does."""
+        if self._probed or self.compiled is None or not torch.is_grad_enabled():
+            return
+        try:
+            forward_and_backward(self.compiled)
+            self._probed = True
+        except _NOT_FAILURES:
+            raise
+        except Exception as err:  # any failure to compile or capture: the plain computation gives the same numbers
+            self._fall_back(err)
+
+    def _weights(self) -> list[torch.Tensor]:
+        return [p for p in self.operator.parameters() if p.requires_grad]
+
     def _fall_back(self, err: Exception) -> None:
         self.compiled = None
         first_line = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
         warnings.warn(
             f"model.compile={self.mode!r} failed ({type(err).__name__}: {first_line}); running the plain operator",
-            stacklevel=3,
+            stacklevel=4,
         )
+
+
+def _with_input_gradient(x: torch.Tensor) -> torch.Tensor:
+    """The first step's input carries no gradient; asking for one (a few kFLOP) lets that step reuse the graph of
+    all the others instead of compiling a second one, which takes as long as the first."""
+    return x.detach().requires_grad_() if torch.is_grad_enabled() and not x.requires_grad else x
 
 
 class CompiledOperator(_Compiled):
@@ -259,46 +298,23 @@ class CompiledOperator(_Compiled):
     """
 
     def __init__(self, operator: nn.Module, mode: str) -> None:
-        if mode not in COMPILE_MODES[1:]:
-            raise ValueError(f"mode={mode!r} is not one of {', '.join(COMPILE_MODES[1:])}")
-        self.operator = operator
-        self.mode = mode
+        super().__init__(operator, mode, operator)
         self.multiplicative = getattr(operator, "multiplicative", False)
         self.recurrent = getattr(operator, "recurrent", False)
-        self.compiled = torch.compile(operator, mode=mode)
-        self._probed = False
 
     def __call__(self, x: torch.Tensor, *memory: Any) -> Any:
-        if self.compiled is None:
-            return self.operator(x, *memory)
-        if torch.is_grad_enabled() and not x.requires_grad:
-            # The first step's input carries no gradient; asking for one (a few kFLOP) lets that step reuse the
-            # graph of all the others instead of compiling a second one, which takes as long as the first.
-            x = x.detach().requires_grad_()
-        try:
-            return self.compiled(x, *memory)
-        except _NOT_FAILURES:
-            raise
-        except Exception as err:  # any failure to compile or capture: the plain operator computes the same thing
-            self._fall_back(err)
-            return self.operator(x, *memory)
+        return self._run(self.operator, _with_input_gradient(x), *memory)
 
     def probe(self, x: torch.Tensor) -> None:
         """Once, with gradients on: a forward and backward on ``x`` (the first step's input), to compile both."""
-        if self._probed or self.compiled is None or not torch.is_grad_enabled():
-            return
-        try:
+
+        def forward_and_backward(compiled: Callable[..., Any]) -> None:
             probe = x.detach().requires_grad_()
-            out = self.compiled(probe, None) if self.recurrent else self.compiled(probe)
-            out = out[0] if self.recurrent else out
-            weights = [p for p in self.operator.parameters() if p.requires_grad]
+            out = compiled(probe, None)[0] if self.recurrent else compiled(probe)
             # autograd.grad, not backward: the probe must leave no gradient in the parameters.
-            torch.autograd.grad(out.float().sum(), [probe, *weights], allow_unused=True)
-            self._probed = True
-        except _NOT_FAILURES:
-            raise
-        except Exception as err:  # any failure to compile or capture: the plain operator computes the same thing
-            self._fall_back(err)
+            torch.autograd.grad(out.float().sum(), [probe, *self._weights()], allow_unused=True)
+
+        self._probe(forward_and_backward)
 
 
 class CompiledStep(_Compiled):
@@ -317,47 +333,27 @@ class CompiledStep(_Compiled):
     """
 
     def __init__(self, operator: nn.Module, mode: str) -> None:
-        if mode not in COMPILE_MODES[1:]:
-            raise ValueError(f"mode={mode!r} is not one of {', '.join(COMPILE_MODES[1:])}")
-        self.operator = operator
-        self.mode = mode
-        self.compiled = torch.compile(noisy_step, mode=mode)
-        self._probed = False
+        super().__init__(operator, mode, noisy_step)
 
     def step(
         self, psi: torch.Tensor, memory: Any, gamma: float, rates: NoiseRates | None, draws: NoiseDraws | None
     ) -> tuple[torch.Tensor, Any]:
         """:func:`noisy_step` of the operator, compiled."""
-        if self.compiled is None:
-            return noisy_step(self.operator, psi, memory, gamma, rates, draws)
-        if torch.is_grad_enabled() and not psi.requires_grad:
-            psi = psi.detach().requires_grad_()  # the first step then reuses the graph of the others (see above)
-        try:
-            return self.compiled(self.operator, psi, memory, gamma, rates, draws)
-        except _NOT_FAILURES:
-            raise
-        except Exception as err:  # any failure to compile or capture: the plain step computes the same thing
-            self._fall_back(err)
-            return noisy_step(self.operator, psi, memory, gamma, rates, draws)
+        return self._run(noisy_step, self.operator, _with_input_gradient(psi), memory, gamma, rates, draws)
 
     def probe(self, psi0: torch.Tensor, gamma: float, rates: NoiseRates | None) -> None:
         """Once, with gradients on: a forward and backward of one step from ``psi0``, to compile both."""
-        if self._probed or self.compiled is None or not torch.is_grad_enabled():
-            return
-        try:
+
+        def forward_and_backward(compiled: Callable[..., Any]) -> None:
             psi = psi0.detach().requires_grad_()
             draws = None
             if rates is not None:  # zeros: the shapes and devices of real draws, without drawing from the generator
                 cells = torch.zeros(psi0.shape[:3], device=psi0.device)
                 draws = NoiseDraws(cells, torch.zeros(psi0.shape, device=psi0.device), cells[0, 0, 0], cells)
-            out, _ = self.compiled(self.operator, psi, None, gamma, rates, draws)
-            weights = [p for p in self.operator.parameters() if p.requires_grad]
-            torch.autograd.grad(out.abs().sum(), [psi, *weights], allow_unused=True)
-            self._probed = True
-        except _NOT_FAILURES:
-            raise
-        except Exception as err:  # any failure to compile or capture: the plain step computes the same thing
-            self._fall_back(err)
+            out, _ = compiled(self.operator, psi, None, gamma, rates, draws)
+            torch.autograd.grad(out.abs().sum(), [psi, *self._weights()], allow_unused=True)
+
+        self._probe(forward_and_backward)
 
 
 def fast_operator(
