@@ -293,3 +293,17 @@ def test_as_floats_reads_numbers_and_tensors_in_order_whatever_their_device() ->
         values, expected = [torch.tensor(0.5, device="cuda"), *values], [0.5, *expected]
     assert as_floats(values) == expected
     assert as_floats([]) == []
+
+
+def test_the_progress_bar_counts_episodes_of_the_whole_run_and_shows_the_loss(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    first = _tiny_fit(EpisodeProgressBar(), tmp_path / "first", episodes=2)
+    resumed = Trainer(max_epochs=-1, logger=False, default_root_dir=str(tmp_path / "resumed"), num_sanity_val_steps=0,
+                      limit_val_batches=0, callbacks=[EpisodeProgressBar()])  # fmt: skip
+    model = QCAModule(architecture="MLP", d_state=2, hidden_channels=4, grid_size=8, qca_steps=2)
+    resumed.fit(model, datamodule=EpisodeDataModule(total_episodes=4),
+                ckpt_path=str(Path(first.checkpoint_callback.dirpath) / "last.ckpt"))  # fmt: skip
+    shown = capsys.readouterr().out.strip().split("\r")[-1]  # Lightning's bars write to stdout
+    assert "episode: 100%" in shown and "4/4" in shown, "episodes 3 and 4 of 4, counted from the resumed episode"
+    assert "train/loss=" in shown

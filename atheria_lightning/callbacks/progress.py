@@ -6,7 +6,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import TQDMProgressBar
-from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
+from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm, convert_inf
 from typing_extensions import override
 
 
@@ -32,12 +32,24 @@ class EpisodeProgressBar(TQDMProgressBar):
         return Tqdm(disable=True)
 
     @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        # Lightning skips on_train_epoch_start when it resumes inside an epoch, which is where a run that stopped
+        # (time guard, end of its episodes, a kill) resumes: without this the bar would count "Training: k/?".
+        self._count_episodes(trainer)
+
+    @override
     def on_train_epoch_start(self, trainer: pl.Trainer, *args: Any) -> None:
         super().on_train_epoch_start(trainer, *args)
+        self._count_episodes(trainer)
+
+    def _count_episodes(self, trainer: pl.Trainer) -> None:
+        bar = self.train_progress_bar
         start = getattr(trainer.datamodule, "next_episode", 0) if trainer.datamodule is not None else 0
-        self.train_progress_bar.initial = start
-        self.train_progress_bar.n = start
-        self.train_progress_bar.set_description("episode")
+        bar.reset(total=convert_inf(self.total_train_batches))
+        bar.initial = start
+        bar.n = start
+        bar.set_description("episode")
 
     @override
     def on_train_batch_end(
@@ -48,5 +60,5 @@ class EpisodeProgressBar(TQDMProgressBar):
         bar = self.train_progress_bar
         if bar is not None and self._should_update(n, bar.total):
             bar.n = n
-            bar.refresh()
-            bar.set_postfix(self.get_metrics(trainer, pl_module))
+            bar.set_postfix(self.get_metrics(trainer, pl_module), refresh=False)
+            bar.refresh()  # once per update: a notebook's bar is a widget message each time
