@@ -25,9 +25,13 @@
 #                                  universes on (target 1 without compile)
 #   b1-bare-bf16, b16-bf16-no-channels-last (against batched-bf16's 16), b1-bf16-no-channels-last,
 #   batched-bf16-cudnn-benchmark   evidence for the presets' defaults and for the framework's cost
+# Before the rows, unless TESTS=0: the GPU equivalence tests (tests/test_fast_paths.py -k "on_cuda or mixed": every
+# fast path, both compile scopes, gives the plain path's losses and gradients on this GPU), at most TESTS_LIMIT_S
+# (default 240) of the budget; their result is the JSON line "gpu-tests", their output OUT_DIR/gpu_tests.log. A
+# speed figure of a path that computes wrong numbers is worth nothing, so they come first.
 # Knobs (environment): PYTHON, BUDGET_S, ROWS, BATCHES, COMPILED_BATCHES, EPISODES (timed episodes of the batch-1
 # rows), CHECKPOINT_FROM, ANCHOR (the original loop's file, when ../shared/bench/anchor_original.py is not beside
-# the repository), EXTRA_ARGS (appended to every row).
+# the repository), EXTRA_ARGS (appended to every row), TESTS, TESTS_LIMIT_S.
 set -u
 
 OUT_DIR=${1:-${OUT:-benchmarks/out}}
@@ -66,6 +70,14 @@ row() { # row LABEL LIMIT_S ARGS...: one bench_speed.py call under a time limit,
 }
 
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true; } >>"$LOG" 2>&1
+if [[ "${TESTS:-1}" != 0 ]]; then
+    timeout -k 10 "${TESTS_LIMIT_S:-240}" "$PY" -m pytest -q -p no:cacheprovider tests/test_fast_paths.py \
+        -k "on_cuda or mixed" >"$OUT_DIR/gpu_tests.log" 2>&1
+    rc=$?
+    summary=$(tail -n 1 "$OUT_DIR/gpu_tests.log" | tr -d '"\\')
+    echo "{\"label\": \"gpu-tests\", \"exit\": $rc, \"summary\": \"$summary\"}" >>"$OUT"
+    echo "gpu-tests: exit $rc at $(($(date +%s) - START))s: $summary" >&2
+fi
 ORIGINAL=(--original-from "$OUT")
 OURS=(ours --variant lightning --precision bf16-mixed "${ORIGINAL[@]}")
 B1=("${OURS[@]}" --config standard --episodes "$EPISODES")

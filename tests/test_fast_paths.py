@@ -286,10 +286,10 @@ def test_negative_checkpoint_every_is_rejected() -> None:
 # --- mixed precision --------------------------------------------------------------------------------------------------
 
 
-def saved_for_backward(context: Any, steps: int) -> tuple[int, torch.Tensor]:
+def saved_for_backward(context: Any, steps: int, device: str) -> tuple[int, torch.Tensor]:
     """The bytes a UNET rollout keeps for its backward pass under ``context`` (each storage once), and its loss."""
     torch.manual_seed(0)
-    model = tiny_model("UNET", qca_steps=steps)
+    model = tiny_model("UNET", qca_steps=steps).to(device)
     storages: dict[int, int] = {}
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
@@ -301,17 +301,20 @@ def saved_for_backward(context: Any, steps: int) -> tuple[int, torch.Tensor]:
     return sum(storages.values()), parts["loss"].detach().float()
 
 
-def test_under_lightnings_mixed_precision_a_rollout_casts_the_weights_once_not_once_per_step() -> None:
+@pytest.mark.parametrize("device", [
+    "cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")),
+])  # fmt: skip
+def test_under_lightnings_mixed_precision_a_rollout_casts_the_weights_once_not_once_per_step(device: str) -> None:
     # Lightning's precision plugin turns autocast's cache off, so each step would cast every weight again and keep
     # the copy for the backward: 1.3 GiB more at the standard model's 100 steps, measured on an H100.
     from lightning.pytorch.plugins.precision import MixedPrecision
 
-    lightning = MixedPrecision("bf16-mixed", "cpu").forward_context
-    cached = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
-    under_lightning, loss = saved_for_backward(lightning(), steps=6)
-    with_cache, cached_loss = saved_for_backward(cached(), steps=6)
+    lightning = MixedPrecision("bf16-mixed", device).forward_context
+    cached = lambda: torch.autocast(device, dtype=torch.bfloat16)  # noqa: E731
+    under_lightning, loss = saved_for_backward(lightning(), 6, device)
+    with_cache, cached_loss = saved_for_backward(cached(), 6, device)
     assert under_lightning == with_cache
     torch.testing.assert_close(loss, cached_loss, rtol=0, atol=0)  # the same copies: the same numbers
     weights = sum(p.numel() * 2 for p in tiny_model("UNET").operator.parameters())  # one bf16 copy
-    growth = under_lightning - saved_for_backward(lightning(), steps=3)[0]
+    growth = under_lightning - saved_for_backward(lightning(), 3, device)[0]
     assert growth < 3 * weights, "three more steps must not keep three more copies of the weights"
