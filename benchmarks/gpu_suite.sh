@@ -27,8 +27,9 @@
 #   batched-bf16-cudnn-benchmark   evidence for the presets' defaults and for the framework's cost
 # Before the rows, unless TESTS=0: the GPU equivalence tests (tests/test_fast_paths.py -k "on_cuda or mixed": every
 # fast path, both compile scopes, gives the plain path's losses and gradients on this GPU), at most TESTS_LIMIT_S
-# (default 240) of the budget; their result is the JSON line "gpu-tests", their output OUT_DIR/gpu_tests.log. A
-# speed figure of a path that computes wrong numbers is worth nothing, so they come first.
+# (default 240) of the budget. Their result is the JSON line "gpu-tests"; OUT_DIR/gpu_tests.log has one line per
+# test, so a run cut by the limit still shows what passed. The cases not yet run on a GPU come first. A speed
+# figure of a path that computes wrong numbers is worth nothing, so the tests run before the rows.
 # Knobs (environment): PYTHON, BUDGET_S, ROWS, BATCHES, COMPILED_BATCHES, EPISODES (timed episodes of the batch-1
 # rows), CHECKPOINT_FROM, ANCHOR (the original loop's file, when ../shared/bench/anchor_original.py is not beside
 # the repository), EXTRA_ARGS (appended to every row), TESTS, TESTS_LIMIT_S.
@@ -71,7 +72,7 @@ row() { # row LABEL LIMIT_S ARGS...: one bench_speed.py call under a time limit,
 
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true; } >>"$LOG" 2>&1
 if [[ "${TESTS:-1}" != 0 ]]; then
-    timeout -k 10 "${TESTS_LIMIT_S:-240}" "$PY" -m pytest -q -p no:cacheprovider tests/test_fast_paths.py \
+    timeout -k 10 "${TESTS_LIMIT_S:-240}" "$PY" -m pytest -v -p no:cacheprovider tests/test_fast_paths.py \
         -k "on_cuda or mixed" >"$OUT_DIR/gpu_tests.log" 2>&1
     rc=$?
     summary=$(tail -n 1 "$OUT_DIR/gpu_tests.log" | tr -d '"\\')
