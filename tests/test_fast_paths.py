@@ -100,14 +100,15 @@ class EpisodeLosses(Callback):
         self.losses.append(outputs["loss"].detach())
 
 
-def test_checkpointed_training_through_lightning_gives_the_plain_losses(tmp_path: Path) -> None:
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])  # bf16: the recompute under autocast's cache
+def test_checkpointed_training_through_lightning_gives_the_plain_losses(tmp_path: Path, precision: str) -> None:
     losses = []
     for every in (0, 2):
         recorder = EpisodeLosses()
         trainer = Trainer(
             max_epochs=1, logger=False, enable_progress_bar=False, enable_checkpointing=False,
             enable_model_summary=False, default_root_dir=tmp_path, limit_val_batches=0, callbacks=[recorder],
-            gradient_clip_val=1.0,
+            gradient_clip_val=1.0, accelerator="cpu", precision=precision,
         )  # fmt: skip
         trainer.fit(tiny_model(checkpoint_every=every), EpisodeDataModule(total_episodes=EPISODES))
         losses.append(torch.stack(recorder.losses))
