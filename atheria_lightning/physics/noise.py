@@ -26,12 +26,24 @@ def _cell_mask(psi: torch.Tensor, rate: float, generator: torch.Generator | None
     return torch.rand(psi.shape[:3], generator=generator, device=psi.device).unsqueeze(-1) < rate
 
 
+def _turn_phases(psi: torch.Tensor, cells: torch.Tensor, turns: torch.Tensor) -> torch.Tensor:
+    """In the ``cells`` (a ``(B, H, W, 1)`` mask), multiply each amplitude by ``exp(2*pi*i*turns)``.
+
+    torch.where instead of boolean indexing: indexing would sync the host to size the result.
+    """
+    angle = turns * (2 * math.pi)
+    return torch.where(cells, psi * torch.polar(torch.ones_like(angle), angle), psi)
+
+
+def _flip_signs(psi: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
+    """In the ``cells`` (a ``(B, H, W, 1)`` mask), invert the sign of every amplitude."""
+    return torch.where(cells, -psi, psi)
+
+
 def phase_flip(psi: torch.Tensor, rate: float, generator: torch.Generator | None = None) -> torch.Tensor:
     """Multiply each amplitude of about ``rate`` of the cells by a random phase ``exp(i*theta)``; |psi| is kept."""
-    mask = _cell_mask(psi, rate, generator)
-    angle = torch.rand(psi.shape, generator=generator, device=psi.device) * (2 * math.pi)
-    # torch.where instead of boolean indexing: indexing would sync the host to size the result.
-    return torch.where(mask, psi * torch.polar(torch.ones_like(angle), angle), psi)
+    cells = _cell_mask(psi, rate, generator)
+    return _turn_phases(psi, cells, torch.rand(psi.shape, generator=generator, device=psi.device))
 
 
 def bit_flip(
@@ -41,8 +53,7 @@ def bit_flip(
     gate: torch.Tensor | bool = True,
 ) -> torch.Tensor:
     """Invert the sign of about ``rate`` of the cells, where ``gate`` (a device boolean) is true."""
-    mask = _cell_mask(psi, rate, generator) & gate
-    return torch.where(mask, -psi, psi)
+    return _flip_signs(psi, _cell_mask(psi, rate, generator) & gate)
 
 
 class NoiseDraws(NamedTuple):
@@ -82,11 +93,8 @@ def draw_noise(psi: torch.Tensor, generator: torch.Generator | None = None) -> N
 
 def apply_drawn_noise(psi: torch.Tensor, rates: NoiseRates, draws: NoiseDraws) -> torch.Tensor:
     """One noise step from its draws: a pure function of its tensors, so it can be compiled and captured."""
-    phase = (draws.phase_cells < rates.phase).unsqueeze(-1)
-    angle = draws.phase_angles * (2 * math.pi)
-    psi = torch.where(phase, psi * torch.polar(torch.ones_like(angle), angle), psi)
-    flip = (draws.bit_cells < rates.bit).unsqueeze(-1) & (draws.bit_gate < BIT_FLIP_PROBABILITY)
-    return torch.where(flip, -psi, psi)
+    psi = _turn_phases(psi, (draws.phase_cells < rates.phase).unsqueeze(-1), draws.phase_angles)
+    return _flip_signs(psi, (draws.bit_cells < rates.bit).unsqueeze(-1) & (draws.bit_gate < BIT_FLIP_PROBABILITY))
 
 
 def apply_noise(psi: torch.Tensor, level: float, generator: torch.Generator | None = None) -> torch.Tensor:
