@@ -67,8 +67,10 @@ DEFAULT_ANCHOR = REPO.parent / "shared" / "bench" / "anchor_original.py"
 #: (the GPU presets' model); ``grid128`` the same on a 128 x 128 universe (the issue's memory target).
 STANDARD = {"architecture": "UNET", "d_state": 8, "hidden_channels": 64, "grid_size": 64, "qca_steps": 100,
             "universes_per_episode": 1, "lr": 1e-4, "noise_ramp_episodes": 2000}  # fmt: skip
+#: configs/demo.yaml, read once: its model and its validation settings.
+DEMO = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
 CONFIGS: dict[str, dict[str, Any]] = {
-    "demo": yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())["model"],
+    "demo": DEMO["model"],
     "standard": STANDARD,
     "grid128": {**STANDARD, "grid_size": 128},
 }
@@ -320,15 +322,10 @@ def precision_context(precision: str, device: torch.device) -> tuple[Any, Any]:
 
 def demo_validation() -> tuple[int, int]:
     """``data.val_every_episodes`` and ``data.val_universes`` of configs/demo.yaml (the datamodule's defaults where
-    the file or PyYAML is missing), so the bare loop validates as the user's run does."""
-    defaults = EpisodeDataModule()
-    every, universes = defaults.val_every_episodes, defaults.val_universes
-    with contextlib.suppress(ImportError, OSError, AttributeError, TypeError):
-        import yaml
-
-        data = (yaml.safe_load((REPO / "configs" / "demo.yaml").read_text()) or {}).get("data") or {}
-        every, universes = int(data.get("val_every_episodes", every)), int(data.get("val_universes", universes))
-    return every, universes
+    it sets none), so the bare loop validates as the user's run does."""
+    defaults, data = EpisodeDataModule(), DEMO.get("data") or {}
+    return (int(data.get("val_every_episodes", defaults.val_every_episodes)),
+            int(data.get("val_universes", defaults.val_universes)))  # fmt: skip
 
 
 def validate_bare(module: QCAModule, episode: int, universes: int) -> float:
