@@ -322,7 +322,7 @@ class CompiledStep(_Compiled):
 
     With ``reduce-overhead`` each step is one CUDA graph instead of the operator's graph plus the step's own
     operations launched one by one from Python: 36 in the forward (4 of them the noise draws, which stay outside)
-    and 59 in the backward, counted with a dispatch mode, views included. A rollout at one universe per episode
+    and 54 in the backward, counted with a dispatch mode, views included. A rollout at one universe per episode
     is bound by such launches.
     The noise comes in as drawn tensors and the noise rates as device scalars, so the graph is the same for every
     step, level and episode. Inductor generates no code for the complex arithmetic (it runs PyTorch's own kernels
