@@ -92,7 +92,9 @@ class QCAModule(pl.LightningModule):
 
     Logs ``train/loss``, ``train/survival``, ``train/symmetry``, ``train/complexity``, ``train/noise_level``,
     ``train/nonfinite_skipped`` every episode (``train/loss`` through ``self.log``, the others straight to the
-    loggers at the same step and into ``trainer.callback_metrics``: ``self.log`` costs 0.4 ms per key on a CPU)
+    loggers at the same step and into ``trainer.callback_metrics``: ``self.log`` costs 0.4 ms per key on a CPU;
+    under DDP the loss and its parts are means over the ranks, so every rank skips or steps, and lowers the
+    learning rate, at the same episodes)
     and ``val/combined`` (= 10 survival + 5 symmetry, lower is better), ``val/survival``, ``val/symmetry``,
     ``val/complexity`` at each validation.
     """
@@ -138,6 +140,7 @@ class QCAModule(pl.LightningModule):
         self.loss_weights = LossWeights(survival_weight, symmetry_weight, complexity_weight, target_retention)
         self.nonfinite_skipped = 0
         self._consecutive_nonfinite = 0
+        self._drop_next_step = False
         self._snapshot: torch.Tensor | None = None
         # What the rollout calls, per device: the operator itself, or it behind torch.compile (built at the first
         # episode, once the device is known). Not a submodule, so parameters and checkpoints are the plain operator's.
@@ -189,13 +192,29 @@ class QCAModule(pl.LightningModule):
         noise = self.noise_at(episode)
         parts, final = self._run_episode_retrying_oom(batch["seed"], episode, noise)
         self._snapshot = final[0].detach()
+        # Under DDP each rank rolls out its own universes. The logged values are their means over the ranks (one
+        # collective per episode; nothing on one device), so every rank takes the same decisions: skip or step
+        # (a rank skipping alone would leave the others waiting in the gradient all-reduce), and the same
+        # learning-rate reductions (ReduceLROnPlateau steps on train/loss; per-rank losses drift the replicas apart).
+        scores = {key: value.detach() for key, value in parts.items()}
+        distributed = self._trainer is not None and self.trainer.world_size > 1
+        if distributed:
+            means = self.trainer.strategy.reduce(torch.stack(list(scores.values())), reduce_op="mean")
+            scores = dict(zip(scores, means.unbind(), strict=True))
+        loss = scores.pop("loss")
         # One host sync per episode (not per step): the optimizer must not see a NaN.
-        if not torch.isfinite(parts["loss"]):
-            return self._skip_nonfinite(episode, parts["loss"], noise)
+        if not torch.isfinite(loss):
+            self._skip_nonfinite(episode, loss, noise)
+            if not distributed:
+                return None  # Lightning skips the backward pass and the step
+            # Lightning refuses None under DDP: every rank runs the backward pass (its all-reduce included) and
+            # optimizer_step drops the step on every rank.
+            self._drop_next_step = True
+            return parts["loss"]
         self._consecutive_nonfinite = 0
-        self.log("train/loss", parts["loss"], on_step=True, on_epoch=False, prog_bar=True)
+        self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
         self._log_scalars({"train/noise_level": noise, "train/nonfinite_skipped": float(self.nonfinite_skipped),
-                           **{f"train/{k}": v for k, v in parts.items() if k != "loss"}})  # fmt: skip
+                           **{f"train/{key}": value for key, value in scores.items()}})  # fmt: skip
         return parts["loss"]
 
     def _log_scalars(self, metrics: dict[str, Any]) -> None:
@@ -250,6 +269,19 @@ class QCAModule(pl.LightningModule):
         self.log_dict(
             metrics, on_step=False, on_epoch=True, sync_dist=True, batch_size=self.hparams.universes_per_episode
         )
+
+    @override
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
+        if optimizer_closure is None or self.trainer.world_size == 1:
+            super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+            return
+        # Under DDP the closure (training_step and the backward pass) runs first, so that a non-finite episode can
+        # drop the step it belongs to on every rank; the step then reuses its result (clipping and hooks as usual).
+        loss = optimizer_closure()
+        if self._drop_next_step:
+            self._drop_next_step = False
+            return
+        optimizer.step(closure=lambda: loss)
 
     @override
     def configure_optimizers(self) -> dict[str, Any]:

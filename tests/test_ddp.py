@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 import subprocess
 import sys
@@ -68,3 +69,40 @@ def test_sigterm_to_one_rank_stops_every_rank_with_a_checkpoint(tmp_path: Path) 
     assert stopped, out[-3000:]
     local = json.loads(manifest.read_text())["files"]
     assert local["last.ckpt"]["episode"] == int(stopped.group(1))
+
+
+def _probed_ddp_fit(tmp_path: Path, *extra: str, episodes: int, **probe: int) -> list[dict]:
+    """A two-rank DDP fit with :class:`rank_probe.RankProbe`; what each rank ended with."""
+    settings = "".join(f", {key}: {value}" for key, value in probe.items())
+    config = tmp_path / "probe.yaml"
+    config.write_text(f"""trainer:
+  callbacks:
+    - class_path: rank_probe.RankProbe
+      init_args: {{folder: {tmp_path / "ranks"}{settings}}}
+""")
+    args = demo_args(tmp_path, "--config", str(config), "--trainer.strategy", "ddp", "--trainer.devices", "2", *extra,
+                     episodes=episodes, val_every=100, mirror=False)  # fmt: skip
+    env = {**env_without_warnings(), "PYTHONPATH": str(REPO / "tests")}
+    done = subprocess.run([sys.executable, "-u", "-m", "atheria_lightning.cli", *args], capture_output=True,
+                          text=True, cwd=REPO, env=env, timeout=180)  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return [json.loads((tmp_path / "ranks" / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+
+
+def test_every_rank_lowers_the_learning_rate_at_the_same_episode_and_keeps_the_same_weights(tmp_path: Path) -> None:
+    # ReduceLROnPlateau steps on train/loss every episode on every rank. Each rank rolls out its own universes, so a
+    # per-rank loss would lower the learning rate at different episodes on different ranks and the replicas would
+    # drift apart (DDP averages gradients, not weights). With lr_patience 0 almost every episode lowers it.
+    ranks = _probed_ddp_fit(tmp_path, "--model.lr_patience", "0", "--model.max_noise", "0.2", episodes=12)
+    assert len(set(ranks[0]["lrs"])) > 2, "the learning rate was lowered, so the test can tell the ranks apart"
+    assert ranks[0]["lrs"] == ranks[1]["lrs"]
+    assert ranks[0]["weights_sum"] == ranks[1]["weights_sum"]
+    assert ranks[0]["weights_abs_sum"] == ranks[1]["weights_abs_sum"]
+
+
+def test_a_nan_loss_on_one_rank_skips_the_episode_on_every_rank(tmp_path: Path) -> None:
+    # Skipping on rank 1 alone would leave rank 0 waiting forever in the gradient all-reduce (the timeout fails it).
+    ranks = _probed_ddp_fit(tmp_path, episodes=6, nan_on_rank=1, nan_at_episode=3)
+    assert [rank["skipped"] for rank in ranks] == [1, 1]
+    assert math.isfinite(ranks[0]["weights_sum"]), "the NaN gradients never reached the weights"
+    assert ranks[0]["weights_sum"] == ranks[1]["weights_sum"]
