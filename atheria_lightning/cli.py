@@ -15,7 +15,6 @@ import torch
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from typing_extensions import override
 
@@ -28,6 +27,7 @@ from atheria_lightning.lock import RunLock
 from atheria_lightning.module import EpisodeOutOfMemoryError, NonFiniteTrainingError, QCAModule
 from atheria_lightning.platform import COLAB_DRIVE_ROOT, Platform, default_mirror_url, default_run_root, detect_platform
 from atheria_lightning.resume import ResumePoint, find_resume_checkpoint
+from atheria_lightning.scalars import BufferedTensorBoardLogger
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +141,7 @@ class AtheriaCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         trainer_config = self._get(self.config_init, "trainer", default={})
         if trainer_config.get("logger") in (None, True):
-            kwargs["logger"] = TensorBoardLogger(
+            kwargs["logger"] = BufferedTensorBoardLogger(
                 save_dir=self.run_dir, name="logs", version="", default_hp_metric=False
             )
         kwargs.setdefault("default_root_dir", self.run_dir)

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_only
+from typing_extensions import override
 
-__all__ = ["as_floats", "send_to_loggers"]
+__all__ = ["BufferedTensorBoardLogger", "as_floats", "send_to_loggers"]
 
 
 def as_floats(values: list[Any]) -> list[float]:
@@ -51,3 +55,40 @@ def send_to_loggers(trainer: pl.Trainer, metrics: dict[str, float | torch.Tensor
     scalars = dict(zip(values, as_floats(list(values.values())), strict=True))
     for logger in trainer.loggers:
         logger.log_metrics(scalars, step=step)
+
+
+class BufferedTensorBoardLogger(TensorBoardLogger):
+    """Lightning's ``TensorBoardLogger`` without a blocking flush after every logging step.
+
+    Lightning calls ``save()`` after each ``log_metrics``, and the TensorBoard writer's flush then waits for its
+    thread to write out what is queued: 0.6 ms of the training thread per episode on a CPU with
+    ``log_every_n_steps=1``. Here ``save`` flushes at most every ``flush_interval_s`` seconds, the writer thread
+    flushes on its own as often, :meth:`flush` forces one (``MirrorSync`` calls it before each sync, so the mirror
+    gets every event written so far), and the end of training flushes and closes as before. A killed process loses at
+    most the last ``flush_interval_s`` seconds of scalars, which its checkpoint predates anyway.
+
+    Example::
+
+        Trainer(logger=BufferedTensorBoardLogger(save_dir="runs/demo", name="logs", version=""))
+    """
+
+    def __init__(self, *args: Any, flush_interval_s: float = 5.0, **kwargs: Any) -> None:
+        kwargs.setdefault("flush_secs", flush_interval_s)  # passed on to the SummaryWriter's own thread
+        super().__init__(*args, **kwargs)
+        self.flush_interval_s = flush_interval_s
+        self._flushed_at: float | None = None
+
+    @override
+    @rank_zero_only
+    def save(self) -> None:
+        now = time.monotonic()
+        if self._flushed_at is None or now - self._flushed_at >= self.flush_interval_s:
+            self._flushed_at = now
+            super().save()  # the flush, and hparams.yaml the first time
+
+    @rank_zero_only
+    def flush(self) -> None:
+        """Write every event logged so far to disk now."""
+        if self._experiment is not None:
+            self._flushed_at = time.monotonic()
+            self._experiment.flush()

@@ -202,6 +202,7 @@ class MirrorSync(Callback):
         self._sync_due = False
         # The trainer's strategy: a sync first waits for the checkpoint writes its IO has queued.
         self._strategy: Any = None
+        self._loggers: list[Any] = []
         self._last_request_at: float | None = None
         # Worker hand-off: a pending flag, the gap before the pending periodic request, and counters of syncs that
         # started and finished, so flush can wait for one that started after it was called.
@@ -233,6 +234,7 @@ class MirrorSync(Callback):
             raise ConfigError(problem)
         if trainer.is_global_zero:
             self._strategy = trainer.strategy
+            self._loggers = list(trainer.loggers)
             self._start_worker()
 
     @override
@@ -384,6 +386,11 @@ class MirrorSync(Callback):
                 self._cond.notify_all()
 
     def _request(self, periodic: bool) -> None:
+        # Loggers that buffer their events (BufferedTensorBoardLogger) write them out first, so the sync copies them.
+        for logger in self._loggers:
+            flush = getattr(logger, "flush", None)
+            if callable(flush):
+                flush()
         now = self._clock()
         with self._cond:
             if periodic:
