@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,7 @@ from atheria_lightning.callbacks import (
 )
 from atheria_lightning.cli import AtheriaCLI, main
 from atheria_lightning.data import EpisodeDataModule
+from atheria_lightning.errors import ConfigError
 from atheria_lightning.module import NonFiniteTrainingError, QCAModule
 from atheria_lightning.platform import Platform, default_mirror_url, default_run_root, detect_platform
 
@@ -293,6 +295,24 @@ def test_as_floats_reads_numbers_and_tensors_in_order_whatever_their_device() ->
         values, expected = [torch.tensor(0.5, device="cuda"), *values], [0.5, *expected]
     assert as_floats(values) == expected
     assert as_floats([]) == []
+
+
+@pytest.mark.parametrize(("interval", "shown"), [(0.0, set(range(9))), (3600.0, {0, 1, 8})])
+def test_the_progress_bar_redraws_at_most_every_min_interval_s_and_always_at_the_end(
+    capsys: pytest.CaptureFixture, interval: float, shown: set[int]
+) -> None:
+    trainer = Trainer(max_epochs=-1, logger=False, enable_checkpointing=False, limit_val_batches=0,
+                      num_sanity_val_steps=0, callbacks=[EpisodeProgressBar(min_interval_s=interval)])  # fmt: skip
+    model = QCAModule(architecture="MLP", d_state=2, hidden_channels=4, grid_size=8, qca_steps=2)
+    trainer.fit(model, datamodule=EpisodeDataModule(total_episodes=8))
+    frames = capsys.readouterr().out.split("\r")
+    assert {int(m.group(1)) for f in frames if (m := re.search(r"\| (\d+)/8 \[", f))} == shown
+    assert "train/loss=" in frames[-1] or "train/loss=" in frames[-2]
+
+
+def test_a_negative_progress_interval_is_a_one_line_config_error() -> None:
+    with pytest.raises(ConfigError, match=r"EpisodeProgressBar.min_interval_s=-1 must be >= 0 seconds"):
+        EpisodeProgressBar(min_interval_s=-1)
 
 
 def test_the_progress_bar_counts_episodes_of_the_whole_run_and_shows_the_loss(
