@@ -62,10 +62,10 @@ class BufferedTensorBoardLogger(TensorBoardLogger):
 
     Lightning calls ``save()`` after each ``log_metrics``, and the TensorBoard writer's flush then waits for its
     thread to write out what is queued: 0.6 ms of the training thread per episode on a CPU with
-    ``log_every_n_steps=1``. Here ``save`` flushes at most every ``flush_interval_s`` seconds, the writer thread
-    flushes on its own as often, :meth:`flush` forces one (``MirrorSync`` calls it before each sync, so the mirror
-    gets every event written so far), and the end of training flushes and closes as before. A killed process loses at
-    most the last ``flush_interval_s`` seconds of scalars, which its checkpoint predates anyway.
+    ``log_every_n_steps=1``. Here ``save`` flushes at most every ``flush_interval_s`` seconds; in between, the writer
+    thread appends each event to the file as it takes it from the queue (TensorBoard's local writer), so a killed
+    process loses only what was still queued. :meth:`flush` forces one (``MirrorSync`` calls it before each sync, so
+    the mirror gets every event logged so far), and the end of training flushes and closes as before.
 
     Example::
 
