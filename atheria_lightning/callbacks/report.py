@@ -467,8 +467,12 @@ def loss_figure(
     episodes: dict[str, list[float]], validations: dict[str, list[float]], total: int | None = None,
     phase: str | None = None,
 ) -> Figure:  # fmt: skip
-    """The live plot: ``train/loss`` per episode, its moving average and ``val/combined``, on one axes."""
-    figure = Figure(figsize=(8, 4), layout="constrained")
+    """The live plot: ``train/loss`` per episode, its moving average and ``val/combined``, on one axes.
+
+    Fixed margins rather than a layout engine: the plot is redrawn every few seconds by a thread that shares the
+    interpreter lock with training, and constrained layout measured every label again (a fifth of the redraw)."""
+    figure = Figure(figsize=(8, 4))
+    figure.subplots_adjust(left=0.09, right=0.98, bottom=0.12, top=0.92)
     axes = figure.add_subplot()
     _plot_series(axes, episodes["episode"], episodes["loss"], "train/loss", "tab:blue")
     if validations["episode"]:
@@ -704,9 +708,10 @@ def _json_safe(value: Any) -> Any:
 
 def _png(figure: Figure) -> bytes:
     # An Agg canvas of its own, without pyplot (no window, no global state): safe in a background thread.
+    # zlib level 1 instead of 6: the live plot's encoding takes 16 ms less for a file about a fifth larger.
     FigureCanvasAgg(figure)
     buffer = BytesIO()
-    figure.savefig(buffer, format="png", dpi=100)
+    figure.savefig(buffer, format="png", dpi=100, pil_kwargs={"compress_level": 1})
     return buffer.getvalue()
 
 
