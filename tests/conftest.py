@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import os
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
-from lightning.pytorch.callbacks import Callback
 from lightning_utilities.core.apply_func import apply_to_collection
 
 # Tiny models on 2 cores: intra-op threads only contend (a grid-8 forward took ~1 s with 2 threads on a loaded
@@ -18,6 +18,10 @@ torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
+
+# The fake session clock of the survival benchmark (moves a fixed number of seconds on at each episode's start).
+sys.path.insert(0, str(REPO / "benchmarks"))
+from bench_survival import EpisodeClock as FakeEpisodeClock  # noqa: E402, F401 (re-exported to the tests)
 
 #: Overrides that shrink the demo preset to a few seconds on 2 CPU cores.
 TINY = [
@@ -101,17 +105,3 @@ def wait_for_first_checkpoint(run: Path, timeout: float = 180) -> Path:
     if not wait_for(lambda: manifest.exists() and "last.ckpt" in manifest.read_text(), timeout):
         raise AssertionError(f"no checkpoint appeared in {manifest.parent} within {timeout} s")
     return manifest
-
-
-class FakeEpisodeClock(Callback):
-    """A fake clock (call it for the time) that moves ``seconds_per_episode`` on at the start of each episode."""
-
-    def __init__(self, seconds_per_episode: float) -> None:
-        self.now = 0.0
-        self.seconds_per_episode = seconds_per_episode
-
-    def __call__(self) -> float:
-        return self.now
-
-    def on_train_batch_start(self, *args: object) -> None:
-        self.now += self.seconds_per_episode
