@@ -54,7 +54,7 @@ class EpisodeProgressBar(TQDMProgressBar):
         # QCAModule sends train/loss to callback_metrics directly (not through self.log with prog_bar=True).
         metrics = super().get_metrics(trainer, pl_module)
         loss = trainer.callback_metrics.get("train/loss")
-        if loss is not None and "train/loss" not in metrics:
+        if loss is not None:
             metrics["train/loss"] = float(loss)
         return metrics
 
