@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import threading
 import time
@@ -255,23 +256,26 @@ def test_a_non_finite_episode_is_logged_as_null_not_as_the_previous_loss(tmp_pat
 
 
 def test_the_training_thread_does_not_wait_for_the_live_plot(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A live plot that takes long to draw holds up neither the episodes nor (beyond its own drawing) the end."""
-    from atheria_lightning.callbacks import report as report_module
+    """A live plot that takes long to draw holds up neither the episodes nor (beyond its own drawing) the end; it is
+    drawn by the plot process, which shares no interpreter lock with training."""
+    from atheria_lightning.figures import PlotProcess
 
-    release, drawing_threads = threading.Event(), []
-    draw = report_module.loss_figure
+    release, drawing_threads, drawn_by = threading.Event(), [], []
+    draw = PlotProcess.loss_png
 
-    def slow_loss_figure(*args: Any, **kwargs: Any) -> Any:
+    def slow_loss_png(plotter: PlotProcess, *args: Any, **kwargs: Any) -> bytes:
         drawing_threads.append(threading.current_thread())
         release.wait(timeout=20.0)  # until the training thread has run on
-        return draw(*args, **kwargs)
+        png = draw(plotter, *args, **kwargs)
+        drawn_by.append(plotter.drawn_by)
+        return png
 
     class ReleaseAfter(Callback):
         def on_train_batch_end(self, trainer: Trainer, *args: Any) -> None:
             if trainer.global_step == 5:
                 release.set()  # reached while the first plot is still drawing: training did not wait for it
 
-    monkeypatch.setattr(report_module, "loss_figure", slow_loss_figure)
+    monkeypatch.setattr(PlotProcess, "loss_png", slow_loss_png)
     report = TrainingReport(plot_every_n_episodes=1, export_model=False, show_inline=False)
     trainer = Trainer(max_epochs=-1, logger=False, default_root_dir=str(tmp_path), limit_val_batches=0,
                       enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
@@ -280,6 +284,8 @@ def test_the_training_thread_does_not_wait_for_the_live_plot(tmp_path: Path, mon
     started = time.monotonic()
     trainer.fit(model, datamodule=EpisodeDataModule(total_episodes=8))
     assert release.is_set() and time.monotonic() - started < 20.0, "the episodes ran on while the plot was drawing"
-    assert drawing_threads and threading.main_thread() not in drawing_threads, "drawn off the training thread"
+    assert drawing_threads and threading.main_thread() not in drawing_threads, "handed off the training thread"
+    assert drawn_by and os.getpid() not in drawn_by, "drawn in the plot process"
     assert len(drawing_threads) < 8, "redraws asked for while one was drawing are dropped"
+    assert report._plotter is None, "the plot process ends with fit"
     assert (tmp_path / "exports" / "live_loss.png").read_bytes().startswith(b"\x89PNG"), "finished by the end of fit"

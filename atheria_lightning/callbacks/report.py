@@ -11,34 +11,36 @@ import time
 from bisect import bisect_left
 from collections.abc import Callable
 from datetime import datetime, timezone
-from io import BytesIO
 from typing import Any
 
 import lightning.pytorch as pl
-import numpy as np
 import torch
 from fsspec.implementations.local import LocalFileSystem
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn, TrainerStatus
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 from typing_extensions import override
 
 from atheria_lightning.callbacks.checkpoint import episodes_done
 from atheria_lightning.errors import require
+from atheria_lightning.figures import (
+    EPISODE_KEYS,
+    MAX_PLOTTED_POINTS,
+    VALIDATION_KEYS,
+    PlotProcess,
+    empty_columns,
+    loss_figure,
+    png_bytes,
+    summary_figure,
+)
 from atheria_lightning.manifest import atomic_write, read_manifest
 from atheria_lightning.scalars import as_floats
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TrainingReport", "loss_figure", "report_markdown", "summary_figure"]
+__all__ = ["MAX_PLOTTED_POINTS", "TrainingReport", "loss_figure", "report_markdown", "summary_figure"]
 
 EXPORTS = "exports"
 LOG_FORMAT_VERSION = 1
-#: Per-episode values, read from ``train/<key>`` in ``trainer.callback_metrics``.
-EPISODE_KEYS = ("loss", "survival", "symmetry", "complexity", "noise_level")
-#: Validation values, read from ``val/<key>``.
-VALIDATION_KEYS = ("combined", "survival", "symmetry", "complexity")
 # Bounded waits at the end: the report must never hold a dying session (the quota kills it anyway).
 CHECKPOINT_WAIT_S = 120.0
 EXCEPTION_WAIT_S = 30.0
@@ -58,11 +60,14 @@ class TrainingReport(Callback):
 
     On global rank 0 only. Every ``plot_every_n_episodes`` episodes, and no sooner than ``min_plot_interval_s``
     after the previous redraw, it redraws ``exports/live_loss.png`` (and, in a Jupyter/Colab/Kaggle notebook, the
-    same picture in the cell's output, updated in place). The drawing and the file write run in a background
-    thread, from a copy of the records, so the training thread never waits for them: a redraw asked for while the
+    same picture in the cell's output, updated in place). A background thread hands a copy of the plotted
+    columns to a plot process (:class:`~atheria_lightning.figures.PlotProcess`: numpy and matplotlib, no torch,
+    about 80 MB, started at the first redraw, ended at teardown) and writes the file it draws. The training thread
+    neither waits for the plot nor shares Python's interpreter lock with matplotlib: a redraw asked for while the
     previous one is still drawing is dropped, and the notebook shows each finished picture at the next episode's
-    end. When fit ends, normally or by an early stop (the time guard sets ``trainer.should_stop``, so fit still
-    ends cleanly), and on an exception (best effort), it writes into ``<run_dir>/exports/``:
+    end. Where the process cannot run, the background thread draws the plot itself (after one warning). When fit
+    ends, normally or by an early stop (the time guard sets ``trainer.should_stop``, so fit still ends cleanly),
+    and on an exception (best effort), it writes into ``<run_dir>/exports/``:
 
     ======================  ===============================================================================
     ``live_loss.png``       loss so far (with its moving average and ``val/combined``)
@@ -82,10 +87,10 @@ class TrainingReport(Callback):
 
     Args:
         plot_every_n_episodes: Redraw the live loss plot every this many episodes (a redraw takes a fraction of a
-            second, in a background thread).
-        min_plot_interval_s: Seconds between two redraws at least. The background thread still shares Python's
-            interpreter lock with training: a redraw every 20 episodes of the CPU demo (0.1 s each) cost 9% of its
-            speed. 0 redraws every ``plot_every_n_episodes`` episodes whatever the time.
+            second, in the plot process).
+        min_plot_interval_s: Seconds between two redraws at least: each redraw still takes CPU time (about 65 ms
+            for the demo's plot, in the plot process, on a core training may want for its data or its writes).
+            0 redraws every ``plot_every_n_episodes`` episodes whatever the time.
         run_dir: The run folder; ``trainer.default_root_dir`` by default (the CLI sets it to
             ``<run_root>/<experiment_name>``).
         phase: The curriculum phase this run is, shown in the report and the log.
@@ -132,8 +137,8 @@ class TrainingReport(Callback):
         self.show_inline = show_inline
         self.clock = clock
         # Columns, not one dict per episode; in checkpoints each column is one tensor (see state_dict).
-        self.episodes: dict[str, list[float]] = _columns(EPISODE_KEYS)
-        self.validations: dict[str, list[float]] = _columns(VALIDATION_KEYS)
+        self.episodes: dict[str, list[float]] = empty_columns(EPISODE_KEYS)
+        self.validations: dict[str, list[float]] = empty_columns(VALIDATION_KEYS)
         self.saved_episodes: list[int] = []
         self.sessions: list[dict[str, Any]] = []  # earlier sessions; the running one is in _session
         self._session: dict[str, Any] | None = None
@@ -141,6 +146,7 @@ class TrainingReport(Callback):
         self._display_handle: Any = None
         self._warned_plot = False
         self._renderer: _BackgroundRenderer | None = None  # made in setup: a thread and a lock do not pickle
+        self._plotter: PlotProcess | None = None  # made at the first redraw, ended in teardown
 
     # ----- hooks -----
     @override
@@ -154,6 +160,9 @@ class TrainingReport(Callback):
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._finish_live_plot()
+        if self._plotter is not None:
+            self._plotter.close()
+            self._plotter = None
         self._trainer = None
 
     @override
@@ -306,19 +315,23 @@ class TrainingReport(Callback):
         return os.path.join(self.run_dir or trainer.default_root_dir, EXPORTS)
 
     def _redraw_live_plot(self, trainer: pl.Trainer) -> None:
-        """Hand a copy of the records to the background thread, unless it is still drawing the previous plot."""
+        """Hand a copy of the plotted columns to the background thread, unless it is still busy with the previous
+        plot. That thread has the plot process draw it (see :class:`~atheria_lightning.figures.PlotProcess`)."""
         if self._renderer is None:
             self._renderer = _BackgroundRenderer()
+        if self._plotter is None:
+            self._plotter = PlotProcess()
         if self._renderer.busy():
             return  # still drawing the previous plot: this redraw is dropped
         total = getattr(trainer.datamodule, "total_episodes", None) if trainer.datamodule is not None else None
-        episodes = {key: list(column) for key, column in self.episodes.items()}  # the thread draws this copy
+        # The thread draws these copies of the only columns the plot shows.
+        episodes = {"episode": list(self.episodes["episode"]), "loss": list(self.episodes["loss"])}
         self._plotted_through = episodes["episode"][-1] if episodes["episode"] else None
-        validations = {key: list(column) for key, column in self.validations.items()}
-        path, phase = os.path.join(self.exports_dir(trainer), "live_loss.png"), self.phase
+        validations = {"episode": list(self.validations["episode"]), "combined": list(self.validations["combined"])}
+        path, phase, plotter = os.path.join(self.exports_dir(trainer), "live_loss.png"), self.phase, self._plotter
 
         def draw() -> bytes:
-            png = _png(loss_figure(episodes, validations, total=total, phase=phase))
+            png = plotter.loss_png(episodes, validations, total=total, phase=phase)
             _write_bytes(path, png)
             return png
 
@@ -362,7 +375,7 @@ class TrainingReport(Callback):
         exported = self._export_best(checkpoint_dir, checkpoints, exports) if self.export_model else None
         training_log = self.training_log(trainer, pl_module, checkpoints, exported)
         _write_bytes(os.path.join(exports, "training_log.json"), json.dumps(training_log, indent=1).encode())
-        summary = _png(summary_figure(training_log))
+        summary = png_bytes(summary_figure(training_log))
         _write_bytes(os.path.join(exports, "summary.png"), summary)
         files = [name for name in FILE_NOTES if name == "report.md" or os.path.isfile(os.path.join(exports, name))]
         text = report_markdown(training_log, files)
@@ -462,55 +475,6 @@ class TrainingReport(Callback):
             self._warned_plot = self._warned_plot or once
 
 
-# ----- figures and text (from plain data, so a notebook can redraw them from training_log.json) -----
-def loss_figure(
-    episodes: dict[str, list[float]], validations: dict[str, list[float]], total: int | None = None,
-    phase: str | None = None,
-) -> Figure:  # fmt: skip
-    """The live plot: ``train/loss`` per episode, its moving average and ``val/combined``, on one axes.
-
-    Fixed margins rather than a layout engine: the plot is redrawn every few seconds by a thread that shares the
-    interpreter lock with training, and constrained layout measured every label again (a fifth of the redraw)."""
-    figure = Figure(figsize=(8, 4))
-    figure.subplots_adjust(left=0.09, right=0.98, bottom=0.12, top=0.92)
-    axes = figure.add_subplot()
-    _plot_series(axes, episodes["episode"], episodes["loss"], "train/loss", "tab:blue")
-    if validations["episode"]:
-        axes.plot(validations["episode"], validations["combined"], "o", color="tab:red", ms=4, label="val/combined")
-    done = int(episodes["episode"][-1]) + 1 if episodes["episode"] else 0
-    title = f"episode {done}" + (f" of {total}" if total else "") + (f" - {phase}" if phase else "")
-    axes.set(title=title, xlabel="episode", ylabel="loss")
-    if episodes["episode"]:
-        axes.legend(loc="upper right")
-    return figure
-
-
-def summary_figure(training_log: dict[str, Any]) -> Figure:
-    """The four panels of ``summary.png``, drawn from a ``training_log.json`` dict."""
-    episodes = _columns_of(training_log.get("episodes", []), EPISODE_KEYS)
-    validations = _columns_of(training_log.get("validations", []), VALIDATION_KEYS)
-    figure = Figure(figsize=(12, 8), layout="constrained")
-    loss_axes, survival_axes, timeline_axes, histogram_axes = figure.subplots(2, 2).flat
-    _plot_series(loss_axes, episodes["episode"], episodes["loss"], "train/loss", "tab:blue")
-    if validations["episode"]:
-        loss_axes.plot(validations["episode"], validations["combined"], "o", color="tab:red", ms=4,
-                       label="val/combined")  # fmt: skip
-    loss_axes.set(title="Loss", xlabel="episode", ylabel="loss")
-    _plot_series(survival_axes, episodes["episode"], episodes["survival"], "train/survival", "tab:green")
-    survival_axes.set(title="Survival (energy kept vs target; lower is better)", xlabel="episode", ylabel="survival")
-    for axes in (loss_axes, survival_axes):
-        _mark_sessions(axes, training_log.get("sessions", []))
-        if episodes["episode"]:
-            axes.legend(loc="upper right", fontsize=8)
-    _plot_timeline(timeline_axes, training_log)
-    _plot_histogram(histogram_axes, episodes["loss"])
-    title = f"{training_log.get('experiment', 'atheria')}" + (
-        f" - {training_log['phase']}" if training_log.get("phase") else ""
-    )
-    figure.suptitle(f"{title}: {training_log.get('episodes_done', 0)} episodes")
-    return figure
-
-
 def report_markdown(training_log: dict[str, Any], files: list[str]) -> str:
     """``report.md``: progress, time, best metrics, checkpoints, config and files of a ``training_log`` dict."""
     lines = [f"# Atheria training report: {training_log.get('experiment')}", ""]
@@ -580,11 +544,6 @@ def _config_section(config: dict[str, Any]) -> list[str]:
     return lines
 
 
-# ----- helpers -----
-def _columns(keys: tuple[str, ...]) -> dict[str, list[float]]:
-    return {"episode": [], **{key: [] for key in keys}}
-
-
 def _column_tensors(columns: dict[str, list[float]]) -> dict[str, torch.Tensor]:
     """Columns as one tensor each, for checkpoints: int64 episode numbers, float64 values (NaN kept)."""
     return {
@@ -599,7 +558,7 @@ def _as_list(values: Any) -> list[Any]:
 
 
 def _load_columns(state: dict[str, Any] | None, keys: tuple[str, ...]) -> dict[str, list[float]]:
-    columns = _columns(keys)
+    columns = empty_columns(keys)
     state = state or {}
     length = len(state.get("episode", []))
     for key in columns:
@@ -627,15 +586,6 @@ def _read_metrics(metrics: dict[str, Any], prefix: str, keys: tuple[str, ...]) -
 def _rows(columns: dict[str, list[float]]) -> list[dict[str, Any]]:
     keys = list(columns)
     return [dict(zip(keys, values, strict=True)) for values in zip(*columns.values(), strict=True)]
-
-
-def _columns_of(rows: list[dict[str, Any]], keys: tuple[str, ...]) -> dict[str, list[float]]:
-    columns = _columns(keys)
-    for row in rows:
-        for key in columns:
-            value = row.get(key)
-            columns[key].append(math.nan if value is None else value)
-    return columns
 
 
 def _best(episodes: dict[str, list[float]], validations: dict[str, list[float]]) -> dict[str, Any]:
@@ -706,15 +656,6 @@ def _json_safe(value: Any) -> Any:
     return str(value)
 
 
-def _png(figure: Figure) -> bytes:
-    # An Agg canvas of its own, without pyplot (no window, no global state): safe in a background thread.
-    # zlib level 1 instead of 6: the live plot's encoding takes 16 ms less for a file about a fifth larger.
-    FigureCanvasAgg(figure)
-    buffer = BytesIO()
-    figure.savefig(buffer, format="png", dpi=100, pil_kwargs={"compress_level": 1})
-    return buffer.getvalue()
-
-
 class _BackgroundRenderer:
     """Runs one drawing job at a time in a daemon thread; the caller collects the PNG (or the error) later."""
 
@@ -770,85 +711,6 @@ def _notebook_display(force: bool = False) -> tuple[Callable[..., Any], type] | 
     shell = get_ipython()
     in_kernel = shell is not None and getattr(shell, "kernel", None) is not None
     return (display, Image) if in_kernel or force else None
-
-
-#: A loss curve of more episodes is drawn as the range and mean of bins (the figure is ~800 pixels wide): a redraw
-#: of 100 000 episodes took 0.8 s of CPU, mostly holding the interpreter lock the training thread needs.
-MAX_PLOTTED_POINTS = 2000
-
-
-def _moving_average(values: np.ndarray) -> np.ndarray:
-    window = max(1, min(50, len(values) // 10))
-    kernel = np.ones(window) / window
-    return np.convolve(values, kernel, mode="valid") if len(values) >= window else values
-
-
-def _plot_series(axes: Any, episodes: list[float], values: list[float], label: str, color: str) -> None:
-    x, y = np.asarray(episodes, dtype=float), np.asarray(values, dtype=float)
-    finite = np.isfinite(y)
-    if not finite.any():
-        axes.text(0.5, 0.5, "no episodes yet", ha="center", va="center", transform=axes.transAxes)
-        return
-    x, y = x[finite], y[finite]
-    average = _moving_average(y)
-    if len(average) == len(y):  # too few episodes to average: one plain line
-        axes.plot(x, y, color=color, lw=1.5, label=label)
-        return
-    x_average = x[len(x) - len(average) :]
-    if len(x) <= MAX_PLOTTED_POINTS:
-        axes.plot(x, y, color=color, alpha=0.35, lw=0.8, label=label)
-    else:  # each pixel column holds many episodes: their range as a band, spikes included
-        starts = _bin_starts(len(x))
-        axes.fill_between(x[starts], np.minimum.reduceat(y, starts), np.maximum.reduceat(y, starts), color=color,
-                          alpha=0.35, lw=0, step="post", label=f"{label} (range)")  # fmt: skip
-        starts = _bin_starts(len(average))
-        counts = np.diff(np.append(starts, len(average)))
-        x_average, average = x_average[starts + counts // 2], np.add.reduceat(average, starts) / counts
-    axes.plot(x_average, average, color=color, lw=1.8, label=f"{label} (moving average)")
-
-
-def _bin_starts(length: int) -> np.ndarray:
-    """The first index of each of ``MAX_PLOTTED_POINTS // 2`` consecutive bins of ``length`` items."""
-    return np.unique(np.linspace(0, length, MAX_PLOTTED_POINTS // 2, endpoint=False).astype(np.int64))
-
-
-def _mark_sessions(axes: Any, sessions: list[dict[str, Any]]) -> None:
-    for session in sessions[1:]:
-        axes.axvline(session["first_episode"], color="gray", ls=":", lw=1)
-
-
-def _plot_timeline(axes: Any, training_log: dict[str, Any]) -> None:
-    """Episodes at which checkpoints were saved, and the files kept now: ``last`` and the top-k (``best``)."""
-    rows = {"saved": 0, "last": 1, "top-k": 2}
-    saved = training_log.get("saved_episodes", [])
-    axes.plot(saved, [rows["saved"]] * len(saved), "|", color="gray", ms=14, label="saved")
-    for entry in training_log.get("checkpoints", []):
-        row = rows["top-k"] if entry["kind"] == "best" else rows["last"]
-        axes.plot(entry["episode"], row, "*" if row == rows["top-k"] else "s", color="tab:orange", ms=10)
-        if entry.get("metric") is not None:
-            axes.annotate(f"{entry['metric']:.3g}", (entry["episode"], row), textcoords="offset points",
-                          xytext=(0, 8), ha="center", fontsize=7)  # fmt: skip
-    exported = training_log.get("exported_model")
-    if exported:
-        axes.plot(exported["episode"], rows["top-k"] + 0.5, "v", color="tab:red", ms=9, label="exported model.ts")
-        axes.legend(loc="upper left", fontsize=8)
-    axes.set_yticks(list(rows.values()), list(rows))
-    axes.set_ylim(-0.7, 3.0)
-    axes.set(title="Checkpoint timeline (top-k by val/combined)", xlabel="episode")
-    if training_log.get("total_episodes"):
-        axes.set_xlim(-0.5, training_log["total_episodes"] + 0.5)
-
-
-def _plot_histogram(axes: Any, losses: list[float]) -> None:
-    values = np.asarray(losses, dtype=float)
-    values = values[np.isfinite(values)]
-    axes.set(title="Loss distribution", xlabel="train/loss", ylabel="episodes")
-    if not len(values):
-        axes.text(0.5, 0.5, "no episodes yet", ha="center", va="center", transform=axes.transAxes)
-        return
-    axes.hist(values, bins=max(5, min(50, len(values) // 5)), color="tab:blue", alpha=0.7)
-    axes.axvline(float(np.median(values)), color="black", ls="--", lw=1, label=f"median {np.median(values):.3g}")
-    axes.legend(loc="upper right", fontsize=8)
 
 
 def _fmt(value: Any, spec: str = ".4g") -> str:
