@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from functools import partial
+from io import BytesIO
 from typing import Any
 
 import torch
@@ -29,16 +30,35 @@ META_KEY = "atheria"
 COPY_CHUNK = 8 * 2**20
 
 
-def _to_cpu(tensor: torch.Tensor) -> torch.Tensor:
-    # A point-in-time copy on the caller's thread: training may change the original while the file is written.
-    return tensor.detach().to("cpu", copy=True)
+def _on_cpu(tensor: torch.Tensor) -> torch.Tensor:
+    # The file holds CPU tensors, so that any machine can load it without a map_location; a CPU tensor is not copied.
+    return tensor.detach().cpu()
+
+
+def serialized(checkpoint: dict[str, Any]) -> memoryview:
+    """``checkpoint`` as the bytes ``torch.save`` writes, with every tensor on the CPU.
+
+    The serialized bytes are the point-in-time copy of the state: training may change the tensors as soon as this
+    returns. Pickling holds Python's interpreter lock throughout (4.5 ms for the demo's 182 tensors on a CPU core).
+    In the writer thread it also stalled the training thread, which waits for the lock after each torch call: the
+    demo's mean episode took 1.6% longer (104.2 against 102.6 ms, interleaved runs of 5 x 200 episodes). So it is
+    done here, on the caller's thread, instead of a copy of every tensor, and the writer thread only writes, hashes
+    and fsyncs, which release the lock.
+    """
+    buffer = BytesIO()
+    torch.save(apply_to_collection(checkpoint, torch.Tensor, _on_cpu), buffer)
+    return buffer.getbuffer()
+
+
+def _write_bytes(data: memoryview, handle: Any) -> None:
+    handle.write(data)
 
 
 class AtomicCheckpointIO(CheckpointIO):
     """Writes each checkpoint atomically beside its target, records it in ``MANIFEST.json``, in the background.
 
-    - The training loop only waits for a copy of the state to CPU memory; ``torch.save`` and fsync run in one
-      worker thread.
+    - The training loop only waits for the state's serialization into CPU memory (:func:`serialized`); the file
+      write, its hash and fsync run in one worker thread.
     - Saves and removals run in submission order on that one thread, so an old checkpoint is removed only after
       the new one is complete and listed; after a failed write no removal runs at all.
     - Loading is always ``weights_only=True``: a checkpoint can come from a shared Drive or bucket.
@@ -64,8 +84,7 @@ class AtomicCheckpointIO(CheckpointIO):
     def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
         self._raise_pending_error()
         meta = dict(checkpoint.get(META_KEY, {}))
-        snapshot = apply_to_collection(checkpoint, torch.Tensor, _to_cpu)
-        self._submit(self._write, partial(torch.save, snapshot), os.fspath(path), meta)
+        self._submit(self._write, partial(_write_bytes, serialized(checkpoint)), os.fspath(path), meta)
 
     def copy_checkpoint(self, source: _PATH, path: _PATH) -> None:
         """Queue a copy of ``source`` (saved, or queued, by this IO) to ``path``, listed in the manifest like a save.

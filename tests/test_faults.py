@@ -202,6 +202,31 @@ def test_out_of_memory_twice_saves_the_last_finished_episode_and_suggests_smalle
     assert "resuming from episode 3 of 8" in capsys.readouterr().out
 
 
+def test_a_background_write_saves_the_state_of_the_moment_training_asked_for_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Training goes on while the file is written: the next optimizer step changes the weights in place.
+    import threading
+
+    release = threading.Event()
+    real_atomic_write = checkpoint_io.atomic_write
+
+    def slow_atomic_write(*args, **kwargs):
+        release.wait(timeout=20.0)
+        return real_atomic_write(*args, **kwargs)
+
+    monkeypatch.setattr(checkpoint_io, "atomic_write", slow_atomic_write)
+    io = checkpoint_io.AtomicCheckpointIO()
+    weights = torch.zeros(4)
+    io.save_checkpoint({"state_dict": {"w": weights}, checkpoint_io.META_KEY: {"episode": 3}}, tmp_path / "last.ckpt")
+    weights.add_(1.0)  # while the write is still queued
+    release.set()
+    io.teardown()
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=True)
+    assert torch.equal(saved["state_dict"]["w"], torch.zeros(4)), "the weights as they were at the save"
+    assert "last.ckpt" in read_manifest(LOCAL, str(tmp_path)).files
+
+
 def test_a_kill_between_replacing_last_ckpt_and_listing_it_still_resumes_from_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
