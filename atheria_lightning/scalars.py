@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
+from tensorboard.compat.proto.summary_pb2 import Summary
 from typing_extensions import override
 
 __all__ = ["BufferedTensorBoardLogger", "as_floats", "send_to_loggers"]
@@ -58,7 +60,8 @@ def send_to_loggers(trainer: pl.Trainer, metrics: dict[str, float | torch.Tensor
 
 
 class BufferedTensorBoardLogger(TensorBoardLogger):
-    """Lightning's ``TensorBoardLogger`` without a blocking flush after every logging step.
+    """Lightning's ``TensorBoardLogger`` without a blocking flush after every logging step, and with one event per
+    logging step.
 
     Lightning calls ``save()`` after each ``log_metrics``, and the TensorBoard writer's flush then waits for its
     thread to write out what is queued: 0.6 ms of the training thread per episode on a CPU with
@@ -66,6 +69,10 @@ class BufferedTensorBoardLogger(TensorBoardLogger):
     thread appends each event to the file as it takes it from the queue (TensorBoard's local writer), so a killed
     process loses only what was still queued. :meth:`flush` forces one (``MirrorSync`` calls it before each sync, so
     the mirror gets every event logged so far), and the end of training flushes and closes as before.
+
+    ``log_metrics`` writes the numbers of one call as one TensorBoard event holding a value per tag, where
+    ``TensorBoardLogger`` writes an event per tag: 0.16 instead of 0.6 ms for the eight values of a demo episode.
+    TensorBoard shows the same scalars; values of other kinds (dicts) go through ``TensorBoardLogger`` as before.
 
     Example::
 
@@ -77,6 +84,24 @@ class BufferedTensorBoardLogger(TensorBoardLogger):
         super().__init__(*args, **kwargs)
         self.flush_interval_s = flush_interval_s
         self._flushed_at: float | None = None
+
+    @override
+    @rank_zero_only
+    def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
+        numbers, others = {}, {}
+        for key, value in metrics.items():
+            if isinstance(value, torch.Tensor) and value.numel() == 1:
+                value = value.item()
+            if isinstance(value, int | float):
+                numbers[key] = float(value)
+            else:
+                others[key] = value
+        if numbers:
+            prefix = f"{self._prefix}{self.LOGGER_JOIN_CHAR}" if self._prefix else ""  # as TensorBoardLogger tags
+            values = [Summary.Value(tag=prefix + key, simple_value=value) for key, value in numbers.items()]
+            self.experiment._get_file_writer().add_summary(Summary(value=values), step)
+        if others:
+            super().log_metrics(others, step)
 
     @override
     @rank_zero_only
