@@ -474,14 +474,24 @@ def run_lightning_with_callbacks(
         time_callback_hooks(cli.trainer.callbacks, clock)
         cli.trainer.callbacks.append(clock)
         cli.datamodule.next_episode = FIRST_EPISODE
+        children = _children_cpu_s()
         with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
             cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+        children = _children_cpu_s() - children  # the live plot's process, ended (and waited for) in teardown
     row = base_row(args, device, "lightning+callbacks", model)
     row.update(ours_fields(args, cli.model), **clock.fields())
+    # Not in cpu_s_per_episode (this process only): the plot process's CPU over the whole fit, warm-up, start,
+    # final redraw and all, per timed episode.
+    row["plot_process_cpu_s_per_episode"] = significant(children / args.episodes)
     spent = clock.ms_per_episode()
     row["validation_ms_per_episode"] = spent.pop("validation", 0.0)
     row["callback_ms_per_episode"] = spent  # on_validation_* hooks run inside the validation's time
     return with_speed(row, model)
+
+
+def _children_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def time_callback_hooks(callbacks: list[Callback], clock: EpisodeClock) -> None:
@@ -610,7 +620,7 @@ def demo_rounds(args: argparse.Namespace, device: torch.device) -> None:
 def median_row(rows: list[dict[str, Any]]) -> dict[str, Any]:
     row = {key: value for key, value in rows[0].items() if key not in ("episode_s", "episode_cpu_s")}
     for key in ("s_per_episode", "cpu_s_per_episode", "s_per_episode_without_validation", "validation_ms_per_episode",
-                "s_per_universe_episode", "mcell_steps_per_s"):  # fmt: skip
+                "s_per_universe_episode", "mcell_steps_per_s", "plot_process_cpu_s_per_episode"):  # fmt: skip
         if key in row:
             row[key] = significant(statistics.median(r[key] for r in rows))
     if "callback_ms_per_episode" in row:
