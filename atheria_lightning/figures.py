@@ -230,7 +230,7 @@ class PlotProcess:
         if not self.failed:
             try:
                 return self._draw_in_child(episodes, validations, total, phase)
-            except (OSError, ValueError, PlotProcessError) as err:
+            except (OSError, ValueError, KeyError, PlotProcessError) as err:
                 self.failed = True
                 self.close(timeout=1.0)
                 log.warning("the live-plot process failed (%s): drawing the live plot in a thread from now on", err)
