@@ -284,12 +284,11 @@ def default_command() -> list[str]:
             "f.serve()"]  # fmt: skip
 
 
-def serve(requests: IO[bytes] | None = None, replies: IO[bytes] | None = None) -> None:
+def serve() -> None:
     """The plot process: answers each request of :class:`PlotProcess` with a PNG, until its input ends."""
-    if replies is None:  # the protocol keeps the real stdout; anything printed goes to stderr
-        replies = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
-        os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
-    requests = requests if requests is not None else sys.stdin.buffer
+    replies = os.fdopen(os.dup(sys.stdout.fileno()), "wb")  # the protocol keeps the real stdout;
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # anything printed goes to stderr
+    requests = sys.stdin.buffer
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the training process; this one ends with its input
     if hasattr(os, "nice"):
         try:

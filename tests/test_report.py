@@ -22,10 +22,11 @@ from lightning_utilities.core.apply_func import apply_to_collection
 
 from atheria_lightning import export
 from atheria_lightning.callbacks import SmartCheckpoint, TimeLimitGuard
-from atheria_lightning.callbacks.report import MAX_PLOTTED_POINTS, TrainingReport, _append, loss_figure, summary_figure
+from atheria_lightning.callbacks.report import TrainingReport, _append
 from atheria_lightning.cli import main
 from atheria_lightning.data import EpisodeDataModule
 from atheria_lightning.errors import ConfigError
+from atheria_lightning.figures import MAX_PLOTTED_POINTS, loss_figure, summary_figure
 from atheria_lightning.module import QCAModule
 
 # A second --config replaces the demo's whole callback list, so the checkpoint callback is listed again.

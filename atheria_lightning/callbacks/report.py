@@ -25,11 +25,9 @@ from atheria_lightning.callbacks.checkpoint import episodes_done
 from atheria_lightning.errors import require
 from atheria_lightning.figures import (
     EPISODE_KEYS,
-    MAX_PLOTTED_POINTS,
     VALIDATION_KEYS,
     PlotProcess,
     empty_columns,
-    loss_figure,
     png_bytes,
     summary_figure,
 )
@@ -38,7 +36,7 @@ from atheria_lightning.scalars import as_floats
 
 log = logging.getLogger(__name__)
 
-__all__ = ["MAX_PLOTTED_POINTS", "TrainingReport", "loss_figure", "report_markdown", "summary_figure"]
+__all__ = ["TrainingReport", "report_markdown"]
 
 EXPORTS = "exports"
 LOG_FORMAT_VERSION = 1
