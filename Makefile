@@ -27,6 +27,7 @@ test: install
 
 lint: install
 	$(VENV)/bin/ruff check atheria_lightning tests benchmarks scripts notebooks
+	$(VENV)/bin/ruff format --check .
 
 clean:
 	rm -rf runs runs_mirror .pytest_cache

@@ -331,7 +331,7 @@ class TrainingReport(Callback):
 
         def draw() -> bytes:
             png = plotter.loss_png(episodes, validations, total=total, phase=phase)
-            _write_bytes(path, png)
+            _write_file(path, png)
             return png
 
         self._renderer.submit(draw)
@@ -373,12 +373,12 @@ class TrainingReport(Callback):
         checkpoint_dir, checkpoints = self._checkpoints(trainer, wait_s)
         exported = self._export_best(checkpoint_dir, checkpoints, exports) if self.export_model else None
         training_log = self.training_log(trainer, pl_module, checkpoints, exported)
-        _write_bytes(os.path.join(exports, "training_log.json"), json.dumps(training_log, indent=1).encode())
+        _write_file(os.path.join(exports, "training_log.json"), json.dumps(training_log, indent=1).encode())
         summary = png_bytes(summary_figure(training_log))
-        _write_bytes(os.path.join(exports, "summary.png"), summary)
+        _write_file(os.path.join(exports, "summary.png"), summary)
         files = [name for name in FILE_NOTES if name == "report.md" or os.path.isfile(os.path.join(exports, name))]
         text = report_markdown(training_log, files)
-        _write_bytes(os.path.join(exports, "report.md"), text.encode())
+        _write_file(os.path.join(exports, "report.md"), text.encode())
         self._show(summary)
         print(f"report: {os.path.join(exports, 'report.md')} (summary.png, training_log.json"
               f"{', model.ts' if exported else ''})", flush=True)  # fmt: skip
@@ -696,7 +696,8 @@ class _BackgroundRenderer:
         return not self.busy()
 
 
-def _write_bytes(path: str, data: bytes) -> None:
+def _write_file(path: str, data: bytes) -> None:
+    """``data`` as the whole of the file ``path``, written atomically (readers see the old file or the new one)."""
     atomic_write(LocalFileSystem(), path, lambda handle: handle.write(data))
 
 
