@@ -39,6 +39,7 @@ import importlib.util
 import json
 import os
 import platform
+import random
 import resource
 import statistics
 import subprocess
@@ -578,6 +579,8 @@ def command_ours(args: argparse.Namespace, device: torch.device) -> None:
 def command_cpu(args: argparse.Namespace, device: torch.device) -> None:
     """The issue's CPU rows: target 4 on the demo config, then grid 128 with and without checkpointing."""
     demo_rounds(args, device)
+    if args.demo_only:
+        return
     short = ["--config", "grid128", "--steps", str(args.grid128_steps), "--episodes", "1", "--warmup", "1"]
     emit(subprocess_row(args, "original", *short))
     for every in (0, args.grid128_checkpoint_every):
@@ -603,6 +606,11 @@ def demo_rounds(args: argparse.Namespace, device: torch.device) -> None:
         "bare+validation, 1 universe": lambda: run_bare(args, device, one, validation=True),
         "lightning+callbacks, 1 universe": lambda: run_lightning_with_callbacks(args, device, one),
     }
+    if args.only:
+        unknown = [name for name in args.only if name not in runs]
+        if unknown:
+            raise SystemExit(f"--only {unknown[0]!r}: not a variant; accepted: {'; '.join(runs)}")
+        runs = {name: run for name, run in runs.items() if name in args.only}
     rows: dict[str, list[dict[str, Any]]] = {name: [] for name in runs}
     for round_index in range(args.rounds):
         for name, run in runs.items():
@@ -613,8 +621,8 @@ def demo_rounds(args: argparse.Namespace, device: torch.device) -> None:
                   file=sys.stderr, flush=True)  # fmt: skip
     summary = {name: {**median_row(found), "name": name} for name, found in rows.items()}
     for name, row in summary.items():
-        emit(row if name.startswith("original") else compare(row, summary["original"]))
-    emit(targets(rows, summary["bare"]["device"]))
+        emit(compare(row, summary["original"]) if "original" in summary and not name.startswith("original") else row)
+    emit(targets(rows, next(iter(summary.values()))["device"]))
 
 
 def median_row(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -645,11 +653,13 @@ def targets(rows: dict[str, list[dict[str, Any]]], device: str) -> dict[str, Any
     steadier figure on a shared machine); each ratio is the median of the per-round ratios.
     """
 
-    def ratio(slow: str, fast: str, key: str = "s_per_episode") -> float:
-        per_round = [
+    def per_round(slow: str, fast: str, key: str = "s_per_episode") -> list[float]:
+        return [
             a[key] / a["universes"] / (b[key] / b["universes"]) for a, b in zip(rows[slow], rows[fast], strict=True)
         ]
-        return round(statistics.median(per_round), 3)
+
+    def ratio(slow: str, fast: str, key: str = "s_per_episode") -> float:
+        return round(statistics.median(per_round(slow, fast, key)), 3)
 
     pairs = {
         "speed_vs_original": ("original", "lightning+callbacks"),
@@ -661,21 +671,45 @@ def targets(rows: dict[str, list[dict[str, Any]]], device: str) -> dict[str, Any
         "time_vs_bare_without_validation_1_universe": ("lightning+callbacks, 1 universe", "bare, 1 universe"),
         "time_of_plain_lightning_vs_bare": ("lightning", "bare"),
     }
-    verdict: dict[str, Any] = {"device": device, "config": "demo", "summary": "target 4", "rounds": len(rows["bare"])}
+    rounds = len(next(iter(rows.values())))
+    verdict: dict[str, Any] = {"device": device, "config": "demo", "summary": "target 4", "rounds": rounds}
     for name, (slow, fast) in pairs.items():
-        verdict[name] = {"wall": ratio(slow, fast), "cpu": ratio(slow, fast, "cpu_s_per_episode")}
-    without_validation = [a["s_per_episode_without_validation"] / b["s_per_episode"]
-                          for a, b in zip(rows["lightning+callbacks"], rows["bare"], strict=True)]  # fmt: skip
-    verdict["time_without_validation_vs_bare_wall"] = round(statistics.median(without_validation), 3)
-    both = [a["s_per_episode_without_validation"] / b["s_per_episode_without_validation"]
-            for a, b in zip(rows["lightning+callbacks"], rows["bare+validation"], strict=True)]  # fmt: skip
-    verdict["time_vs_bare_both_without_validation_wall"] = round(statistics.median(both), 3)
-    verdict["time_vs_bare_min_per_episode"] = {
-        clock: round(least_time(rows["lightning+callbacks"], key) / least_time(rows["bare+validation"], key), 3)
-        for clock, key in (("wall", "episode_s"), ("cpu", "episode_cpu_s"))
-    }
+        if slow in rows and fast in rows:
+            verdict[name] = {"wall": ratio(slow, fast), "cpu": ratio(slow, fast, "cpu_s_per_episode")}
+    if "lightning+callbacks" in rows and "bare+validation" in rows:
+        ours, bare = rows["lightning+callbacks"], rows["bare+validation"]
+        for clock, key in (("wall", "s_per_episode"), ("cpu", "cpu_s_per_episode")):
+            found = per_round("lightning+callbacks", "bare+validation", key)
+            verdict["time_vs_bare"][f"{clock}_per_round"] = [round(value, 4) for value in found]
+            verdict["time_vs_bare"][f"{clock}_ci90"] = median_interval(found)
+        both = [a["s_per_episode_without_validation"] / b["s_per_episode_without_validation"]
+                for a, b in zip(ours, bare, strict=True)]  # fmt: skip
+        verdict["time_vs_bare_both_without_validation_wall"] = round(statistics.median(both), 3)
+        verdict["time_vs_bare_min_per_episode"] = {
+            clock: round(least_time(ours, key) / least_time(bare, key), 3)
+            for clock, key in (("wall", "episode_s"), ("cpu", "episode_cpu_s"))
+        }
+    if "lightning+callbacks" in rows and "bare" in rows:
+        without_validation = [a["s_per_episode_without_validation"] / b["s_per_episode"]
+                              for a, b in zip(rows["lightning+callbacks"], rows["bare"], strict=True)]  # fmt: skip
+        verdict["time_without_validation_vs_bare_wall"] = round(statistics.median(without_validation), 3)
     verdict["targets"] = {"speed_vs_original": ">= 1.0", "time_vs_bare": "<= 1.05"}
     return verdict
+
+
+def median_interval(values: list[float], level: float = 0.9, resamples: int = 10_000) -> list[float] | None:
+    """A bootstrap percentile interval of the median of ``values`` (the per-round ratios), at ``level``.
+
+    It says how far the median could move if the rounds were run again on a machine as noisy as this one: a target
+    is shown met only when the whole interval is on its side. Seeded, so the same rounds give the same interval.
+    None with fewer than 5 rounds, where the resampled medians take too few values to mean anything.
+    """
+    if len(values) < 5:
+        return None
+    draw = random.Random(0)
+    medians = sorted(statistics.median(draw.choices(values, k=len(values))) for _ in range(resamples))
+    tail = int(resamples * (1 - level) / 2)
+    return [round(medians[tail], 4), round(medians[resamples - 1 - tail], 4)]
 
 
 def least_time(rows: list[dict[str, Any]], key: str = "episode_s") -> float:
@@ -730,6 +764,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--label", default="", help="a name for the row, copied into it")
     parser.add_argument("--episode-times", action="store_true", help="rows also list each timed episode's seconds")
     parser.add_argument("--rounds", type=int, default=5, help="cpu: interleaved rounds of the demo comparison")
+    parser.add_argument("--only", action="append", metavar="VARIANT", help="cpu: only this demo variant (repeatable)")
+    parser.add_argument("--demo-only", action="store_true", help="cpu: the demo comparison alone, no grid-128 rows")
     parser.add_argument("--grid128-steps", type=int, default=10, help="cpu: steps of the short grid-128 rows")
     parser.add_argument("--grid128-checkpoint-every", type=int, default=3, help="cpu: about sqrt(--grid128-steps)")
     parser.add_argument("--grid128-full", action="store_true", help="cpu: also 100 steps with checkpoint_every 10")
