@@ -136,32 +136,33 @@ def test_damaged_last_checkpoint_falls_back_to_the_previous_valid_one(
         assert list((folder / "corrupt").glob("last.ckpt.*")), "the damaged file is moved aside, not deleted"
 
 
-class FlakyMemoryFileSystem(MemoryFileSystem):
-    """A Drive mount at quota: every second write fails with EIO."""
+class QuotaMemoryFileSystem(MemoryFileSystem):
+    """A Drive mount at quota: every second write fails with EIO. (Its own protocol: test_mirror registers another
+    ``flakymem`` class, and whichever registers last would serve both.)"""
 
-    protocol = "flakymem"
+    protocol = "quotamem"
     calls = 0
 
     @classmethod
     def _strip_protocol(cls, path):  # type: ignore[override]
-        return super()._strip_protocol(path.removeprefix("flakymem://") if isinstance(path, str) else path)
+        return super()._strip_protocol(path.removeprefix("quotamem://") if isinstance(path, str) else path)
 
     def _open(self, path: str, mode: str = "rb", **kwargs: object):  # type: ignore[override]
         if "w" in mode:
-            FlakyMemoryFileSystem.calls += 1
-            if FlakyMemoryFileSystem.calls % 2 == 0:
+            QuotaMemoryFileSystem.calls += 1
+            if QuotaMemoryFileSystem.calls % 2 == 0:
                 raise OSError(5, "Input/output error")
         return super()._open(path, mode, **kwargs)
 
 
 def test_mirror_failing_every_second_call_still_ends_complete(tmp_path: Path) -> None:
-    fsspec.register_implementation("flakymem", FlakyMemoryFileSystem, clobber=True)
-    url = f"flakymem://survival-{os.getpid()}-{time.monotonic_ns()}"
+    fsspec.register_implementation("quotamem", QuotaMemoryFileSystem, clobber=True)
+    url = f"quotamem://survival-{os.getpid()}-{time.monotonic_ns()}"
     args = demo_args(tmp_path, episodes=8, val_every=2)
     args[args.index("--mirror_url") + 1] = url
     args += ["--config", callbacks_config(tmp_path, sync=2, backoff_s=0.01)]
     assert main(args) == 0
-    fs = fsspec.filesystem("flakymem")
+    fs = fsspec.filesystem("quotamem")
     remote = url.split("://", 1)[1] + "/demo/checkpoints"
     local = run_dir(tmp_path) / "checkpoints"
     remote_manifest = read_manifest(fs, remote)
