@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import shutil
@@ -20,7 +21,7 @@ from lightning.fabric.utilities.types import _PATH
 from lightning_utilities.core.apply_func import apply_to_collection
 from typing_extensions import override
 
-from atheria_lightning.manifest import atomic_write, entry_for, read_manifest, verify, write_manifest
+from atheria_lightning.manifest import ManifestEntry, atomic_write, read_manifest, verify, write_manifest
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,29 @@ def serialized(checkpoint: dict[str, Any]) -> memoryview:
 
 def _write_bytes(data: memoryview, handle: Any) -> None:
     handle.write(data)
+
+
+class _Measuring:
+    """A binary handle whose writes also count the bytes and hash them: the size and sha256 of the file as written.
+
+    The manifest entry of a new checkpoint comes from here rather than from reading the file back, which cost the
+    writer thread one more pass over every checkpoint (1 ms of CPU for the demo's 1.4 MB; the standard model's
+    checkpoint is about 60 times larger) while training ran on the other core.
+    """
+
+    def __init__(self, handle: Any) -> None:
+        self._handle = handle
+        self._digest = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: Any) -> int:
+        written = self._handle.write(data)  # a buffered file writes all of it or raises
+        self._digest.update(data)
+        self.size += memoryview(data).nbytes
+        return written
+
+    def hexdigest(self) -> str:
+        return self._digest.hexdigest()
 
 
 class AtomicCheckpointIO(CheckpointIO):
@@ -170,9 +194,17 @@ class AtomicCheckpointIO(CheckpointIO):
             folder, name = os.path.split(fs_path)
             measured: dict[str, Any] = {}
 
+            def write(handle: Any) -> None:
+                measured["file"] = _Measuring(handle)
+                produce(measured["file"])
+
             def journal(tmp: str) -> None:
                 # Before last.ckpt is replaced in place: a kill after the rename still finds its new entry.
-                entry = entry_for(_local_fs(), tmp, int(meta.get("episode", -1)), meta.get("metric"), _kind_of(path))
+                written = measured["file"]
+                if os.path.getsize(tmp) != written.size:
+                    raise OSError(f"{tmp} holds {os.path.getsize(tmp)} bytes after {written.size} were written")
+                episode, metric = int(meta.get("episode", -1)), meta.get("metric")
+                entry = ManifestEntry(episode, written.size, written.hexdigest(), metric, _kind_of(path))
                 measured["entry"] = entry
                 with self._manifest_lock:
                     manifest = read_manifest(_local_fs(), folder)
@@ -180,7 +212,7 @@ class AtomicCheckpointIO(CheckpointIO):
                         manifest.pending[name] = entry
                         write_manifest(_local_fs(), folder, manifest)
 
-            atomic_write(_local_fs(), fs_path, produce, before_replace=journal)
+            atomic_write(_local_fs(), fs_path, write, before_replace=journal)
             with self._manifest_lock:
                 manifest = read_manifest(_local_fs(), folder)
                 manifest.files[name] = measured["entry"]

@@ -304,3 +304,19 @@ def test_a_copy_of_a_damaged_checkpoint_is_refused_and_nothing_is_listed(tmp_pat
     with pytest.raises(FileNotFoundError, match="not a verified checkpoint"):
         io.copy_checkpoint(best, last)
     assert not last.exists() and "last.ckpt" not in read_manifest(LOCAL, str(tmp_path)).files
+
+
+def test_each_listed_checkpoint_is_described_by_the_bytes_on_disk(tmp_path: Path) -> None:
+    # The writer hashes what it writes instead of reading the file back: the entry must still be the file's own.
+    io = checkpoint_io.AtomicCheckpointIO()
+    best, last = tmp_path / "best-e000007.ckpt", tmp_path / "last.ckpt"
+    io.save_checkpoint({"weights": torch.randn(1000), checkpoint_io.META_KEY: {"episode": 7, "metric": 0.5}}, best)
+    io.copy_checkpoint(best, last)
+    io.save_checkpoint({"weights": torch.randn(10), checkpoint_io.META_KEY: {"episode": 8}}, last)  # replaced in place
+    io.teardown()
+    listed = read_manifest(LOCAL, str(tmp_path)).files
+    assert set(listed) == {best.name, last.name}
+    for path in (best, last):
+        data = path.read_bytes()
+        assert (listed[path.name].size, listed[path.name].sha256) == (len(data), hashlib.sha256(data).hexdigest())
+    assert (listed[best.name].episode, listed[best.name].metric, listed[last.name].episode) == (7, 0.5, 8)
