@@ -58,9 +58,10 @@ def _write_bytes(data: memoryview, handle: Any) -> None:
 class _Measuring:
     """A binary handle whose writes also count the bytes and hash them: the size and sha256 of the file as written.
 
-    The manifest entry of a new checkpoint comes from here rather than from reading the file back, which cost the
-    writer thread one more pass over every checkpoint (1 ms of CPU for the demo's 1.4 MB; the standard model's
-    checkpoint is about 60 times larger) while training ran on the other core.
+    The manifest entry of a new checkpoint comes from here rather than from reading the file back: one pass less
+    over every checkpoint in the writer thread, while training runs on the other core. The hashing itself stays
+    (about 1 ms of CPU for the demo's 1.4 MB); the read it saves cost 0.2 ms there, from the page cache (writer CPU
+    per save 3.29 -> 3.07 ms), and more for a checkpoint the page cache no longer holds.
     """
 
     def __init__(self, handle: Any) -> None:
