@@ -61,17 +61,9 @@ class FakeGuard(Callback):
 
 
 class GPUModule:
-    """Stands in for a LightningModule living on a GPU: records what the monitor logs."""
+    """Stands in for a LightningModule living on a GPU."""
 
     device = torch.device("cuda", 0)
-
-    def __init__(self) -> None:
-        self.logged: dict[str, float] = {}
-        self.log_kwargs: dict = {}
-
-    def log_dict(self, metrics: dict[str, float], **kwargs) -> None:
-        self.logged.update(metrics)
-        self.log_kwargs = kwargs
 
 
 def stub_trainer(global_step: int, is_global_zero: bool = True) -> SimpleNamespace:
@@ -82,7 +74,13 @@ def stub_trainer(global_step: int, is_global_zero: bool = True) -> SimpleNamespa
         datamodule=None,
         max_steps=100,
         progress_bar_callback=None,
+        callback_metrics={},
+        loggers=[],
     )
+
+
+def logged(trainer: SimpleNamespace) -> dict[str, float]:
+    return {key: float(value) for key, value in trainer.callback_metrics.items()}
 
 
 @pytest.fixture
@@ -108,7 +106,8 @@ def test_cpu_fit_logs_ram_and_no_gpu_keys(tmp_path: Path) -> None:
     assert RAM_KEYS <= set(rows[0])
     assert not GPU_KEYS & set(rows[0]), "without a GPU the GPU keys must be absent, not zero"
     readings = [row for row in rows if row["resources/ram_used_gb"]]
-    assert readings
+    # One row per reading, at the episode it was taken (episodes 2, 4, 6: steps 1, 3, 5), not repeated after it.
+    assert [int(row["step"]) for row in readings] == [1, 3, 5]
     total_gb = psutil.virtual_memory().total / GB
     for row in readings:
         assert 0.0 < float(row["resources/ram_used_gb"]) < total_gb
@@ -144,11 +143,10 @@ def test_gpu_keys_from_cuda_and_nvml(capsys: pytest.CaptureFixture[str]) -> None
     trainer.global_step = 20
     monitor.on_train_batch_end(trainer, module, None, None, batch_idx=19)
 
-    assert set(module.logged) == RAM_KEYS | GPU_KEYS
-    assert module.logged["resources/gpu_util_percent"] == 85.0
-    assert module.logged["resources/gpu_mem_allocated_gb"] == 3.0
-    assert module.logged["resources/gpu_mem_reserved_gb"] == 5.0
-    assert module.log_kwargs["on_step"] is True and module.log_kwargs["rank_zero_only"] is True
+    assert set(logged(trainer)) == RAM_KEYS | GPU_KEYS
+    assert logged(trainer)["resources/gpu_util_percent"] == 85.0
+    assert logged(trainer)["resources/gpu_mem_allocated_gb"] == 3.0
+    assert logged(trainer)["resources/gpu_mem_reserved_gb"] == 5.0
     assert "[episode 20/100]" in capsys.readouterr().out.splitlines()[0]
 
 
@@ -162,13 +160,14 @@ def test_missing_nvml_warns_once_naming_the_extra(monkeypatch: pytest.MonkeyPatc
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for step in (10, 20, 30):
-            monitor.on_train_batch_end(stub_trainer(step), module, None, None, batch_idx=step - 1)
+            trainer = stub_trainer(step)
+            monitor.on_train_batch_end(trainer, module, None, None, batch_idx=step - 1)
 
     messages = [str(w.message) for w in caught]
     assert len(messages) == 1
     assert 'pip install "atheria_lightning[gpu]"' in messages[0]
-    assert "resources/gpu_util_percent" not in module.logged
-    assert {"resources/gpu_mem_allocated_gb", "resources/gpu_mem_reserved_gb"} <= set(module.logged)
+    assert "resources/gpu_util_percent" not in logged(trainer)
+    assert {"resources/gpu_mem_allocated_gb", "resources/gpu_mem_reserved_gb"} <= set(logged(trainer))
 
 
 @pytest.mark.usefixtures("fake_gpu")
@@ -180,10 +179,10 @@ def test_nothing_read_between_reports_nor_off_rank_zero(
     monkeypatch.setattr(psutil, "virtual_memory", lambda: reads.append(1) or real_virtual_memory())
     monitor, module = ResourceMonitor(every_n_episodes=10), GPUModule()
 
-    for step in range(1, 10):
-        monitor.on_train_batch_end(stub_trainer(step), module, None, None, batch_idx=step - 1)
-    monitor.on_train_batch_end(stub_trainer(10, is_global_zero=False), module, None, None, batch_idx=9)
-    assert not reads and not module.logged and not capsys.readouterr().out
+    trainers = [stub_trainer(step) for step in range(1, 10)] + [stub_trainer(10, is_global_zero=False)]
+    for trainer in trainers:
+        monitor.on_train_batch_end(trainer, module, None, None, batch_idx=trainer.global_step - 1)
+    assert not reads and not any(trainer.callback_metrics for trainer in trainers) and not capsys.readouterr().out
 
     # A skipped non-finite episode leaves global_step at 10: the second batch must not report again.
     for batch_idx in (9, 10):
