@@ -700,9 +700,11 @@ def targets(rows: dict[str, list[dict[str, Any]]], device: str) -> dict[str, Any
 def median_interval(values: list[float], level: float = 0.9, resamples: int = 10_000) -> list[float] | None:
     """A bootstrap percentile interval of the median of ``values`` (the per-round ratios), at ``level``.
 
-    It says how far the median could move if the rounds were run again on a machine as noisy as this one: a target
-    is shown met only when the whole interval is on its side. Seeded, so the same rounds give the same interval.
-    None with fewer than 5 rounds, where the resampled medians take too few values to mean anything.
+    It treats the rounds as independent draws, which they are not where the machine's load drifts over minutes: on
+    the shared 2-core CPU, two 15-round runs of the same code gave medians of 1.041 and 1.079 with intervals that
+    barely overlapped (benchmarks/RESULTS.md, 2026-11-27). Read it as a floor on the uncertainty, not a bound.
+    Seeded, so the same rounds give the same interval. None with fewer than 5 rounds, where the resampled medians
+    take too few values to mean anything.
     """
     if len(values) < 5:
         return None
