@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import shutil
@@ -21,7 +20,14 @@ from lightning.fabric.utilities.types import _PATH
 from lightning_utilities.core.apply_func import apply_to_collection
 from typing_extensions import override
 
-from atheria_lightning.manifest import ManifestEntry, atomic_write, read_manifest, verify, write_manifest
+from atheria_lightning.manifest import (
+    ManifestEntry,
+    MeasuredWriter,
+    atomic_write,
+    read_manifest,
+    verify,
+    write_manifest,
+)
 
 log = logging.getLogger(__name__)
 
@@ -53,30 +59,6 @@ def serialized(checkpoint: dict[str, Any]) -> memoryview:
 
 def _write_bytes(data: memoryview, handle: Any) -> None:
     handle.write(data)
-
-
-class _Measuring:
-    """A binary handle whose writes also count the bytes and hash them: the size and sha256 of the file as written.
-
-    The manifest entry of a new checkpoint comes from here rather than from reading the file back: one pass less
-    over every checkpoint in the writer thread, while training runs on the other core. The hashing itself stays
-    (about 1 ms of CPU for the demo's 1.4 MB); the read it saves cost 0.2 ms there, from the page cache (writer CPU
-    per save 3.29 -> 3.07 ms), and more for a checkpoint the page cache no longer holds.
-    """
-
-    def __init__(self, handle: Any) -> None:
-        self._handle = handle
-        self._digest = hashlib.sha256()
-        self.size = 0
-
-    def write(self, data: Any) -> int:
-        written = self._handle.write(data)  # a buffered file writes all of it or raises
-        self._digest.update(data)
-        self.size += memoryview(data).nbytes
-        return written
-
-    def hexdigest(self) -> str:
-        return self._digest.hexdigest()
 
 
 class AtomicCheckpointIO(CheckpointIO):
@@ -196,7 +178,8 @@ class AtomicCheckpointIO(CheckpointIO):
             measured: dict[str, Any] = {}
 
             def write(handle: Any) -> None:
-                measured["file"] = _Measuring(handle)
+                # Measured as written, not read back: writer CPU per demo save 3.29 -> 3.07 ms (the hashing stays).
+                measured["file"] = MeasuredWriter(handle)
                 produce(measured["file"])
 
             def journal(tmp: str) -> None:

@@ -89,6 +89,39 @@ def sha256_of(fs: AbstractFileSystem, path: str) -> str:
     return digest.hexdigest()
 
 
+class MeasuredWriter:
+    """A binary handle whose writes are also counted and hashed: the size and sha256 of what went through it.
+
+    Measuring a file as it is written (or copied) spares reading it back to describe or check it.
+    """
+
+    def __init__(self, handle: IO[bytes]) -> None:
+        self._handle = handle
+        self._digest = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: Any) -> int:
+        written = self._handle.write(data)  # a buffered file writes all of it or raises
+        self._digest.update(data)
+        self.size += memoryview(data).nbytes
+        return written
+
+    def hexdigest(self) -> str:
+        return self._digest.hexdigest()
+
+    def matches(self, entry: ManifestEntry) -> bool:
+        """True when what went through has the entry's size and sha256."""
+        return self.size == entry.size and self.hexdigest() == entry.sha256
+
+
+def copy_measured(source: IO[bytes], target: IO[bytes]) -> MeasuredWriter:
+    """Stream ``source`` into ``target``; returns what went through, measured."""
+    copied = MeasuredWriter(target)
+    for chunk in iter(lambda: source.read(CHUNK), b""):
+        copied.write(chunk)
+    return copied
+
+
 def entry_for(fs: AbstractFileSystem, path: str, episode: int, metric: float | None, kind: str) -> ManifestEntry:
     """Measure a complete file and describe it for the manifest."""
     return ManifestEntry(episode=episode, size=int(fs.size(path)), sha256=sha256_of(fs, path), metric=metric, kind=kind)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import time
@@ -12,8 +11,8 @@ from fsspec import AbstractFileSystem
 from fsspec.implementations.local import LocalFileSystem
 
 from atheria_lightning.manifest import (
-    CHUNK,
     ManifestEntry,
+    copy_measured,
     join,
     read_manifest,
     remove_stale_tmp,
@@ -134,16 +133,12 @@ def _download_verified(fs: AbstractFileSystem, remote_path: str, local_path: str
     """Copy a mirror file beside its local target, check size and sha256, and only then move it into place."""
     os.makedirs(os.path.dirname(local_path), exist_ok=True)
     tmp = tmp_path_for(local_path)
-    digest, size = hashlib.sha256(), 0
     try:
         with fs.open(remote_path, "rb") as source, open(tmp, "wb") as target:
-            for chunk in iter(lambda: source.read(CHUNK), b""):
-                digest.update(chunk)
-                size += len(chunk)
-                target.write(chunk)
+            copied = copy_measured(source, target)
             target.flush()
             os.fsync(target.fileno())
-        if size != entry.size or digest.hexdigest() != entry.sha256:
+        if not copied.matches(entry):
             return False
         os.replace(tmp, local_path)
         return True

@@ -320,3 +320,20 @@ def test_each_listed_checkpoint_is_described_by_the_bytes_on_disk(tmp_path: Path
         data = path.read_bytes()
         assert (listed[path.name].size, listed[path.name].sha256) == (len(data), hashlib.sha256(data).hexdigest())
     assert (listed[best.name].episode, listed[best.name].metric, listed[last.name].episode) == (7, 0.5, 8)
+
+
+def test_a_mirror_checkpoint_whose_bytes_changed_is_not_downloaded(tmp_path: Path) -> None:
+    from atheria_lightning.resume import find_resume_checkpoint
+
+    mirror = tmp_path / "mirror"
+    io = checkpoint_io.AtomicCheckpointIO(async_write=False)
+    io.save_checkpoint({"w": torch.zeros(3), checkpoint_io.META_KEY: {"episode": 10}}, mirror / "best-e000010.ckpt")
+    io.save_checkpoint({"w": torch.ones(3), checkpoint_io.META_KEY: {"episode": 20}}, mirror / "last.ckpt")
+    data = bytearray((mirror / "last.ckpt").read_bytes())
+    data[-1] ^= 0xFF  # same size, different bytes: caught by the sha256 of the download itself
+    (mirror / "last.ckpt").write_bytes(bytes(data))
+
+    local = tmp_path / "fresh" / "checkpoints"
+    point = find_resume_checkpoint(str(local), (LOCAL, str(mirror)))
+    assert point is not None and point.source == "mirror" and point.episode == 10
+    assert not (local / "last.ckpt").exists() and "last.ckpt" not in read_manifest(LOCAL, str(local)).files

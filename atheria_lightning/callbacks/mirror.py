@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno
-import hashlib
 import logging
 import os
 import posixpath
@@ -26,12 +25,12 @@ from typing_extensions import override
 
 from atheria_lightning.errors import ConfigError, require
 from atheria_lightning.manifest import (
-    CHUNK,
     MANIFEST_NAME,
     TMP_MARKER,
     Manifest,
     ManifestEntry,
     atomic_write,
+    copy_measured,
     join,
     read_manifest,
     verify,
@@ -584,14 +583,10 @@ class MirrorSync(Callback):
 
 
 def _copy_checked(source: IO[bytes], target: IO[bytes], expected: ManifestEntry | None) -> None:
-    digest = hashlib.sha256()
-    size = 0
-    for chunk in iter(lambda: source.read(CHUNK), b""):
-        digest.update(chunk)
-        size += len(chunk)
-        target.write(chunk)
-    if expected is not None and (size != expected.size or digest.hexdigest() != expected.sha256):
-        raise _LocalFileChanged(f"read {size} bytes with sha256 {digest.hexdigest()[:12]}..., manifest says otherwise")
+    copied = copy_measured(source, target)
+    if expected is not None and not copied.matches(expected):
+        digest = copied.hexdigest()[:12]
+        raise _LocalFileChanged(f"read {copied.size} bytes with sha256 {digest}..., manifest says otherwise")
 
 
 def _same(entry: ManifestEntry | None, other: ManifestEntry) -> bool:
