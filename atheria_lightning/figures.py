@@ -52,9 +52,7 @@ def loss_figure(
     figure = Figure(figsize=(8, 4))
     figure.subplots_adjust(left=0.09, right=0.98, bottom=0.12, top=0.92)
     axes = figure.add_subplot()
-    _plot_series(axes, episodes["episode"], episodes["loss"], "train/loss", "tab:blue")
-    if validations["episode"]:
-        axes.plot(validations["episode"], validations["combined"], "o", color="tab:red", ms=4, label="val/combined")
+    _plot_loss(axes, episodes, validations)
     done = int(episodes["episode"][-1]) + 1 if episodes["episode"] else 0
     title = f"episode {done}" + (f" of {total}" if total else "") + (f" - {phase}" if phase else "")
     axes.set(title=title, xlabel="episode", ylabel="loss")
@@ -69,10 +67,7 @@ def summary_figure(training_log: dict[str, Any]) -> Figure:
     validations = _columns_of(training_log.get("validations", []), VALIDATION_KEYS)
     figure = Figure(figsize=(12, 8), layout="constrained")
     loss_axes, survival_axes, timeline_axes, histogram_axes = figure.subplots(2, 2).flat
-    _plot_series(loss_axes, episodes["episode"], episodes["loss"], "train/loss", "tab:blue")
-    if validations["episode"]:
-        loss_axes.plot(validations["episode"], validations["combined"], "o", color="tab:red", ms=4,
-                       label="val/combined")  # fmt: skip
+    _plot_loss(loss_axes, episodes, validations)
     loss_axes.set(title="Loss", xlabel="episode", ylabel="loss")
     _plot_series(survival_axes, episodes["episode"], episodes["survival"], "train/survival", "tab:green")
     survival_axes.set(title="Survival (energy kept vs target; lower is better)", xlabel="episode", ylabel="survival")
@@ -122,6 +117,13 @@ def _moving_average(values: np.ndarray) -> np.ndarray:
     window = max(1, min(50, len(values) // 10))
     kernel = np.ones(window) / window
     return np.convolve(values, kernel, mode="valid") if len(values) >= window else values
+
+
+def _plot_loss(axes: Any, episodes: dict[str, list[float]], validations: dict[str, list[float]]) -> None:
+    """``train/loss`` with its moving average, and ``val/combined`` as dots."""
+    _plot_series(axes, episodes["episode"], episodes["loss"], "train/loss", "tab:blue")
+    if validations["episode"]:
+        axes.plot(validations["episode"], validations["combined"], "o", color="tab:red", ms=4, label="val/combined")
 
 
 def _plot_series(axes: Any, episodes: list[float], values: list[float], label: str, color: str) -> None:
