@@ -122,11 +122,6 @@ def copy_measured(source: IO[bytes], target: IO[bytes]) -> MeasuredWriter:
     return copied
 
 
-def entry_for(fs: AbstractFileSystem, path: str, episode: int, metric: float | None, kind: str) -> ManifestEntry:
-    """Measure a complete file and describe it for the manifest."""
-    return ManifestEntry(episode=episode, size=int(fs.size(path)), sha256=sha256_of(fs, path), metric=metric, kind=kind)
-
-
 def verify(fs: AbstractFileSystem, path: str, entry: ManifestEntry) -> bool:
     """True when ``path`` exists with the entry's size and sha256 (size first: cheap, catches truncation)."""
     try:

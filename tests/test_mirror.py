@@ -22,10 +22,23 @@ from lightning.pytorch.callbacks import Callback
 from atheria_lightning.callbacks.mirror import MAX_INTERVAL_FACTOR, MirrorSync, remote_run_dir
 from atheria_lightning.data import EpisodeDataModule
 from atheria_lightning.errors import ConfigError
-from atheria_lightning.manifest import MANIFEST_NAME, atomic_write, entry_for, read_manifest, verify, write_manifest
+from atheria_lightning.manifest import (
+    MANIFEST_NAME,
+    ManifestEntry,
+    atomic_write,
+    read_manifest,
+    sha256_of,
+    verify,
+    write_manifest,
+)
 from atheria_lightning.module import QCAModule
 
 LOCAL = LocalFileSystem()
+
+
+def entry_for(fs: Any, path: str, episode: int, metric: float | None, kind: str) -> ManifestEntry:
+    """The manifest entry of a complete file, measured by reading it (the package measures files as it writes them)."""
+    return ManifestEntry(episode=episode, size=int(fs.size(path)), sha256=sha256_of(fs, path), metric=metric, kind=kind)
 
 
 class FlakyMemoryFileSystem(MemoryFileSystem):
