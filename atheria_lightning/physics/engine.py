@@ -12,7 +12,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from atheria_lightning.physics.noise import NoiseDraws, NoiseRates, apply_drawn_noise, draw_noise, noise_rates
 from atheria_lightning.physics.state import normalize
@@ -117,8 +116,9 @@ def rollout(
 
     With ``checkpoint_every = k > 0`` (and gradients on), only the state at every k-th step is kept for the backward
     pass; each segment of k steps is recomputed during the backward, with the very same noise draws. The result and
-    the gradients are those of the plain rollout, for one more forward pass. The memory falls from ``steps`` steps
-    of activations to ``steps / k`` states plus k steps of activations.
+    the gradients are those of the plain rollout, for one more forward pass (the first one builds no graph). The
+    memory falls from ``steps`` steps of activations to ``steps / k`` states plus k steps of activations. The
+    gradients reach the operator's parameters (``operator`` a module or a compiled one; see :class:`_Segment`).
     """
     every = max(1, steps // max(1, history_states))
     segment = checkpoint_every if checkpoint_every > 0 and torch.is_grad_enabled() else steps
@@ -132,17 +132,28 @@ def rollout(
             operator.probe(to_channels(psi0))
         elif isinstance(operator, CompiledStep):
             operator.probe(psi0, gamma, rates)
+        weights = _trainable_weights(operator) if segment < steps else []
         for first in range(1, steps + 1, segment):
             last = min(first + segment - 1, steps)
             evolve = partial(
                 _evolve, operator, first=first, last=last, steps=steps, every=every, gamma=gamma, rates=rates
             )
             if segment < steps:
-                psi, memory, snapshots = _checkpointed(evolve, psi, memory, generator)
+                psi, memory, snapshots = _checkpointed(evolve, psi, memory, generator, weights)
             else:
                 psi, memory, snapshots = evolve(psi, memory, generator)
             history.extend(snapshots)
     return RolloutResult(final=psi, history=history)
+
+
+def _trainable_weights(operator: Callable[..., Any]) -> list[torch.Tensor]:
+    """The parameters of ``operator`` (a module, or one behind :class:`CompiledOperator` or :class:`CompiledStep`)
+    that take gradients: the inputs through which a checkpointed segment's gradients reach them."""
+    if isinstance(operator, _Compiled):
+        return operator._weights()
+    if isinstance(operator, nn.Module):
+        return [parameter for parameter in operator.parameters() if parameter.requires_grad]
+    return []
 
 
 @contextlib.contextmanager
@@ -194,34 +205,110 @@ def _evolve(
 
 
 def _checkpointed(
-    evolve: Callable[..., Any], psi: torch.Tensor, memory: Any, generator: torch.Generator | None
+    evolve: Callable[..., Any],
+    psi: torch.Tensor,
+    memory: Any,
+    generator: torch.Generator | None,
+    weights: list[torch.Tensor],
 ) -> tuple[torch.Tensor, Any, list[torch.Tensor]]:
-    """``evolve`` under activation checkpointing, its noise replayed exactly when the backward recomputes it.
+    """``evolve`` under activation checkpointing: run without a graph now, run again with one in the backward pass.
 
-    checkpoint's own ``preserve_rng_state`` covers the global generators only. An explicit generator is therefore
-    never drawn from inside the segment: a private copy is rewound to the segment's start on every run, and the
-    caller's generator is moved on to where the first run left the copy, as if it had drawn the noise itself.
+    The noise is replayed exactly: the generator is never drawn from inside the segment. A private copy is rewound
+    to the segment's start on every run, and the caller's generator (the device's default one when it is None) is
+    moved on to where the first run left the copy, as if it had drawn the noise itself. ``weights`` are the
+    operator's parameters that take gradients: the segment's gradients reach them through the returned outputs.
     """
     if generator is None:
-        return checkpoint(evolve, psi, memory, None, use_reentrant=False)
+        generator = _default_generator(psi.device)
     start = generator.get_state()
     replay = torch.Generator(device=generator.device)
+    snapshots: list[torch.Tensor] = []
 
-    def segment(psi: torch.Tensor, memory: Any) -> tuple[torch.Tensor, Any, list[torch.Tensor]]:
+    def run(psi: torch.Tensor, *memory_tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
         replay.set_state(start)
-        return evolve(psi, memory, replay)
+        psi, memory, taken = evolve(psi, memory_tensors or None, replay)
+        if not snapshots:  # the first run's (the recompute takes the same ones)
+            snapshots.extend(taken)
+        return (psi, *(memory or ()))
 
-    result = checkpoint(segment, psi, memory, use_reentrant=False)
+    memory_tensors = tuple(memory) if memory is not None else ()
+    outputs = _Segment.apply(run, 1 + len(memory_tensors), psi, *memory_tensors, *weights)
     generator.set_state(replay.get_state())
-    return result
+    return outputs[0], (tuple(outputs[1:]) or None), list(snapshots)
+
+
+def _default_generator(device: torch.device) -> torch.Generator:
+    """The generator that ``torch.rand(..., generator=None)`` draws from on ``device``."""
+    if device.type == "cuda":
+        return torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()]
+    return torch.default_generator
+
+
+class _Segment(torch.autograd.Function):
+    """Activation checkpointing of one rollout segment, without a hook per saved tensor.
+
+    ``torch.utils.checkpoint`` (non-reentrant) runs two Python hooks for every tensor the autograd graph saves,
+    about 100 per U-Net step. A rollout at one universe per episode is bound by such host-side work: on the CPU
+    (grid 8, 100 steps, ``checkpoint_every`` 10) it cost 1.9-2.1x the plain rollout's time, this 1.2x
+    (``benchmarks/RESULTS.md``). The reentrant variant has no such hooks and is as fast, but it calls ``backward``
+    inside the backward pass, so each segment adds into the weights' ``.grad`` on its own: under DDP the reducer
+    then all-reduces a part of the gradient, and two ranks' weights drifted apart without an error
+    (``tests/test_ddp.py``). Here the forward runs without a graph; the backward runs the segment again with one,
+    under the forward's autocast state, and returns the gradients of its inputs, weights included, through the
+    outer graph. So each weight's gradient is summed by autograd and accumulated once, as in the plain rollout.
+
+    ``apply(run, state_count, *state, *weights)``: ``run(*state)`` returns the state after the segment (tensors).
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any, run: Callable[..., tuple[torch.Tensor, ...]], state_count: int, *tensors: torch.Tensor
+    ) -> Any:
+        ctx.run = run
+        ctx.state_count = state_count
+        ctx.autocast = _autocast_state()
+        ctx.set_materialize_grads(False)  # an output that the loss does not use (the last memory) gets no work
+        ctx.save_for_backward(*tensors)
+        with torch.no_grad():
+            return run(*tensors[:state_count])
+
+    @staticmethod
+    def backward(ctx: Any, *grads: torch.Tensor | None) -> Any:
+        tensors = ctx.saved_tensors
+        state = [tensor.detach().requires_grad_(tensor.requires_grad) for tensor in tensors[: ctx.state_count]]
+        inputs = [*state, *tensors[ctx.state_count :]]
+        with contextlib.ExitStack() as stack:
+            for device, dtype, cache in ctx.autocast:
+                stack.enter_context(torch.autocast(device, dtype=dtype, cache_enabled=cache))
+            with torch.enable_grad():
+                outputs = ctx.run(*state)
+        used = [(output, grad) for output, grad in zip(outputs, grads, strict=True) if grad is not None]
+        wanted = [tensor for tensor in inputs if tensor.requires_grad]
+        if not used or not wanted:
+            return (None, None, *(None for _ in inputs))
+        found = iter(
+            torch.autograd.grad([output for output, _ in used], wanted, [grad for _, grad in used], allow_unused=True)
+        )
+        return (None, None, *(next(found) if tensor.requires_grad else None for tensor in inputs))
+
+
+def _autocast_state() -> list[tuple[str, torch.dtype, bool]]:
+    """The autocast contexts in force: device type, dtype and weight cache, to enter them again in the backward."""
+    cache = torch.is_autocast_cache_enabled()
+    try:
+        return [
+            (device, torch.get_autocast_dtype(device), cache)
+            for device in ("cpu", "cuda")
+            if torch.is_autocast_enabled(device)
+        ]
+    except TypeError:  # torch < 2.4 asks no device type
+        state = [("cpu", torch.get_autocast_cpu_dtype(), cache)] if torch.is_autocast_cpu_enabled() else []
+        return state + ([("cuda", torch.get_autocast_gpu_dtype(), cache)] if torch.is_autocast_enabled() else [])
 
 
 #: Exceptions that pass through a compiled call instead of making it fall back to the plain computation: out of
-#: memory (too big whichever path runs: the user must hear it) and the signal with which activation checkpointing
-#: stops a recomputation once it has what the backward needs (control flow, not a failure).
-_NOT_FAILURES: tuple[type[BaseException], ...] = (torch.cuda.OutOfMemoryError,) + tuple(
-    error for error in (getattr(torch.utils.checkpoint, "_StopRecomputationError", None),) if error is not None
-)
+#: memory (too big whichever path runs: the user must hear it).
+_NOT_FAILURES: tuple[type[BaseException], ...] = (torch.cuda.OutOfMemoryError,)
 
 
 class _Compiled:
