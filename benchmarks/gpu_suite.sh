@@ -96,7 +96,7 @@ row batched-bf16-compiled 200 "${OURS[@]}" --config standard --compile default -
 row grid128-original 60 original --config grid128 --episodes 5 --warmup 1
 row grid128-bf16 60 "${OURS[@]}" --config grid128 --episodes 5 --warmup 2
 row grid128-bf16-checkpoint-10 60 "${OURS[@]}" --config grid128 --checkpoint-every 10 --episodes 5 --warmup 2
-row grid128-bf16-compiled-checkpoint-10 150 "${OURS[@]}" --config grid128 --compile default --checkpoint-every 10 \
+row grid128-bf16-compiled-checkpoint-10 200 "${OURS[@]}" --config grid128 --compile default --checkpoint-every 10 \
     --episodes 5 --warmup 2
 row grid128-bf16-checkpoint-1 60 "${OURS[@]}" --config grid128 --checkpoint-every 1 --episodes 5 --warmup 2
 row batched-bf16 150 "${OURS[@]}" --config standard --universes "$BATCHES" --checkpoint-every 2 \
