@@ -84,6 +84,38 @@ def test_checkpointing_replays_the_noise_and_moves_the_generator_on_as_the_plain
         assert torch.equal(plain, checkpointed)
 
 
+class DecayingMemory(torch.nn.Module):
+    """A recurrent operator whose memory is one tensor, or a dict of two: shapes other than ConvLSTM's tuple."""
+
+    recurrent = True
+
+    def __init__(self, as_dict: bool) -> None:
+        super().__init__()
+        self.as_dict = as_dict
+        self.conv = torch.nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, memory: Any) -> tuple[torch.Tensor, Any]:
+        previous = torch.zeros_like(x) if memory is None else (memory["h"] if self.as_dict else memory)
+        hidden = torch.tanh(self.conv(x) + 0.5 * previous)
+        return 0.1 * hidden, ({"h": hidden, "steps": hidden.sum()} if self.as_dict else hidden)
+
+
+@pytest.mark.parametrize("as_dict", [False, True], ids=["tensor", "dict"])
+def test_checkpointing_carries_any_nest_of_memory_tensors_like_the_plain_rollout(as_dict: bool) -> None:
+    psi0 = initial_state("random", 2, 8, 2, torch.Generator().manual_seed(1))
+    finals, gradients = [], []
+    for every in (0, 2):
+        torch.manual_seed(0)
+        operator = DecayingMemory(as_dict)
+        result = rollout(operator, psi0, 5, 0.01, noise=0.5, generator=torch.Generator().manual_seed(2),
+                         checkpoint_every=every)  # fmt: skip
+        result.final.abs().sum().backward()
+        finals.append(result.final.detach())
+        gradients.append(torch.cat([p.grad.flatten() for p in operator.parameters()]))
+    torch.testing.assert_close(finals[1], finals[0], rtol=0, atol=0)
+    torch.testing.assert_close(gradients[1], gradients[0], rtol=0, atol=GRADIENT_TOLERANCE)
+
+
 def test_checkpointed_rollout_never_waits_for_the_device() -> None:
     model = tiny_model()
     psi0 = initial_state("random", 2, 8, 2, torch.Generator().manual_seed(1))

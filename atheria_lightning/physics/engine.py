@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from atheria_lightning.physics.noise import NoiseDraws, NoiseRates, apply_drawn_noise, draw_noise, noise_rates
 from atheria_lightning.physics.state import normalize
@@ -222,19 +223,39 @@ def _checkpointed(
         generator = _default_generator(psi.device)
     start = generator.get_state()
     replay = torch.Generator(device=generator.device)
+    memory_tensors, memory_in = _flatten_memory(memory)
+    memory_out: list[Any] = []  # how the segment's memory comes back (none before the first step of a rollout)
     snapshots: list[torch.Tensor] = []
 
     def run(psi: torch.Tensor, *memory_tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
         replay.set_state(start)
-        psi, memory, taken = evolve(psi, memory_tensors or None, replay)
-        if not snapshots:  # the first run's (the recompute takes the same ones)
+        psi, memory, taken = evolve(psi, _unflatten_memory(memory_tensors, memory_in), replay)
+        tensors, structure = _flatten_memory(memory)
+        if not memory_out:  # the first run's (the recompute gives the same)
+            memory_out.append(structure)
             snapshots.extend(taken)
-        return (psi, *(memory or ()))
+        return (psi, *tensors)
 
-    memory_tensors = tuple(memory) if memory is not None else ()
     outputs = _Segment.apply(run, 1 + len(memory_tensors), psi, *memory_tensors, *weights)
     generator.set_state(replay.get_state())
-    return outputs[0], (tuple(outputs[1:]) or None), list(snapshots)
+    return outputs[0], _unflatten_memory(outputs[1:], memory_out[0]), list(snapshots)
+
+
+def _flatten_memory(memory: Any) -> tuple[list[torch.Tensor], Any]:
+    """A recurrent operator's memory (None, a tensor or a tuple, list or dict of them) as its tensors and its shape."""
+    if memory is None:
+        return [], None
+    tensors, structure = tree_flatten(memory)
+    if not all(isinstance(tensor, torch.Tensor) for tensor in tensors):
+        raise TypeError(
+            f"model.checkpoint_every needs an operator memory made of tensors, not {type(memory).__name__} holding "
+            f"{sorted({type(leaf).__name__ for leaf in tensors})}"
+        )
+    return tensors, structure
+
+
+def _unflatten_memory(tensors: Any, structure: Any) -> Any:
+    return None if structure is None else tree_unflatten(list(tensors), structure)
 
 
 def _default_generator(device: torch.device) -> torch.Generator:
