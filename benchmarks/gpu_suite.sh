@@ -91,7 +91,7 @@ row b1-bf16 60 "${B1[@]}" --warmup 2
 row profile-b1-bf16 60 ours --variant bare --precision bf16-mixed --config standard --episodes 1 --warmup 2 --profile 25
 row profile-b16-bf16 60 ours --variant bare --precision bf16-mixed --config standard --universes 16 --episodes 1 \
     --warmup 1 --profile 25
-row batched-bf16-compiled 200 "${OURS[@]}" --config standard --compile default --universes "$COMPILED_BATCHES" \
+row batched-bf16-compiled 300 "${OURS[@]}" --config standard --compile default --universes "$COMPILED_BATCHES" \
     --checkpoint-every 2 --checkpoint-from-universes 64 --episodes 3 --warmup 2
 row grid128-original 60 original --config grid128 --episodes 5 --warmup 1
 row grid128-bf16 60 "${OURS[@]}" --config grid128 --episodes 5 --warmup 2
