@@ -15,18 +15,21 @@
 #   b1-bf16-reduce-overhead        ours, batch 1, bf16, inductor + CUDA-graph trees           -> target 2 (>= 3 ep/s)
 #   b1-bf16-reduce-overhead-step   the same with model.compile_scope step: one CUDA graph per whole step
 #   b1-bf16                        ours, batch 1, eager: the two rows' baseline (and the peak after the autocast fix)
+#   grid128-original, grid128-bf16, grid128-bf16-checkpoint-10, grid128-bf16-checkpoint-1
+#                                  grid 128, batch 1: the original; ours plain, checkpoint_every 10 and 1, eager
+#                                                                  -> target 3 (<= 3 GiB at <= 1.5x the plain time)
 #   profile-b1-bf16, profile-b16-bf16
 #                                  one bare episode (1 and 16 universes) under torch.profiler: the top kernels
 #   batched-bf16-compiled          ours, bf16 + channels_last + torch.compile, COMPILED_BATCHES universes,
 #                                  checkpoint_every 2 from 64 universes                      -> target 1 (>= 40 M/s)
-#   grid128-*                      grid 128, batch 1: the original; ours plain, checkpoint_every 10 (eager and
-#                                  compiled) and 1                                            -> target 3 (<= 3 GiB)
+#   grid128-bf16-compiled-checkpoint-10  the same as grid128-bf16-checkpoint-10 under torch.compile
 #   batched-bf16                   ours, BATCHES universes eager, checkpoint_every 2 from CHECKPOINT_FROM
 #                                  universes on (target 1 without compile)
 #   b1-bare-bf16, b16-bf16-no-channels-last (against batched-bf16's 16), b1-bf16-no-channels-last,
 #   batched-bf16-cudnn-benchmark   evidence for the presets' defaults and for the framework's cost
-# Before the rows, unless TESTS=0: the GPU equivalence tests (tests/test_fast_paths.py -k "on_cuda or mixed": every
-# fast path, both compile scopes, gives the plain path's losses and gradients on this GPU), at most TESTS_LIMIT_S
+# Before the rows, unless TESTS=0: the GPU equivalence tests (tests/test_fast_paths.py -k "on_cuda or mixed or
+# autocast": every fast path, both compile scopes, gives the plain path's losses and gradients on this GPU, and a
+# checkpointed segment is recomputed under the forward's autocast in autograd's GPU thread), at most TESTS_LIMIT_S
 # (default 240) of the budget. Their result is the JSON line "gpu-tests"; OUT_DIR/gpu_tests.log has one line per
 # test, so a run cut by the limit still shows what passed. The cases not yet run on a GPU come first. A speed
 # figure of a path that computes wrong numbers is worth nothing, so the tests run before the rows.
@@ -73,7 +76,7 @@ row() { # row LABEL LIMIT_S ARGS...: one bench_speed.py call under a time limit,
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true; } >>"$LOG" 2>&1
 if [[ "${TESTS:-1}" != 0 ]]; then
     timeout -k 10 "${TESTS_LIMIT_S:-240}" "$PY" -m pytest -v -p no:cacheprovider tests/test_fast_paths.py \
-        -k "on_cuda or mixed" >"$OUT_DIR/gpu_tests.log" 2>&1
+        -k "on_cuda or mixed or autocast" >"$OUT_DIR/gpu_tests.log" 2>&1
     rc=$?
     summary=$(tail -n 1 "$OUT_DIR/gpu_tests.log" | tr -d '"\\')
     echo "{\"label\": \"gpu-tests\", \"exit\": $rc, \"summary\": \"$summary\"}" >>"$OUT"
@@ -88,17 +91,17 @@ row original 120 original --config standard --episodes 10 --warmup 2
 row b1-bf16-reduce-overhead 200 "${B1[@]}" --warmup 3 --compile reduce-overhead
 row b1-bf16-reduce-overhead-step 200 "${B1[@]}" --warmup 3 --compile reduce-overhead --compile-scope step
 row b1-bf16 60 "${B1[@]}" --warmup 2
+row grid128-original 60 original --config grid128 --episodes 5 --warmup 1
+row grid128-bf16 60 "${OURS[@]}" --config grid128 --episodes 5 --warmup 2
+row grid128-bf16-checkpoint-10 60 "${OURS[@]}" --config grid128 --checkpoint-every 10 --episodes 5 --warmup 2
+row grid128-bf16-checkpoint-1 60 "${OURS[@]}" --config grid128 --checkpoint-every 1 --episodes 5 --warmup 2
 row profile-b1-bf16 60 ours --variant bare --precision bf16-mixed --config standard --episodes 1 --warmup 2 --profile 25
 row profile-b16-bf16 60 ours --variant bare --precision bf16-mixed --config standard --universes 16 --episodes 1 \
     --warmup 1 --profile 25
 row batched-bf16-compiled 300 "${OURS[@]}" --config standard --compile default --universes "$COMPILED_BATCHES" \
     --checkpoint-every 2 --checkpoint-from-universes 64 --episodes 3 --warmup 2
-row grid128-original 60 original --config grid128 --episodes 5 --warmup 1
-row grid128-bf16 60 "${OURS[@]}" --config grid128 --episodes 5 --warmup 2
-row grid128-bf16-checkpoint-10 60 "${OURS[@]}" --config grid128 --checkpoint-every 10 --episodes 5 --warmup 2
 row grid128-bf16-compiled-checkpoint-10 200 "${OURS[@]}" --config grid128 --compile default --checkpoint-every 10 \
     --episodes 5 --warmup 2
-row grid128-bf16-checkpoint-1 60 "${OURS[@]}" --config grid128 --checkpoint-every 1 --episodes 5 --warmup 2
 row batched-bf16 150 "${OURS[@]}" --config standard --universes "$BATCHES" --checkpoint-every 2 \
     --checkpoint-from-universes "$CHECKPOINT_FROM" --episodes 3 --warmup 1
 row b1-bare-bf16 60 ours --variant bare --precision bf16-mixed "${ORIGINAL[@]}" --config standard \
