@@ -78,10 +78,11 @@ class QCAModule(pl.LightningModule):
         history_states: About this many states of each rollout are kept for pictures.
         max_nonfinite_episodes: Consecutive non-finite episodes after which training stops with an error.
         checkpoint_every: Activation checkpointing, 0 = off: keep only the state every this many steps and
-            recompute the steps in between during the backward pass (same numbers, one more forward pass). The
-            memory left is one state per segment plus one segment's activations; a state is about a hundred times
-            smaller than one step's U-Net activations, so 1 or 2 uses the least (grid 128 on the CPU: +1.76 GiB
-            for 10 plain steps, +0.34 GiB with 1).
+            recompute the steps in between during the backward pass (one more forward pass, without a graph; the
+            same numbers at fp32, rounded slightly differently under mixed precision). The memory left is one state
+            per segment plus one segment's activations; a state is about a hundred times smaller than one step's
+            U-Net activations, so 1 or 2 uses the least (grid 128 on the CPU: +1.76 GiB for 10 plain steps, +0.34
+            GiB with 1).
         compile: ``off``; ``default`` (``torch.compile`` of the operator); ``reduce-overhead`` (the same, replayed as
             CUDA graphs), which needs a GPU and a non-recurrent operator without ``checkpoint_every``; elsewhere, or
             if compiling fails, the plain operator runs after one warning. The maths is that of ``off``.
