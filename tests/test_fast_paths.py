@@ -84,6 +84,28 @@ def test_checkpointing_replays_the_noise_and_moves_the_generator_on_as_the_plain
         assert torch.equal(plain, checkpointed)
 
 
+def test_without_a_generator_checkpointing_replays_the_global_noise_and_moves_it_on_as_the_plain_rollout_does() -> None:
+    model = tiny_model()
+    psi0 = initial_state("random", 2, 8, 2, torch.Generator().manual_seed(1))
+    finals, states = [], []
+    for every in (0, 2):
+        torch.manual_seed(5)
+        result = rollout(model.operator, psi0, 6, 0.01, noise=0.5, checkpoint_every=every)  # the default generator
+        result.final.abs().sum().backward()
+        finals.append(result.final.detach())
+        states.append(torch.get_rng_state())
+    assert torch.equal(states[0], states[1]), "the global generator must end where the plain run leaves it"
+    torch.testing.assert_close(finals[1], finals[0], rtol=0, atol=0)
+
+
+def test_checkpointing_refuses_an_operator_whose_weights_it_cannot_see() -> None:
+    # A bare function closing over a module: its weights would silently get no gradient from a checkpointed segment.
+    operator = tiny_model().operator
+    psi0 = initial_state("random", 2, 8, 2, torch.Generator().manual_seed(1))
+    with pytest.raises(TypeError, match="checkpoint_every needs the operator as an nn.Module"):
+        rollout(lambda x: operator(x), psi0, 4, 0.01, checkpoint_every=2)
+
+
 class DecayingMemory(torch.nn.Module):
     """A recurrent operator whose memory is one tensor, or a dict of two: shapes other than ConvLSTM's tuple."""
 

@@ -150,11 +150,10 @@ def rollout(
 def _trainable_weights(operator: Callable[..., Any]) -> list[torch.Tensor]:
     """The parameters of ``operator`` (a module, or one behind :class:`CompiledOperator` or :class:`CompiledStep`)
     that take gradients: the inputs through which a checkpointed segment's gradients reach them."""
-    if isinstance(operator, _Compiled):
-        return operator._weights()
-    if isinstance(operator, nn.Module):
-        return [parameter for parameter in operator.parameters() if parameter.requires_grad]
-    return []
+    module = operator.operator if isinstance(operator, _Compiled) else operator
+    if not isinstance(module, nn.Module):  # its weights would get no gradient from a checkpointed segment
+        raise TypeError(f"checkpoint_every needs the operator as an nn.Module, not {type(operator).__name__}")
+    return [parameter for parameter in module.parameters() if parameter.requires_grad]
 
 
 @contextlib.contextmanager
@@ -168,12 +167,8 @@ def weight_cast_cache(device_type: str) -> Iterator[None]:
     cache on; the copies are the same numbers, and the cache is emptied when the outermost autocast context ends.
     Elsewhere (no autocast, or its cache already on) it does nothing.
     """
-    try:
-        uncached = torch.is_autocast_enabled(device_type) and not torch.is_autocast_cache_enabled()
-        dtype = torch.get_autocast_dtype(device_type) if uncached else None
-    except (AttributeError, TypeError):  # torch < 2.4 asks no device type: leave autocast as it is
-        uncached, dtype = False, None
-    if not uncached:
+    dtype = next((dtype for _, dtype, cache in _autocast_state((device_type,)) if not cache), None)
+    if dtype is None:
         yield
         return
     with torch.autocast(device_type, dtype=dtype, cache_enabled=True):
@@ -270,13 +265,14 @@ class _Segment(torch.autograd.Function):
 
     ``torch.utils.checkpoint`` (non-reentrant) runs two Python hooks for every tensor the autograd graph saves,
     about 100 per U-Net step. A rollout at one universe per episode is bound by such host-side work: on the CPU
-    (grid 8, 100 steps, ``checkpoint_every`` 10) it cost 1.9-2.1x the plain rollout's time, this 1.2x
-    (``benchmarks/RESULTS.md``). The reentrant variant has no such hooks and is as fast, but it calls ``backward``
-    inside the backward pass, so each segment adds into the weights' ``.grad`` on its own: under DDP the reducer
-    then all-reduces a part of the gradient, and two ranks' weights drifted apart without an error
-    (``tests/test_ddp.py``). Here the forward runs without a graph; the backward runs the segment again with one,
-    under the forward's autocast state, and returns the gradients of its inputs, weights included, through the
-    outer graph. So each weight's gradient is summed by autograd and accumulated once, as in the plain rollout.
+    (the standard U-Net's depth at grid 8, hidden 4, 100 steps, bf16, ``checkpoint_every`` 10) it cost 2.17x the
+    plain rollout's time, this 1.29x (``benchmarks/RESULTS.md``). The reentrant variant has no such hooks and is
+    as fast, but it calls ``backward`` inside the backward pass, so each segment adds into the weights' ``.grad`` on
+    its own: under DDP the reducer then all-reduces a part of the gradient, and two ranks' weights drifted apart
+    without an error (``tests/test_ddp.py``). Here the forward runs without a graph; the backward runs the segment
+    again with one, under the forward's autocast state, and returns the gradients of its inputs, weights included,
+    through the outer graph. So each weight's gradient is summed by autograd and accumulated once, as in the plain
+    rollout.
 
     ``apply(run, state_count, *state, *weights)``: ``run(*state)`` returns the state after the segment (tensors).
     """
@@ -313,18 +309,17 @@ class _Segment(torch.autograd.Function):
         return (None, None, *(next(found) if tensor.requires_grad else None for tensor in inputs))
 
 
-def _autocast_state() -> list[tuple[str, torch.dtype, bool]]:
-    """The autocast contexts in force: device type, dtype and weight cache, to enter them again in the backward."""
+def _autocast_state(devices: tuple[str, ...] = ("cpu", "cuda")) -> list[tuple[str, torch.dtype, bool]]:
+    """The autocast contexts in force on ``devices``: device type, dtype and weight cache (to enter them again)."""
     cache = torch.is_autocast_cache_enabled()
     try:
         return [
-            (device, torch.get_autocast_dtype(device), cache)
-            for device in ("cpu", "cuda")
-            if torch.is_autocast_enabled(device)
+            (device, torch.get_autocast_dtype(device), cache) for device in devices if torch.is_autocast_enabled(device)
         ]
-    except TypeError:  # torch < 2.4 asks no device type
-        state = [("cpu", torch.get_autocast_cpu_dtype(), cache)] if torch.is_autocast_cpu_enabled() else []
-        return state + ([("cuda", torch.get_autocast_gpu_dtype(), cache)] if torch.is_autocast_enabled() else [])
+    except (AttributeError, TypeError):  # torch < 2.4 asks no device type
+        old = {"cpu": (torch.is_autocast_cpu_enabled, torch.get_autocast_cpu_dtype),
+               "cuda": (torch.is_autocast_enabled, torch.get_autocast_gpu_dtype)}  # fmt: skip
+        return [(device, old[device][1](), cache) for device in devices if device in old and old[device][0]()]
 
 
 #: Exceptions that pass through a compiled call instead of making it fall back to the plain computation: out of
@@ -373,9 +368,6 @@ class _Compiled:
         except Exception as err:  # any failure to compile or capture: the plain computation gives the same numbers
             self._fall_back(err)
 
-    def _weights(self) -> list[torch.Tensor]:
-        return [p for p in self.operator.parameters() if p.requires_grad]
-
     def _fall_back(self, err: Exception) -> None:
         self.compiled = None
         first_line = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
@@ -420,7 +412,7 @@ class CompiledOperator(_Compiled):
             probe = x.detach().requires_grad_()
             out = compiled(probe, None)[0] if self.recurrent else compiled(probe)
             # autograd.grad, not backward: the probe must leave no gradient in the parameters.
-            torch.autograd.grad(out.float().sum(), [probe, *self._weights()], allow_unused=True)
+            torch.autograd.grad(out.float().sum(), [probe, *_trainable_weights(self.operator)], allow_unused=True)
 
         self._probe(forward_and_backward)
 
@@ -461,7 +453,7 @@ class CompiledStep(_Compiled):
                 cells = torch.zeros(psi0.shape[:3], device=psi0.device)
                 draws = NoiseDraws(cells, torch.zeros(psi0.shape, device=psi0.device), cells[0, 0, 0], cells)
             out, _ = compiled(self.operator, psi, None, gamma, rates, draws)
-            torch.autograd.grad(out.abs().sum(), [psi, *self._weights()], allow_unused=True)
+            torch.autograd.grad(out.abs().sum(), [psi, *_trainable_weights(self.operator)], allow_unused=True)
 
         self._probe(forward_and_backward)
 
