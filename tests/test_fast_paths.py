@@ -17,7 +17,15 @@ from atheria_lightning.data import EpisodeDataModule
 from atheria_lightning.errors import ConfigError
 from atheria_lightning.module import QCAModule
 from atheria_lightning.physics import compute_loss, episode_generator, initial_state, rollout
-from atheria_lightning.physics.engine import COMPILE_MODES, CompiledOperator, CompiledStep, fast_operator
+from atheria_lightning.physics.engine import (
+    COMPILE_MODES,
+    CompiledOperator,
+    CompiledStep,
+    fast_operator,
+    noisy_step,
+    noisy_step_pairs,
+)
+from atheria_lightning.physics.noise import draw_noise, noise_rates
 
 EPISODES = 5
 #: The issue's tolerances (fp32, CPU): losses within 1e-6 over 5 episodes, gradients within 1e-5.
@@ -244,8 +252,33 @@ def test_compiled_operator_trains_like_the_plain_one_checkpointed_or_not() -> No
     torch._dynamo.reset()
 
 
+@pytest.mark.parametrize("architecture", ["MLP", "UNET_CONVLSTM", "UNET_UNITARY"])
+def test_the_step_in_real_pairs_computes_the_complex_step(architecture: str) -> None:
+    # What model.compile_scope: step compiles, run uncompiled: the same state, memory and gradients, noise included.
+    operator = tiny_model(architecture).operator
+    psi0 = initial_state("random", 2, 8, 2, torch.Generator().manual_seed(1))
+    rates = noise_rates(0.5, "cpu")
+    results = []
+    for in_pairs in (False, True):
+        psi, memory = psi0.clone().requires_grad_(), None
+        state, generator = psi, torch.Generator().manual_seed(2)
+        for _ in range(3):  # a memory that comes back in; phase turns and (seed 2) an open bit-flip gate
+            draws = draw_noise(state, generator)
+            if in_pairs:
+                pairs, memory = noisy_step_pairs(operator, torch.view_as_real(state), memory, 0.01, rates, draws)
+                state = torch.view_as_complex(pairs)
+            else:
+                state, memory = noisy_step(operator, state, memory, 0.01, rates, draws)
+        loss = state.abs().pow(3).mean()
+        results.append((state.detach(), *torch.autograd.grad(loss, [psi, *operator.parameters()])))
+    (plain_state, *plain_gradients), (state, *gradients) = results
+    torch.testing.assert_close(state, plain_state, rtol=0, atol=LOSS_TOLERANCE)
+    for got, want in zip(gradients, plain_gradients, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=GRADIENT_TOLERANCE)
+
+
 @pytest.mark.skipif(shutil.which("cc") is None and shutil.which("g++") is None, reason="inductor needs a C compiler")
-@pytest.mark.parametrize("architecture", ["MLP", "UNET_CONVLSTM"])  # UNET_CONVLSTM: a memory from step to step
+@pytest.mark.parametrize("architecture", ["MLP", "UNET_CONVLSTM", "UNET_UNITARY"])  # a memory; a complex product
 def test_compiled_whole_step_trains_like_the_plain_one_checkpointed_or_not(architecture: str) -> None:
     torch._dynamo.reset()
     plain = train(tiny_model(architecture))

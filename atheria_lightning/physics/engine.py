@@ -14,8 +14,15 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from atheria_lightning.physics.noise import NoiseDraws, NoiseRates, apply_drawn_noise, draw_noise, noise_rates
-from atheria_lightning.physics.state import normalize
+from atheria_lightning.physics.noise import (
+    NoiseDraws,
+    NoiseRates,
+    apply_drawn_noise,
+    apply_drawn_noise_pairs,
+    draw_noise,
+    noise_rates,
+)
+from atheria_lightning.physics.state import normalize, normalize_pairs
 
 #: Accepted values of ``model.compile``: the plain operator, ``torch.compile`` with inductor, or the same replayed as
 #: CUDA graphs (``reduce-overhead``, inductor's CUDA-graph trees). Dynamo's plain ``cudagraphs`` backend is not
@@ -82,14 +89,47 @@ def noisy_step(
 ) -> tuple[torch.Tensor, Any]:
     """One step of a rollout: :func:`lindblad_step`, then the noise of ``draws`` (none when ``draws`` is None).
 
-    A pure function of its tensors (the random numbers come in ``draws``), so that ``model.compile_scope: step``
-    can compile and capture it whole.
+    A pure function of its tensors (the random numbers come in ``draws``); ``model.compile_scope: step`` compiles
+    and captures the same step whole, written in real arithmetic (:func:`noisy_step_pairs`).
     """
     psi, memory = lindblad_step(operator, psi, gamma, memory)
     if draws is not None:
         assert rates is not None
         psi = apply_drawn_noise(psi, rates, draws)
     return psi, memory
+
+
+def noisy_step_pairs(
+    operator: Callable[..., Any],
+    pairs: torch.Tensor,
+    memory: Any,
+    gamma: float,
+    rates: NoiseRates | None,
+    draws: NoiseDraws | None,
+) -> tuple[torch.Tensor, Any]:
+    """:func:`noisy_step` of a state held as real pairs, ``torch.view_as_real(psi)``: ``(B, H, W, d, 2)``.
+
+    Real arithmetic only, so that inductor fuses the Euler update, the normalisation and the noise into a few
+    kernels; it generates no code for complex tensors and runs PyTorch's own kernel for each complex operation (on
+    CUDA some of them have failed to compile at all: pytorch/pytorch#185396, #188718). The same numbers as
+    :func:`noisy_step` up to rounding (``tests/test_fast_paths.py``). Returns contiguous pairs, which
+    ``torch.view_as_complex`` reads back.
+    """
+    batch, height, width, d_state, _ = pairs.shape
+    x = pairs.transpose(-1, -2).reshape(batch, height, width, 2 * d_state).permute(0, 3, 1, 2)  # to_channels
+    if getattr(operator, "recurrent", False):
+        out, memory = operator(x, memory)
+    else:
+        out = operator(x)
+    delta = out.float().permute(0, 2, 3, 1).unflatten(-1, (2, d_state)).transpose(-1, -2)  # from_channels
+    if getattr(operator, "multiplicative", False):
+        (a, b), (c, e) = delta.unbind(-1), pairs.unbind(-1)
+        delta = torch.stack([a * c - b * e, a * e + b * c], dim=-1)
+    pairs = normalize_pairs(pairs + delta - gamma * pairs)
+    if draws is not None:
+        assert rates is not None
+        pairs = apply_drawn_noise_pairs(pairs, rates, draws)
+    return pairs.contiguous(), memory
 
 
 @dataclass
@@ -418,16 +458,15 @@ class CompiledOperator(_Compiled):
 
 
 class CompiledStep(_Compiled):
-    """The whole step (:func:`noisy_step`: operator, Euler update, normalisation, noise) behind ``torch.compile``.
+    """The whole step (operator, Euler update, normalisation, noise) behind ``torch.compile``.
 
-    With ``reduce-overhead`` each step is one CUDA graph instead of the operator's graph plus the step's own
-    operations launched one by one from Python: 36 in the forward (4 of them the noise draws, which stay outside)
-    and 54 in the backward, counted with a dispatch mode, views included. A rollout at one universe per episode
-    is bound by such launches.
+    What is compiled is :func:`noisy_step_pairs`, the step in real arithmetic on ``torch.view_as_real(psi)`` (a view:
+    nothing is copied), so that inductor fuses the step's own operations into a few kernels: 36 operations in the
+    forward (4 of them the noise draws, which stay outside) and 54 in the backward, counted with a dispatch mode,
+    views included, launched one by one from Python in the plain step. A rollout at one universe per episode is
+    bound by such launches; with ``reduce-overhead`` each step is one CUDA graph.
     The noise comes in as drawn tensors and the noise rates as device scalars, so the graph is the same for every
-    step, level and episode. Inductor generates no code for the complex arithmetic (it runs PyTorch's own kernels
-    inside the graph), so on the CPU this gains nothing over compiling the operator alone. Falls back to the plain
-    step, with one warning, if compiling fails.
+    step, level and episode. Falls back to the plain step, with one warning, if compiling fails.
 
     Args:
         operator: The Law M operator.
@@ -435,13 +474,15 @@ class CompiledStep(_Compiled):
     """
 
     def __init__(self, operator: nn.Module, mode: str) -> None:
-        super().__init__(operator, mode, noisy_step)
+        super().__init__(operator, mode, noisy_step_pairs)
 
     def step(
         self, psi: torch.Tensor, memory: Any, gamma: float, rates: NoiseRates | None, draws: NoiseDraws | None
     ) -> tuple[torch.Tensor, Any]:
-        """:func:`noisy_step` of the operator, compiled."""
-        return self._run(noisy_step, self.operator, _with_input_gradient(psi), memory, gamma, rates, draws)
+        """:func:`noisy_step` of the operator, compiled (as :func:`noisy_step_pairs`)."""
+        pairs = torch.view_as_real(_with_input_gradient(psi))
+        pairs, memory = self._run(noisy_step_pairs, self.operator, pairs, memory, gamma, rates, draws)
+        return torch.view_as_complex(pairs), memory
 
     def probe(self, psi0: torch.Tensor, gamma: float, rates: NoiseRates | None) -> None:
         """Once, with gradients on: a forward and backward of one step from ``psi0``, to compile both."""
@@ -452,8 +493,8 @@ class CompiledStep(_Compiled):
             if rates is not None:  # zeros: the shapes and devices of real draws, without drawing from the generator
                 cells = torch.zeros(psi0.shape[:3], device=psi0.device)
                 draws = NoiseDraws(cells, torch.zeros(psi0.shape, device=psi0.device), cells[0, 0, 0], cells)
-            out, _ = compiled(self.operator, psi, None, gamma, rates, draws)
-            torch.autograd.grad(out.abs().sum(), [psi, *_trainable_weights(self.operator)], allow_unused=True)
+            out, _ = compiled(self.operator, torch.view_as_real(psi), None, gamma, rates, draws)
+            torch.autograd.grad(out.pow(2).sum(), [psi, *_trainable_weights(self.operator)], allow_unused=True)
 
         self._probe(forward_and_backward)
 

@@ -97,6 +97,22 @@ def apply_drawn_noise(psi: torch.Tensor, rates: NoiseRates, draws: NoiseDraws) -
     return _flip_signs(psi, (draws.bit_cells < rates.bit).unsqueeze(-1) & (draws.bit_gate < BIT_FLIP_PROBABILITY))
 
 
+def apply_drawn_noise_pairs(pairs: torch.Tensor, rates: NoiseRates, draws: NoiseDraws) -> torch.Tensor:
+    """:func:`apply_drawn_noise` of a state held as real pairs, ``torch.view_as_real(psi)``: ``(B, H, W, d, 2)``.
+
+    The phase turn is the complex product written out, ``(re cos - im sin, re sin + im cos)``: real arithmetic only,
+    which inductor fuses (it has no code for complex tensors).
+    """
+    angle = draws.phase_angles * (2 * math.pi)
+    cos, sin = angle.cos(), angle.sin()
+    real, imag = pairs.unbind(-1)
+    turned = torch.stack([real * cos - imag * sin, real * sin + imag * cos], dim=-1)
+    cells = (draws.phase_cells < rates.phase)[..., None, None]
+    pairs = torch.where(cells, turned, pairs)
+    flips = ((draws.bit_cells < rates.bit) & (draws.bit_gate < BIT_FLIP_PROBABILITY))[..., None, None]
+    return torch.where(flips, -pairs, pairs)
+
+
 def apply_noise(psi: torch.Tensor, level: float, generator: torch.Generator | None = None) -> torch.Tensor:
     """One step of environment noise: a phase flip at ``level``, and with probability 0.2 a bit flip at
     ``0.1 * level``; the same numbers as :func:`phase_flip` then :func:`bit_flip` gated by a draw, drawn in that
