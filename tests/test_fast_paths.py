@@ -321,6 +321,25 @@ def test_fast_paths_train_like_the_plain_one_on_cuda(
     torch._dynamo.reset()
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device (run on a GPU machine)")
+def test_a_rollouts_history_outlives_the_next_captured_episode_on_cuda() -> None:
+    # With the whole step captured, each step's state is a CUDA graph's output, and the next episode's replays
+    # write over that memory. The history (the pictures) must still read back as it was.
+    torch._dynamo.reset()
+    model = tiny_model("UNET", compile="reduce-overhead", compile_scope="step").cuda()
+    psi0 = initial_state("random", 1, 8, 2, torch.Generator().manual_seed(1)).cuda()
+    kept = []
+    for episode in range(3):
+        result = rollout(model.rollout_operator(), psi0 * (1 + episode), 5, 0.01)
+        result.final.abs().sum().backward()
+        kept.append((result.history, [state.clone() for state in result.history]))
+    assert model.rollout_operator().active
+    for history, copies in kept:
+        for state, copy in zip(history, copies, strict=True):
+            torch.testing.assert_close(state, copy, rtol=0, atol=0)
+    torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("mode", ["reduce-overhead"])
 def test_cuda_graph_modes_fall_back_on_the_cpu_with_one_warning(mode: str) -> None:
     model = tiny_model(compile=mode)

@@ -236,7 +236,9 @@ def _evolve(
         draws = draw_noise(psi, generator) if rates is not None else None
         psi, memory = step(psi, memory, gamma, rates, draws)
         if t % every == 0 or t == steps:
-            snapshots.append(psi.detach())
+            # A copy: under reduce-overhead with the step compiled, psi lives in the CUDA graphs' memory, which the
+            # next episode's replays overwrite (reading it then is an error), while the history outlives the episode.
+            snapshots.append(psi.detach().clone())
     return psi, memory, snapshots
 
 
