@@ -23,6 +23,8 @@
 #   batched-bf16-compiled          ours, bf16 + channels_last + torch.compile, COMPILED_BATCHES universes,
 #                                  checkpoint_every 2 from 64 universes                      -> target 1 (>= 40 M/s)
 #   batched-bf16-compiled-step     the same with model.compile_scope step (the step's own arithmetic fused too)
+#   profile-b32-bf16-compiled-step one bare episode of 32 universes, the step compiled, under torch.profiler: whether
+#                                  the device is busy (total kernel time against wall time) and on which kernels
 #   grid128-bf16-compiled-checkpoint-10  the same as grid128-bf16-checkpoint-10 under torch.compile
 #   batched-bf16                   ours, BATCHES universes eager, checkpoint_every 2 from CHECKPOINT_FROM
 #                                  universes on (target 1 without compile)
@@ -103,6 +105,8 @@ row batched-bf16-compiled 300 "${OURS[@]}" --config standard --compile default -
     --checkpoint-every 2 --checkpoint-from-universes 64 --episodes 3 --warmup 2
 row batched-bf16-compiled-step 300 "${OURS[@]}" --config standard --compile default --compile-scope step \
     --universes "$COMPILED_BATCHES" --checkpoint-every 2 --checkpoint-from-universes 64 --episodes 3 --warmup 2
+row profile-b32-bf16-compiled-step 200 ours --variant bare --precision bf16-mixed --config standard --universes 32 \
+    --compile default --compile-scope step --episodes 1 --warmup 2 --profile 25
 row grid128-bf16-compiled-checkpoint-10 200 "${OURS[@]}" --config grid128 --compile default --checkpoint-every 10 \
     --episodes 5 --warmup 2
 row batched-bf16 150 "${OURS[@]}" --config standard --universes "$BATCHES" --checkpoint-every 2 \
