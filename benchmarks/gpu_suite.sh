@@ -38,7 +38,9 @@
 # figure of a path that computes wrong numbers is worth nothing, so the tests run before the rows.
 # Knobs (environment): PYTHON, BUDGET_S, ROWS, BATCHES, COMPILED_BATCHES, EPISODES (timed episodes of the batch-1
 # rows), CHECKPOINT_FROM, ANCHOR (the original loop's file, when ../shared/bench/anchor_original.py is not beside
-# the repository), EXTRA_ARGS (appended to every row), TESTS, TESTS_LIMIT_S.
+# the repository), EXTRA_ARGS (appended to every row), TESTS, TESTS_LIMIT_S, TESTS_K (pytest's -k for the tests).
+# The whole suite does not fit one call of the lent machine (at most 540 s); benchmarks/RESULTS.md says which rows
+# to run first.
 set -u
 
 OUT_DIR=${1:-${OUT:-benchmarks/out}}
@@ -79,7 +81,7 @@ row() { # row LABEL LIMIT_S ARGS...: one bench_speed.py call under a time limit,
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true; } >>"$LOG" 2>&1
 if [[ "${TESTS:-1}" != 0 ]]; then
     timeout -k 10 "${TESTS_LIMIT_S:-240}" "$PY" -m pytest -v -p no:cacheprovider tests/test_fast_paths.py \
-        -k "on_cuda or mixed or autocast" >"$OUT_DIR/gpu_tests.log" 2>&1
+        -k "${TESTS_K:-on_cuda or mixed or autocast}" >"$OUT_DIR/gpu_tests.log" 2>&1
     rc=$?
     summary=$(tail -n 1 "$OUT_DIR/gpu_tests.log" | tr -d '"\\')
     echo "{\"label\": \"gpu-tests\", \"exit\": $rc, \"summary\": \"$summary\"}" >>"$OUT"

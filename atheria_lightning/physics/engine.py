@@ -428,8 +428,8 @@ def _with_input_gradient(x: torch.Tensor) -> torch.Tensor:
 class CompiledOperator(_Compiled):
     """The operator behind ``torch.compile``, falling back to the plain operator (one warning) if compiling fails.
 
-    Only the operator is compiled: it holds nearly all the work and is real-valued, while inductor does not generate
-    code for the complex arithmetic of the step. Its parameters stay those of ``operator`` (nothing is copied), so
+    Only the operator is compiled (``model.compile_scope: operator``); :class:`CompiledStep` compiles the whole step.
+    Its parameters stay those of ``operator`` (nothing is copied), so
     the optimizer and the checkpoints see the plain module. :meth:`probe` (which :func:`rollout` runs) compiles
     the forward and the backward once, so that a failure to compile or capture shows there, not inside
     ``loss.backward()``.
