@@ -22,7 +22,7 @@ from atheria_lightning.physics.noise import (
     draw_noise,
     noise_rates,
 )
-from atheria_lightning.physics.state import normalize, normalize_pairs
+from atheria_lightning.physics.state import multiply_pairs, normalize, normalize_pairs
 
 #: Accepted values of ``model.compile``: the plain operator, ``torch.compile`` with inductor, or the same replayed as
 #: CUDA graphs (``reduce-overhead``, inductor's CUDA-graph trees). Dynamo's plain ``cudagraphs`` backend is not
@@ -123,8 +123,7 @@ def noisy_step_pairs(
         out = operator(x)
     delta = out.float().permute(0, 2, 3, 1).unflatten(-1, (2, d_state)).transpose(-1, -2)  # from_channels
     if getattr(operator, "multiplicative", False):
-        (a, b), (c, e) = delta.unbind(-1), pairs.unbind(-1)
-        delta = torch.stack([a * c - b * e, a * e + b * c], dim=-1)
+        delta = multiply_pairs(delta, pairs)
     pairs = normalize_pairs(pairs + delta - gamma * pairs)
     if draws is not None:
         assert rates is not None

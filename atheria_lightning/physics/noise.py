@@ -7,6 +7,8 @@ from typing import NamedTuple
 
 import torch
 
+from atheria_lightning.physics.state import multiply_pairs
+
 #: Below this level the noise is switched off entirely, as in the original.
 NOISE_FLOOR = 1e-3
 #: Probability, per step, that a bit-flip event happens at all.
@@ -100,13 +102,11 @@ def apply_drawn_noise(psi: torch.Tensor, rates: NoiseRates, draws: NoiseDraws) -
 def apply_drawn_noise_pairs(pairs: torch.Tensor, rates: NoiseRates, draws: NoiseDraws) -> torch.Tensor:
     """:func:`apply_drawn_noise` of a state held as real pairs, ``torch.view_as_real(psi)``: ``(B, H, W, d, 2)``.
 
-    The phase turn is the complex product written out, ``(re cos - im sin, re sin + im cos)``: real arithmetic only,
-    which inductor fuses (it has no code for complex tensors).
+    The phase turn is the complex product by ``(cos, sin)`` written out: real arithmetic only, which inductor fuses
+    (it has no code for complex tensors).
     """
     angle = draws.phase_angles * (2 * math.pi)
-    cos, sin = angle.cos(), angle.sin()
-    real, imag = pairs.unbind(-1)
-    turned = torch.stack([real * cos - imag * sin, real * sin + imag * cos], dim=-1)
+    turned = multiply_pairs(pairs, torch.stack([angle.cos(), angle.sin()], dim=-1))
     cells = (draws.phase_cells < rates.phase)[..., None, None]
     pairs = torch.where(cells, turned, pairs)
     flips = ((draws.bit_cells < rates.bit) & (draws.bit_gate < BIT_FLIP_PROBABILITY))[..., None, None]

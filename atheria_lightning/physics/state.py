@@ -21,6 +21,12 @@ def normalize(psi: torch.Tensor) -> torch.Tensor:
     return psi / (cell_norm(psi) + NORM_EPS)
 
 
+def multiply_pairs(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The complex product ``x * y`` of two tensors held as real pairs (last dimension: real, imaginary)."""
+    (x_re, x_im), (y_re, y_im) = x.unbind(-1), y.unbind(-1)
+    return torch.stack([x_re * y_re - x_im * y_im, x_re * y_im + x_im * y_re], dim=-1)
+
+
 def normalize_pairs(pairs: torch.Tensor) -> torch.Tensor:
     """:func:`normalize` of a state held as real pairs, ``torch.view_as_real(psi)``: ``(B, H, W, d, 2)``.
 
