@@ -88,7 +88,7 @@ class QCAModule(pl.LightningModule):
             if compiling fails, the plain operator runs after one warning. The maths is that of ``off``.
         compile_scope: What ``compile`` compiles: ``operator`` (the operator alone; the one measured on a GPU so far)
             or ``step`` (the whole step in real arithmetic: operator, Euler update, normalisation and noise fused,
-            and with ``reduce-overhead`` one CUDA graph per step; the same numbers; on the CPU 1.1-1.4x faster
+            and with ``reduce-overhead`` one CUDA graph per step; the same numbers; on the CPU 1.1-1.6x faster
             than ``operator``, not yet measured on a GPU).
         channels_last: On a GPU, store the operator's weights channels-last so cuDNN runs its NHWC kernels (the
             state already reaches the operator in that layout). Ignored on the CPU.
