@@ -428,10 +428,9 @@ class CompiledOperator(_Compiled):
     """The operator behind ``torch.compile``, falling back to the plain operator (one warning) if compiling fails.
 
     Only the operator is compiled (``model.compile_scope: operator``); :class:`CompiledStep` compiles the whole step.
-    Its parameters stay those of ``operator`` (nothing is copied), so
-    the optimizer and the checkpoints see the plain module. :meth:`probe` (which :func:`rollout` runs) compiles
-    the forward and the backward once, so that a failure to compile or capture shows there, not inside
-    ``loss.backward()``.
+    Its parameters stay those of ``operator`` (nothing is copied), so the optimizer and the checkpoints see the
+    plain module. :meth:`probe` (which :func:`rollout` runs) compiles the forward and the backward once, so that a
+    failure to compile or capture shows there, not inside ``loss.backward()``.
 
     Args:
         operator: The Law M operator.
@@ -461,11 +460,11 @@ class CompiledOperator(_Compiled):
 class CompiledStep(_Compiled):
     """The whole step (operator, Euler update, normalisation, noise) behind ``torch.compile``.
 
-    What is compiled is :func:`noisy_step_pairs`, the step in real arithmetic on ``torch.view_as_real(psi)`` (a view:
-    nothing is copied), so that inductor fuses the step's own operations into a few kernels: 36 operations in the
-    forward (4 of them the noise draws, which stay outside) and 54 in the backward, counted with a dispatch mode,
-    views included, launched one by one from Python in the plain step. A rollout at one universe per episode is
-    bound by such launches; with ``reduce-overhead`` each step is one CUDA graph.
+    The plain step launches its own operations one by one from Python: 36 in the forward (4 of them the noise
+    draws, which stay outside) and 54 in the backward, counted with a dispatch mode, views included. A rollout at one
+    universe per episode is bound by such launches. What is compiled is :func:`noisy_step_pairs`, the step in real
+    arithmetic on ``torch.view_as_real(psi)`` (a view: nothing is copied), which inductor fuses into a few kernels
+    (the forward into 2 beside the operator's, on the CPU); with ``reduce-overhead`` each step is one CUDA graph.
     The noise comes in as drawn tensors and the noise rates as device scalars, so the graph is the same for every
     step, level and episode. Falls back to the plain step, with one warning, if compiling fails.
 
