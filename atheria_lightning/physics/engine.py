@@ -49,17 +49,34 @@ def episode_generator(seed: int, episode: int, device: torch.device | str = "cpu
 
 
 def to_channels(psi: torch.Tensor) -> torch.Tensor:
-    """Complex ``(B, H, W, d)`` to the operator's real input ``cat(real, imag)``: ``(B, 2d, H, W)``.
-
-    The permute of a contiguous ``(B, H, W, 2d)`` tensor is already channels_last in memory, which cuDNN prefers.
-    """
-    return torch.cat([psi.real, psi.imag], dim=-1).permute(0, 3, 1, 2)
+    """Complex ``(B, H, W, d)`` to the operator's real input ``cat(real, imag)``: ``(B, 2d, H, W)``."""
+    return pairs_to_channels(torch.view_as_real(psi))
 
 
 def from_channels(out: torch.Tensor) -> torch.Tensor:
     """The operator's real output ``(B, 2d, H, W)`` read back as a complex delta ``(B, H, W, d)`` in float32."""
-    real, imag = out.float().permute(0, 2, 3, 1).chunk(2, dim=-1)  # each (B, H, W, d)
-    return torch.complex(real, imag)
+    return torch.view_as_complex(channels_to_pairs(out).contiguous())
+
+
+def pairs_to_channels(pairs: torch.Tensor) -> torch.Tensor:
+    """:func:`to_channels` of a state held as real pairs ``(B, H, W, d, 2)``: all real parts, then all imaginary.
+
+    The permute of the contiguous ``(B, H, W, 2d)`` copy is already channels_last in memory, which cuDNN prefers.
+    """
+    batch, height, width, d_state, _ = pairs.shape
+    return pairs.transpose(-1, -2).reshape(batch, height, width, 2 * d_state).permute(0, 3, 1, 2)
+
+
+def channels_to_pairs(out: torch.Tensor) -> torch.Tensor:
+    """:func:`from_channels` as real pairs: ``(B, 2d, H, W)`` to ``(B, H, W, d, 2)`` in float32 (a view)."""
+    return out.float().permute(0, 2, 3, 1).unflatten(-1, (2, out.shape[1] // 2)).transpose(-1, -2)
+
+
+def _call_operator(operator: Callable[..., Any], x: torch.Tensor, memory: Any) -> tuple[torch.Tensor, Any]:
+    """The operator's output on ``x``, and its memory: a ``recurrent`` one takes and returns it."""
+    if getattr(operator, "recurrent", False):
+        return operator(x, memory)
+    return operator(x), memory
 
 
 def lindblad_step(operator: nn.Module, psi: torch.Tensor, gamma: float, memory: Any = None) -> tuple[torch.Tensor, Any]:
@@ -68,11 +85,7 @@ def lindblad_step(operator: nn.Module, psi: torch.Tensor, gamma: float, memory: 
     ``A`` is the operator's output read as a complex delta; a ``multiplicative`` operator (UNET_UNITARY) has its
     output multiplied into psi first. A ``recurrent`` operator takes and returns its memory (ConvLSTM state).
     """
-    x = to_channels(psi)  # (B, 2d, H, W)
-    if getattr(operator, "recurrent", False):
-        out, memory = operator(x, memory)
-    else:
-        out = operator(x)
+    out, memory = _call_operator(operator, to_channels(psi), memory)  # (B, 2d, H, W)
     delta = from_channels(out)  # (B, H, W, d)
     if getattr(operator, "multiplicative", False):
         delta = delta * psi
@@ -115,13 +128,8 @@ def noisy_step_pairs(
     :func:`noisy_step` up to rounding (``tests/test_fast_paths.py``). Returns contiguous pairs, which
     ``torch.view_as_complex`` reads back.
     """
-    batch, height, width, d_state, _ = pairs.shape
-    x = pairs.transpose(-1, -2).reshape(batch, height, width, 2 * d_state).permute(0, 3, 1, 2)  # to_channels
-    if getattr(operator, "recurrent", False):
-        out, memory = operator(x, memory)
-    else:
-        out = operator(x)
-    delta = out.float().permute(0, 2, 3, 1).unflatten(-1, (2, d_state)).transpose(-1, -2)  # from_channels
+    out, memory = _call_operator(operator, pairs_to_channels(pairs), memory)
+    delta = channels_to_pairs(out)
     if getattr(operator, "multiplicative", False):
         delta = multiply_pairs(delta, pairs)
     pairs = normalize_pairs(pairs + delta - gamma * pairs)
