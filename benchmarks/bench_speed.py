@@ -752,7 +752,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--only", action="append", metavar="VARIANT", help="cpu: only this demo variant (repeatable)")
     parser.add_argument("--demo-only", action="store_true", help="cpu: the demo comparison alone, no grid-128 rows")
     parser.add_argument("--grid128-steps", type=int, default=10, help="cpu: steps of the short grid-128 rows")
-    parser.add_argument("--grid128-checkpoint-every", type=int, default=3, help="cpu: about sqrt(--grid128-steps)")
+    parser.add_argument("--grid128-checkpoint-every", type=int, default=3, help="cpu: the short row's checkpoint_every")
     parser.add_argument("--grid128-full", action="store_true", help="cpu: also 100 steps with checkpoint_every 10")
     return parser.parse_args(argv)
 
