@@ -13,27 +13,38 @@ from typing import Any
 
 import torch
 from lightning.pytorch import Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from typing_extensions import override
 
-from atheria_lightning.callbacks import EpisodeProgressBar, MirrorSync, RunSummary, SmartCheckpoint, StopOnSignal
-from atheria_lightning.callbacks.mirror import remote_run_dir
-from atheria_lightning.checkpoint_io import META_KEY
+from atheria_lightning.callbacks import (
+    EpisodeProgressBar,
+    MirrorSync,
+    RunSummary,
+    SmartCheckpoint,
+    StopOnSignal,
+    TimeLimitGuard,
+)
+from atheria_lightning.console import StopRequested, console_main, signals_stop_the_command, stopped_line
 from atheria_lightning.data import EpisodeDataModule
 from atheria_lightning.errors import ConfigError, require
 from atheria_lightning.lock import RunLock
 from atheria_lightning.module import EpisodeOutOfMemoryError, NonFiniteTrainingError, QCAModule
 from atheria_lightning.platform import COLAB_DRIVE_ROOT, Platform, default_mirror_url, default_run_root, detect_platform
-from atheria_lightning.resume import ResumePoint, find_resume_checkpoint
 from atheria_lightning.scalars import BufferedTensorBoardLogger
+from atheria_lightning.store import META_KEY, Checkpoint, RunStore, UsesRunStore
 
 log = logging.getLogger(__name__)
 
 RESUME_MODES = ("auto", "never")
 # Rank 0's resume choice, inherited by the DDP processes it launches.
 RESUME_ENV = "ATHERIA_RESUME_CHECKPOINT"
+#: Exit codes of the ``atheria`` command (README, "Exit codes").
+EXIT_DISK_FULL = 1
+EXIT_BAD_SETTINGS = 2
+EXIT_CANNOT_TRAIN = 3
+EXIT_MIRROR_BEHIND = 4
 
 
 def run_dir_of(run_root: str, experiment_name: str) -> str:
@@ -54,7 +65,10 @@ class AtheriaCLI(LightningCLI):
     ``resume`` (``auto``, ``never`` or a checkpoint path).
 
     Every run gets, unless its config lists its own: :class:`SmartCheckpoint` in ``<run>/checkpoints``,
-    :class:`MirrorSync` when a mirror is set, the episode progress bar and the end-of-run summary.
+    :class:`MirrorSync` when a mirror is set, the episode progress bar and the end-of-run summary. One
+    :class:`~atheria_lightning.store.RunStore` owns the run folder: it reconciles it (and the mirror) before
+    training, chooses the checkpoint to resume from, and is handed to every callback that acts on the run's files.
+    After training its final flush says whether the mirror is up to date; ``exit_code`` is then 4 if it is not.
 
     Example (in a notebook cell)::
 
@@ -62,6 +76,9 @@ class AtheriaCLI(LightningCLI):
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # Set first: LightningCLI runs the whole command inside __init__.
+        self.store: RunStore | None = None
+        self.exit_code = 0
         kwargs.setdefault("model_class", QCAModule)
         kwargs.setdefault("datamodule_class", EpisodeDataModule)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
@@ -148,6 +165,13 @@ class AtheriaCLI(LightningCLI):
         configured = self.configured_callbacks(list(trainer_config.get("callbacks") or []))
         progress_bar = trainer_config.get("enable_progress_bar") in (None, True)
         kwargs["callbacks"] = configured + self.default_callbacks(configured, progress_bar)
+        # One store owns the run folder; the callbacks that act on its files get it, and Lightning's saves reach it.
+        self.store = RunStore(self.run_dir)
+        for callback in kwargs["callbacks"]:
+            if isinstance(callback, UsesRunStore):
+                callback.use_store(self.store)
+        plugins = trainer_config.get("plugins") or []
+        kwargs["plugins"] = [*(plugins if isinstance(plugins, list) else [plugins]), self.store.checkpoint_io]
         return super().instantiate_trainer(**kwargs)
 
     def configured_callbacks(self, configured: list[Any]) -> list[Any]:
@@ -167,41 +191,42 @@ class AtheriaCLI(LightningCLI):
         """The callbacks every run needs that its config did not list."""
         have = {type(callback) for callback in configured}
         callbacks: list[Any] = [] if RunSummary in have else [RunSummary(self.run_dir)]
-        if not any(issubclass(kind, ModelCheckpoint) for kind in have):
+        if SmartCheckpoint not in have:
             callbacks.append(SmartCheckpoint())
         if StopOnSignal not in have:
             callbacks.append(StopOnSignal())
         if self.mirror_url and MirrorSync not in have:
             callbacks.append(MirrorSync(self.mirror_url))
-        for callback in configured + callbacks:
-            if isinstance(callback, SmartCheckpoint) and callback.dirpath is None:
-                callback.dirpath = os.path.join(self.run_dir, "checkpoints")
         if progress_bar and not any(issubclass(kind, ProgressBar) for kind in have):
             callbacks.insert(0, EpisodeProgressBar())
         return callbacks
 
-    def _mirror_checkpoints(self) -> tuple[Any, str] | None:
-        mirror = next((cb for cb in self.trainer.callbacks if isinstance(cb, MirrorSync)), None)
-        if mirror is None or mirror.url is None:
-            return None
-        fs, remote = remote_run_dir(mirror.url, os.path.basename(self.run_dir), mirror.storage_options)
-        return fs, f"{remote.rstrip('/')}/checkpoints"
+    def resolve_checkpoint(self, ckpt_path: str | None, with_mirror: bool = True) -> Checkpoint | None:
+        """Reconcile the run folder (and its mirror) through the store, then choose what to resume from.
 
-    def resolve_checkpoint(self, ckpt_path: str | None) -> ResumePoint | None:
-        """An explicit ``ckpt_path`` wins; else ``resume``: a path, ``never``, or ``auto`` (newest verified).
-
-        Under DDP only rank 0 looks (it may quarantine or download files); the processes it launches inherit its
-        choice through the environment.
+        An explicit ``ckpt_path`` wins; else ``resume``: a path, ``never`` (refused when the run already has
+        checkpoints: they would be overwritten), or ``auto`` (the newest sound checkpoint, local or mirrored).
+        Under DDP only rank 0 looks (it may rebuild, quarantine or download files); the processes it launches
+        inherit its choice through the environment.
         """
         if RESUME_ENV in os.environ and not self.trainer.is_global_zero:
             chosen = os.environ[RESUME_ENV]
-            return ResumePoint(path=chosen, episode=-1, source="rank 0") if chosen else None
+            return Checkpoint(chosen, os.path.basename(chosen), -1, None, "rank 0") if chosen else None
+        assert self.store is not None
+        point = self.store.start(with_mirror=with_mirror)
         resume = ckpt_path or self.run_settings["resume"]
+        if resume == "auto":
+            return point
         if resume == "never":
+            require(
+                point is None,
+                f"resume=never, but {self.store.checkpoint_dir} already holds checkpoints up to episode "
+                f"{point.episode if point else 0}: a new run there would overwrite them; use resume=auto to continue "
+                "it, or another experiment_name for a new run",
+            )
             return None
-        if resume != "auto":
-            return ResumePoint(path=resume, episode=-1, source="explicit")
-        return find_resume_checkpoint(os.path.join(self.run_dir, "checkpoints"), self._mirror_checkpoints())
+        require(Path(resume).is_file(), f"ckpt_path={resume!r} is not a checkpoint file")
+        return Checkpoint(str(resume), os.path.basename(resume), -1, None, "explicit")
 
     def fit(self, model: QCAModule, datamodule: EpisodeDataModule, ckpt_path: str | None = None, **kwargs: Any) -> None:
         """``trainer.fit`` from the resolved checkpoint, loaded with ``weights_only=True`` (untrusted input)."""
@@ -212,27 +237,44 @@ class AtheriaCLI(LightningCLI):
             self._fit(model, datamodule, ckpt_path, **kwargs)
 
     def _fit(self, model: QCAModule, datamodule: EpisodeDataModule, ckpt_path: str | None, **kwargs: Any) -> None:
-        point = self.resolve_checkpoint(ckpt_path)
-        os.environ[RESUME_ENV] = point.path if point else ""
+        assert self.store is not None
+        try:
+            point = self.resolve_checkpoint(ckpt_path)
+            os.environ[RESUME_ENV] = point.path if point else ""
+            if point is None or self._check_resume(point, model, datamodule):
+                kwargs["weights_only"] = True
+                self.trainer.fit(model, datamodule=datamodule, ckpt_path=point.path if point else None, **kwargs)
+        finally:
+            # The final flush, finished run or not: a mirror left behind by an earlier session catches up here.
+            status = self.store.close() if self.trainer.is_global_zero else None
+        if status is not None:
+            print(status.line(), flush=True)
+            if status.behind:
+                self.exit_code = EXIT_MIRROR_BEHIND
+
+    def _check_resume(self, point: Checkpoint, model: QCAModule, datamodule: EpisodeDataModule) -> bool:
+        """Refuse what cannot change between sessions, report what did; False when the run is already finished."""
+        # Read from the checkpoint itself (weights_only): a manifest on a shared mirror may lie about it.
+        header = _peek_checkpoint(point.path)
+        _check_same_operator(header, model)
+        _check_same_seed(header, datamodule)
+        episode = int(header.get(META_KEY, {}).get("episode", 0))
         total = datamodule.total_episodes
-        if point is not None:
-            # Read from the checkpoint itself (weights_only): a manifest on a shared mirror may lie about it.
-            header = _peek_checkpoint(point.path)
-            _check_same_operator(header, model)
-            episode = int(header.get(META_KEY, {}).get("episode", 0))
-            if episode >= total:
-                print(f"run finished: episode {episode} of {total} (100%), nothing to do; "
-                      "raise data.total_episodes to train further", flush=True)  # fmt: skip
-                return
-            print(f"resuming from episode {episode} of {total} ({100.0 * episode / total:.0f}%) "
-                  f"[{point.source}: {point.path}]", flush=True)  # fmt: skip
-        kwargs["weights_only"] = True
-        self.trainer.fit(model, datamodule=datamodule, ckpt_path=point.path if point else None, **kwargs)
+        if episode >= total:
+            print(f"run finished: episode {episode} of {total} (100%), nothing to do; "
+                  "raise data.total_episodes to train further", flush=True)  # fmt: skip
+            return False
+        print(f"resuming from episode {episode} of {total} ({100.0 * episode / total:.0f}%) "
+              f"[{point.source}: {point.path}]", flush=True)  # fmt: skip
+        changes = _changed_settings(header, model, datamodule, self.trainer.callbacks)
+        if changes:
+            print(f"changed since that checkpoint, in effect from now on: {', '.join(changes)}", flush=True)
+        return True
 
     def validate(
         self, model: QCAModule, datamodule: EpisodeDataModule, ckpt_path: str | None = None, **kwargs: Any
     ) -> Any:
-        point = self.resolve_checkpoint(ckpt_path)
+        point = self.resolve_checkpoint(ckpt_path, with_mirror=False)
         kwargs["weights_only"] = True
         return self.trainer.validate(model, datamodule=datamodule, ckpt_path=point.path if point else None, **kwargs)
 
@@ -252,6 +294,32 @@ def _peek_checkpoint(path: str) -> dict[str, Any]:
 
 #: Settings that shape the operator's weights: a run cannot resume under different ones.
 OPERATOR_SHAPE = ("architecture", "d_state", "hidden_channels")
+
+
+def _check_same_seed(header: dict[str, Any], datamodule: EpisodeDataModule) -> None:
+    saved = (header.get(type(datamodule).__qualname__) or {}).get("seed")
+    if saved is not None and saved != datamodule.seed:
+        raise ConfigError(
+            f"data.seed={datamodule.seed!r} differs from the checkpoint's {saved!r}: the episodes of a run follow "
+            "its seed; keep the setting, or start a new experiment_name"
+        )
+
+
+def _changed_settings(
+    header: dict[str, Any], model: QCAModule, datamodule: EpisodeDataModule, callbacks: list[Any]
+) -> list[str]:
+    """``name old -> new`` for each setting that differs from the checkpoint's (lr, episodes, budget, noise, ...)."""
+    saved = header.get("hyper_parameters") or {}
+    changes = [f"model.{key} {saved[key]!r} -> {value!r}" for key, value in model.hparams.items()
+               if key in saved and key not in OPERATOR_SHAPE and saved[key] != value]  # fmt: skip
+    episodes = (header.get(type(datamodule).__qualname__) or {}).get("total_episodes")
+    if episodes is not None and episodes != datamodule.total_episodes:
+        changes.append(f"data.total_episodes {episodes!r} -> {datamodule.total_episodes!r}")
+    for guard in (callback for callback in callbacks if isinstance(callback, TimeLimitGuard)):
+        hours = ((header.get("callbacks") or {}).get(guard.state_key) or {}).get("max_hours")
+        if hours is not None and hours != guard.max_hours:
+            changes.append(f"TimeLimitGuard.max_hours {hours!r} -> {guard.max_hours!r}")
+    return changes
 
 
 def _check_same_operator(header: dict[str, Any], model: QCAModule) -> None:
@@ -277,20 +345,26 @@ def main(args: list[str] | None = None) -> int:
         from atheria_lightning.export import main as export_main
 
         return export_main(argv[1:])
-    return run_reporting_errors(lambda: AtheriaCLI(args=args) and 0)
+    return run_reporting_errors(lambda: AtheriaCLI(args=args).exit_code)
 
 
 def run_reporting_errors(run: Callable[[], int]) -> int:
     """Run ``run`` and turn the errors a user can act on into one line on stderr and an exit code.
 
     Exit codes: 0 done or stopped cleanly, 1 out of disk space, 2 bad settings or a refused checkpoint,
-    3 training cannot go on (non-finite losses, out of GPU memory). Anything else is a bug and keeps its traceback.
+    3 training cannot go on (non-finite losses, out of GPU memory), 4 done but the mirror is behind (run the same
+    command again to retry). Anything else is a bug and keeps its traceback. SIGTERM or Ctrl+C outside training
+    (start-up, final flush) ends with exit 0 and one line: training itself stops through ``StopOnSignal``.
     """
     try:
-        return run()
+        with signals_stop_the_command():
+            return run()
+    except StopRequested as stop:
+        print(stopped_line(stop), file=sys.stderr)
+        return 0
     except (NonFiniteTrainingError, EpisodeOutOfMemoryError) as err:
         print(f"atheria: error: {err}", file=sys.stderr)
-        return 3
+        return EXIT_CANNOT_TRAIN
     except SIGTERMException:
         # Only when SIGTERM arrived outside an episode boundary that StopOnSignal could use (e.g. validation).
         print("atheria: stopped by SIGTERM; run the same command again to continue", file=sys.stderr)
@@ -299,20 +373,20 @@ def run_reporting_errors(run: Callable[[], int]) -> int:
         # torch.load(weights_only=True) refused objects other than tensors and plain values: never retry unsafely.
         print(f"atheria: error: checkpoint refused, it holds more than tensors and plain values ({err}".splitlines()[0]
               + "); move it aside or set resume to another checkpoint", file=sys.stderr)  # fmt: skip
-        return 2
+        return EXIT_BAD_SETTINGS
     except OSError as err:
         if err.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
         print(f"atheria: error: no space left while writing ({err}); the previous checkpoints are intact and listed "
               "in MANIFEST.json: free some space and run the same command again", file=sys.stderr)  # fmt: skip
-        return 1
+        return EXIT_DISK_FULL
     except Exception as err:
         # jsonargparse wraps an error raised while building a callback in its own ValueError: find ours.
         config_error = find_config_error(err)
         if config_error is None:
             raise
         print(f"atheria: error: {config_error}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_SETTINGS
 
 
 def find_config_error(err: BaseException | None) -> ConfigError | None:
@@ -323,10 +397,6 @@ def find_config_error(err: BaseException | None) -> ConfigError | None:
         seen.add(id(err))
         err = err.__cause__ or err.__context__
     return None
-
-
-def console_main() -> None:
-    sys.exit(main())
 
 
 if __name__ == "__main__":

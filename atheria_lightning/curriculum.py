@@ -26,9 +26,9 @@ from typing_extensions import override
 from atheria_lightning.callbacks import TimeLimitGuard, time_guard
 from atheria_lightning.cli import AtheriaCLI, find_config_error, run_reporting_errors
 from atheria_lightning.errors import ConfigError, require
-from atheria_lightning.manifest import atomic_write, read_manifest, verify
+from atheria_lightning.files import atomic_write
 from atheria_lightning.platform import default_mirror_url, default_run_root
-from atheria_lightning.resume import ResumePoint
+from atheria_lightning.store import Checkpoint, RunStore
 
 __all__ = [
     "Curriculum",
@@ -281,7 +281,7 @@ class PhaseCLI(AtheriaCLI):
     """:class:`AtheriaCLI` for one phase: when the phase starts fresh, its model starts from an earlier phase.
 
     Args:
-        init_from: The checkpoint folder and name of the phase to start from; consulted only when the run has no
+        init_from: The name and run folder of the phase to start from; consulted only when the run has no
             checkpoint of its own (locally or on the mirror), so an interrupted phase resumes from itself.
     """
 
@@ -290,32 +290,28 @@ class PhaseCLI(AtheriaCLI):
         super().__init__(*args, **kwargs)
 
     @override
-    def resolve_checkpoint(self, ckpt_path: str | None) -> ResumePoint | None:
-        point = super().resolve_checkpoint(ckpt_path)
+    def resolve_checkpoint(self, ckpt_path: str | None, with_mirror: bool = True) -> Checkpoint | None:
+        point = super().resolve_checkpoint(ckpt_path, with_mirror)
         if point is None and self.init_from is not None:
             phase, folder = self.init_from
             source = best_checkpoint(phase, folder)
             require(
                 source is not None,
                 f"phase {self.run_settings['experiment_name']!r} loads from phase {phase!r}, but {folder} holds no "
-                "checkpoint that matches its MANIFEST.json",
+                "sound checkpoint that matches its MANIFEST.json",
             )
+            assert source is not None
             transfer = transfer_matching_weights(self.model, source.path)
             print(_transfer_report(self.run_settings["experiment_name"], source, transfer), flush=True)
         return point
 
 
-def best_checkpoint(phase: str, folder: str) -> SourceCheckpoint | None:
-    """The verified checkpoint with the lowest metric in ``folder``; else the newest verified one (``last.ckpt``)."""
-    fs = LocalFileSystem()
-    manifest = read_manifest(fs, folder)
-    ranked = sorted((item for item in manifest.files.items() if item[1].kind == "best" and item[1].metric is not None),
-                    key=lambda item: item[1].metric)  # fmt: skip
-    for name, entry in ranked + manifest.newest_first():
-        path = os.path.join(folder, name)
-        if verify(fs, path, entry):
-            return SourceCheckpoint(phase=phase, path=path, episode=entry.episode, metric=entry.metric)
-    return None
+def best_checkpoint(phase: str, run_dir: str) -> SourceCheckpoint | None:
+    """The checkpoint of phase ``phase`` (run folder ``run_dir``) that its run store calls best."""
+    chosen = RunStore(run_dir).best()
+    if chosen is None:
+        return None
+    return SourceCheckpoint(phase=phase, path=chosen.path, episode=chosen.episode, metric=chosen.metric)
 
 
 def transfer_matching_weights(model: torch.nn.Module, path: str) -> WeightTransfer:
@@ -369,11 +365,14 @@ def run_curriculum(argv: list[str], trainer_defaults: dict[str, Any]) -> int:
                     if key != "config" and value is not None}  # fmt: skip
     curriculum = load_curriculum(options.config, run_settings)
     plans = [_check_phase(curriculum, phase, overrides, trainer_defaults) for phase in curriculum.phases]
+    exit_code = 0
     for phase, plan in zip(curriculum.phases, plans, strict=True):
-        if not _run_phase(curriculum, phase, plan, overrides, trainer_defaults):
-            return 0
+        finished, phase_exit = _run_phase(curriculum, phase, plan, overrides, trainer_defaults)
+        exit_code = max(exit_code, phase_exit)  # 4 when a phase's mirror is behind
+        if not finished:
+            return exit_code
     print(f"curriculum {curriculum.name}: all {len(plans)} phases done; runs in {curriculum.folder}", flush=True)
-    return 0
+    return exit_code
 
 
 def _check_phase(
@@ -419,35 +418,40 @@ def _quiet(*names: str) -> Iterator[None]:
 
 def _run_phase(
     curriculum: Curriculum, phase: Phase, plan: PhasePlan, overrides: list[str], trainer_defaults: dict[str, Any]
-) -> bool:
-    """Train one phase (or skip it when done); False when it stopped before its last episode."""
+) -> tuple[bool, int]:
+    """Train one phase (or skip it when done); whether it has trained all its episodes, and its exit code.
+
+    A done phase is skipped without building it, unless the curriculum has a mirror: then its ``atheria fit`` runs,
+    which finds nothing to train but brings the phase's mirror up to date.
+    """
     folder = curriculum.phase_dir(phase)
     label = f"curriculum {curriculum.name}: phase {phase.index + 1}/{len(curriculum.phases)} {phase.name}"
     done = read_phase_done(folder)
-    if done is not None and done["episodes"] >= plan.total_episodes:
-        metric = done.get("best_metric")
+    finished = done is not None and done["episodes"] >= plan.total_episodes
+    if finished and curriculum.mirror_url is None:
+        metric = done.get("best_metric") if done else None
         best = f", best val/combined {metric:.4f}" if isinstance(metric, (int, float)) else ""
-        print(f"{label}: done ({done['episodes']} episodes{best}), skipped", flush=True)
-        return True
-    if _budget_spent(plan.guard):
+        print(f"{label}: done ({done['episodes'] if done else 0} episodes{best}), skipped", flush=True)
+        return True, 0
+    if not finished and _budget_spent(plan.guard):
         print(f"{label}: not started, the session's time budget is spent; {CONTINUE}", flush=True)
-        return False
+        return False, 0
     print(f"\n=== {label} ===", flush=True)
     init_from = None
     if phase.load_from_phase is not None:
-        init_from = (phase.load_from_phase, os.path.join(curriculum.folder, phase.load_from_phase, "checkpoints"))
+        init_from = (phase.load_from_phase, os.path.join(curriculum.folder, phase.load_from_phase))
     cli = _phase_cli(
         ["fit", "--config", curriculum.phase_config(phase), *overrides],
         init_from=init_from,
         trainer_defaults=copy.copy(trainer_defaults),
     )
-    reached = _newest_episode(os.path.join(folder, "checkpoints"))
+    reached = RunStore(folder).newest_episode()
     if reached < plan.total_episodes:
         print(f"{label}: stopped at episode {reached} of {plan.total_episodes}; {CONTINUE}", flush=True)
-        return False
-    if cli.trainer.is_global_zero:
+        return False, cli.exit_code
+    if cli.trainer.is_global_zero and not finished:
         write_phase_done(folder, phase, plan.total_episodes)
-    return True
+    return True, cli.exit_code
 
 
 def _budget_spent(guard: TimeLimitGuard | None) -> bool:
@@ -455,11 +459,6 @@ def _budget_spent(guard: TimeLimitGuard | None) -> bool:
     if guard is None:
         return False
     return time_guard._process_age_seconds() >= guard.emergency_fraction * guard.budget_seconds
-
-
-def _newest_episode(checkpoint_dir: str) -> int:
-    entries = read_manifest(LocalFileSystem(), checkpoint_dir).newest_first()
-    return entries[0][1].episode if entries else 0
 
 
 # ----- the phase-done marker -----
@@ -475,14 +474,13 @@ def read_phase_done(folder: str) -> dict[str, Any] | None:
 
 def write_phase_done(folder: str, phase: Phase, episodes: int) -> None:
     """Mark the phase done, atomically, with its episodes, best checkpoint and training time over all sessions."""
-    checkpoints = os.path.join(folder, "checkpoints")
-    best = best_checkpoint(phase.name, checkpoints)
+    best = best_checkpoint(phase.name, folder)
     record = {
         "phase": phase.name,
         "episodes": episodes,
         "best_checkpoint": None if best is None else os.path.basename(best.path),
         "best_metric": None if best is None else best.metric,
-        "training_hours": _training_hours(os.path.join(checkpoints, "last.ckpt")),
+        "training_hours": _training_hours(os.path.join(folder, "checkpoints", "last.ckpt")),
         "loaded_from_phase": phase.load_from_phase,
         "finished_at": time.time(),
     }

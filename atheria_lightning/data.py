@@ -81,6 +81,11 @@ class EpisodeDataModule(pl.LightningDataModule):
         return [self.seed + VALIDATION_SEED_OFFSET + i for i in range(self.val_universes)]
 
     @property
+    def episodes_done(self) -> int:
+        """Episodes finished over the whole run (all sessions), counting the running one once it ran."""
+        return self._first_unrun_episode()
+
+    @property
     def current_episode(self) -> int:
         """The episode running now, or the last one finished (``next_episode - 1``) between episodes."""
         return max(self._running_episode, self.next_episode - 1, 0)
@@ -114,7 +119,7 @@ class EpisodeDataModule(pl.LightningDataModule):
     @override
     def state_dict(self) -> dict[str, Any]:
         # Checkpoints are written after an episode ends, so the one running has finished by then.
-        return {"next_episode": self._first_unrun_episode(), "seed": self.seed}
+        return {"next_episode": self._first_unrun_episode(), "seed": self.seed, "total_episodes": self.total_episodes}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -124,3 +129,15 @@ class EpisodeDataModule(pl.LightningDataModule):
                 "resume with the same seed, or start a new experiment_name"
             )
         self.next_episode = int(state_dict["next_episode"])
+
+
+def episodes_done(trainer: pl.Trainer) -> int:
+    """Episodes finished over the whole run: the episode datamodule's count, else the trainer's global step."""
+    datamodule = trainer.datamodule
+    return datamodule.episodes_done if isinstance(datamodule, EpisodeDataModule) else trainer.global_step
+
+
+def total_episodes(trainer: pl.Trainer) -> int | None:
+    """The run's episode count when the trainer runs an :class:`EpisodeDataModule`, else None."""
+    datamodule = trainer.datamodule
+    return datamodule.total_episodes if isinstance(datamodule, EpisodeDataModule) else None

@@ -16,7 +16,7 @@ from fsspec.implementations.local import LocalFileSystem
 from torch import nn
 
 from atheria_lightning.errors import ConfigError
-from atheria_lightning.manifest import atomic_write
+from atheria_lightning.files import atomic_write
 from atheria_lightning.physics import initial_state, lindblad_step
 
 log = logging.getLogger(__name__)
@@ -182,6 +182,10 @@ def _rebuild_operator(ckpt_path: Path) -> tuple[nn.Module, dict[str, Any]]:
             f"--ckpt_path={str(ckpt_path)!r}: the operator cannot be rebuilt from it ({_one_line(err)})"
         ) from None
     operator = module.operator.eval()
+    if not all(torch.isfinite(tensor).all() for tensor in operator.state_dict().values() if tensor.is_floating_point()):
+        raise ConfigError(
+            f"--ckpt_path={str(ckpt_path)!r} holds non-finite weights (a diverged run): export an earlier checkpoint"
+        )
     hparams = dict(module.hparams)
     metadata: dict[str, Any] = {key: hparams[key] for key in HPARAM_KEYS if key in hparams}
     metadata.update(
@@ -221,7 +225,7 @@ def _read_checkpoint(ckpt_path: Path) -> dict[str, Any]:
 
 
 def _episode_of(checkpoint: dict[str, Any]) -> int | None:
-    from atheria_lightning.checkpoint_io import META_KEY
+    from atheria_lightning.store import META_KEY
 
     episode = (checkpoint.get(META_KEY) or {}).get("episode")
     return None if episode is None else int(episode)

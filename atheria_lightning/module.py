@@ -324,8 +324,32 @@ class QCAModule(pl.LightningModule):
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.nonfinite_skipped = int(checkpoint.get("nonfinite_skipped", 0))
+        _apply_changed_optimizer_settings(checkpoint, self.hparams)
         if "final_state" in checkpoint:
             self._snapshot = torch.view_as_complex(checkpoint["final_state"].contiguous())
+
+
+def _apply_changed_optimizer_settings(checkpoint: dict[str, Any], hparams: Any) -> None:
+    """Settings changed since the checkpoint take effect on resume: Lightning restores the optimizer and scheduler
+    states as they were saved, so the new lr, weight decay and plateau settings are written into them first.
+
+    Only settings that differ from the checkpoint's own hyper-parameters: an unchanged ``lr`` keeps whatever the
+    plateau scheduler has lowered it to.
+    """
+    saved = checkpoint.get("hyper_parameters") or {}
+    groups = [group for state in checkpoint.get("optimizer_states") or [] for group in state.get("param_groups", [])]
+    for key, group_key in (("lr", "lr"), ("weight_decay", "weight_decay")):
+        if key in saved and saved[key] != hparams[key]:
+            for group in groups:
+                group[group_key] = hparams[key]
+                if key == "lr" and "initial_lr" in group:
+                    group["initial_lr"] = hparams[key]
+    for scheduler in checkpoint.get("lr_schedulers") or []:
+        if "lr" in saved and saved["lr"] != hparams["lr"] and "_last_lr" in scheduler:
+            scheduler["_last_lr"] = [hparams["lr"]] * len(scheduler["_last_lr"])
+        for key, state_key in (("lr_factor", "factor"), ("lr_patience", "patience")):
+            if key in saved and saved[key] != hparams[key] and state_key in scheduler:
+                scheduler[state_key] = hparams[key]
 
 
 def _check_settings(

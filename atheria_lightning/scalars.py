@@ -13,7 +13,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from tensorboard.compat.proto.summary_pb2 import Summary
 from typing_extensions import override
 
-__all__ = ["BufferedTensorBoardLogger", "as_floats", "send_to_loggers"]
+__all__ = ["BufferedTensorBoardLogger", "as_floats", "logging_step", "send_to_loggers"]
 
 
 def as_floats(values: list[Any]) -> list[float]:
@@ -51,12 +51,23 @@ def send_to_loggers(trainer: pl.Trainer, metrics: dict[str, float | torch.Tensor
     trainer.callback_metrics.update(values)
     if not trainer.is_global_zero or not trainer.loggers or not values:
         return
-    if cadence and not getattr(trainer._logger_connector, "should_update_logs", True):
+    step = logging_step(trainer)
+    # Lightning's own cadence for logged values: every log_every_n_steps-th batch, and when the run stops.
+    if cadence and (step + 1) % max(trainer.log_every_n_steps, 1) and not trainer.should_stop:
         return
-    step = trainer.fit_loop.epoch_loop._batches_that_stepped
     scalars = dict(zip(values, as_floats(list(values.values())), strict=True))
     for logger in trainer.loggers:
         logger.log_metrics(scalars, step=step)
+
+
+def logging_step(trainer: pl.Trainer) -> int:
+    """The step at which Lightning logs this batch's values (``self.log``), which counts every training batch.
+
+    Lightning's own counter, private: ``trainer.global_step`` counts optimizer steps, and a skipped non-finite
+    episode makes none. ``tests/test_lightning_private.py`` fails with a clear message if the counter moves, and
+    ``pyproject.toml`` bounds ``lightning`` below 2.7.
+    """
+    return trainer.fit_loop.epoch_loop._batches_that_stepped
 
 
 class BufferedTensorBoardLogger(TensorBoardLogger):

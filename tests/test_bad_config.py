@@ -52,7 +52,7 @@ BAD_CONFIGS = [
      "TimeLimitGuard.emergency_fraction=1.0 must be in (0, 1)", 2),
     ("guard_fraction_0", [], _callback("TimeLimitGuard", max_hours=1, emergency_fraction=0),
      "TimeLimitGuard.emergency_fraction=0", 2),
-    ("top_k", [], _callback("SmartCheckpoint", top_k=0), "SmartCheckpoint.top_k=0 must be at least 1", 2),
+    ("top_k", [], _callback("SmartCheckpoint", top_k=0), "SmartCheckpoint.top_k=0 must be an integer >= 1", 2),
     ("checkpoint_interval", [], _callback("SmartCheckpoint", every_n_episodes=0),
      "SmartCheckpoint.every_n_episodes=0 must be a positive integer", 2),
     ("mirror_interval", [], _callback("MirrorSync", every_n_episodes=-5),

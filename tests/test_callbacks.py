@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import json
+import math
 import re
 from pathlib import Path
 
@@ -27,6 +29,7 @@ from atheria_lightning.data import EpisodeDataModule
 from atheria_lightning.errors import ConfigError
 from atheria_lightning.module import NonFiniteTrainingError, QCAModule
 from atheria_lightning.platform import Platform, default_mirror_url, default_run_root, detect_platform
+from atheria_lightning.store import RunStore, UsesRunStore
 
 # (class, init_args as a preset would write them)
 CALLBACKS = [
@@ -51,13 +54,20 @@ def _yaml(tmp_path: Path, cls: type, init_args: dict) -> str:
 
 
 def _tiny_fit(callback: Callback, root: Path, episodes: int = 4) -> Trainer:
+    """A plain Trainer in ``root``, with a run store of ``root`` for the callbacks that act on the run's files."""
+    store = RunStore(root)
+    callbacks = [callback] if isinstance(callback, SmartCheckpoint) else [callback, SmartCheckpoint(every_n_episodes=2)]
+    for each in callbacks:
+        if isinstance(each, UsesRunStore):
+            each.use_store(store)
     trainer = Trainer(
         max_epochs=-1, logger=False, default_root_dir=str(root), val_check_interval=2, check_val_every_n_epoch=None,
         enable_progress_bar=isinstance(callback, EpisodeProgressBar), num_sanity_val_steps=0,
-        callbacks=[callback] if isinstance(callback, SmartCheckpoint) else [callback, SmartCheckpoint(every_n_episodes=2)],  # noqa: E501
+        plugins=[store.checkpoint_io], callbacks=callbacks,
     )  # fmt: skip
     model = QCAModule(architecture="MLP", d_state=2, hidden_channels=4, grid_size=8, qca_steps=2)
     trainer.fit(model, datamodule=EpisodeDataModule(total_episodes=episodes, val_every_episodes=2))
+    store.close()
     return trainer
 
 
@@ -73,8 +83,6 @@ def test_callback_contract(cls: type, init_args: dict, tmp_path: Path) -> None:
         assert getattr(built[0], key) == value
     # 2. the same instance survives two fits (a notebook re-running a cell), and closes idempotently
     callback = built[0]
-    if isinstance(callback, MirrorSync):
-        callback.run_dir = None
     for attempt in range(2):
         trainer = _tiny_fit(callback, tmp_path / f"fit{attempt}")
         assert trainer.state.finished
@@ -85,8 +93,6 @@ def test_callback_contract(cls: type, init_args: dict, tmp_path: Path) -> None:
     buffer.seek(0)
     state = torch.load(buffer, weights_only=True)
     twin = cls(**init_args)
-    if isinstance(twin, SmartCheckpoint):
-        twin.dirpath = callback.dirpath  # Lightning restores top-k bookkeeping only into the same folder
     twin.load_state_dict(state)
     if isinstance(callback, TimeLimitGuard):
         assert twin.sessions == callback.sessions + 1
@@ -192,7 +198,7 @@ def test_a_non_finite_validation_is_never_kept_as_a_best_checkpoint(tmp_path: Pa
 
     real_metric = module.combined_metric
     monkeypatch.setattr(module, "combined_metric", lambda p: real_metric(p) * (float("nan") if poisoned["on"] else 1))
-    checkpoint = SmartCheckpoint(top_k=5, every_n_episodes=2, dirpath=str(tmp_path / "checkpoints"))
+    checkpoint = SmartCheckpoint(top_k=5, every_n_episodes=2)
     trainer = Trainer(max_epochs=-1, logger=False, enable_progress_bar=False, default_root_dir=str(tmp_path),
                       val_check_interval=2, check_val_every_n_epoch=None, num_sanity_val_steps=0,
                       callbacks=[NaNValidation(), checkpoint])  # fmt: skip
@@ -200,35 +206,35 @@ def test_a_non_finite_validation_is_never_kept_as_a_best_checkpoint(tmp_path: Pa
     trainer.fit(model, datamodule=EpisodeDataModule(total_episodes=6, val_every_episodes=2))
     best = sorted(p.name for p in (tmp_path / "checkpoints").glob("best-*.ckpt"))
     assert best == ["best-e000002.ckpt", "best-e000006.ckpt"]
-    assert all(torch.isfinite(score) for score in checkpoint.best_k_models.values())
+    entries = json.loads((tmp_path / "checkpoints" / "MANIFEST.json").read_text())["files"]
+    assert all(math.isfinite(entry["metric"]) for name, entry in entries.items() if name.startswith("best-"))
+    assert entries["last.ckpt"]["episode"] == 6, "the state of the NaN validation was not kept as last.ckpt either"
 
 
 def test_last_checkpoint_is_written_once_per_episode_and_copies_a_new_best(tmp_path: Path, monkeypatch) -> None:
-    # last.ckpt is due every 2 episodes, validation runs every 4 and each one finds a new best (a falling metric):
-    # episodes 2 and 6 save last.ckpt themselves; at 4 and 8 it waits for the validation and is a copy of the best.
-    from fsspec.implementations.local import LocalFileSystem
-
+    # last.ckpt is due every 2 episodes, validation runs every 4 and each one finds a new best (a falling metric).
+    # At 2 and 6 the state waits one episode for its proof (the next loss); at 4 and 8 last.ckpt waits for the
+    # validation, and the best checkpoint is a copy of it, made by the writer thread.
     import atheria_lightning.module as module
-    from atheria_lightning.checkpoint_io import META_KEY, AtomicCheckpointIO
-    from atheria_lightning.manifest import read_manifest
+    import atheria_lightning.store as store_module
 
     writes: list[tuple[str, str]] = []
-    save, copy = AtomicCheckpointIO.save_checkpoint, AtomicCheckpointIO.copy_checkpoint
+    write_file, copy = store_module.RunStore._write, store_module.RunStore._copy
 
-    def recorded_save(self: AtomicCheckpointIO, checkpoint: dict, path: str, **options: object) -> None:
-        writes.append((Path(path).name, f"save@{checkpoint[META_KEY]['episode']}"))
-        save(self, checkpoint, path, **options)
+    def recorded_write(self, request, data) -> None:
+        writes.append((request.name, f"save@{request.episode}"))
+        write_file(self, request, data)
 
-    def recorded_copy(self: AtomicCheckpointIO, source: str, path: str) -> None:
-        writes.append((Path(path).name, f"copy of {Path(source).name}"))
-        copy(self, source, path)
+    def recorded_copy(self, source: str, target: str, episode: int, metric: float) -> None:
+        writes.append((target, f"copy of {source}@{episode}"))
+        copy(self, source, target, episode, metric)
 
-    monkeypatch.setattr(AtomicCheckpointIO, "save_checkpoint", recorded_save)
-    monkeypatch.setattr(AtomicCheckpointIO, "copy_checkpoint", recorded_copy)
+    monkeypatch.setattr(store_module.RunStore, "_write", recorded_write)
+    monkeypatch.setattr(store_module.RunStore, "_copy", recorded_copy)
     falling = iter(range(1000, 0, -1))
     real_metric = module.combined_metric
     monkeypatch.setattr(module, "combined_metric", lambda parts: real_metric(parts) * 0 + next(falling))
-    checkpoint = SmartCheckpoint(top_k=5, every_n_episodes=2, dirpath=str(tmp_path / "checkpoints"))
+    checkpoint = SmartCheckpoint(top_k=5, every_n_episodes=2)
     trainer = Trainer(max_epochs=-1, logger=False, enable_progress_bar=False, default_root_dir=str(tmp_path),
                       val_check_interval=4, check_val_every_n_epoch=None, num_sanity_val_steps=0,
                       callbacks=[checkpoint])  # fmt: skip
@@ -237,15 +243,16 @@ def test_last_checkpoint_is_written_once_per_episode_and_copies_a_new_best(tmp_p
 
     assert writes == [
         ("last.ckpt", "save@2"),
-        ("best-e000004.ckpt", "save@4"), ("last.ckpt", "copy of best-e000004.ckpt"),
+        ("last.ckpt", "save@4"), ("best-e000004.ckpt", "copy of last.ckpt@4"),
         ("last.ckpt", "save@6"),
-        ("best-e000008.ckpt", "save@8"), ("last.ckpt", "copy of best-e000008.ckpt"),
+        ("last.ckpt", "save@8"), ("best-e000008.ckpt", "copy of last.ckpt@8"),
     ]  # fmt: skip
-    files = read_manifest(LocalFileSystem(), str(tmp_path / "checkpoints")).files
-    assert files["last.ckpt"].episode == 8 and files["last.ckpt"].kind == "last"
-    assert files["last.ckpt"].sha256 == files["best-e000008.ckpt"].sha256
+    files = json.loads((tmp_path / "checkpoints" / "MANIFEST.json").read_text())["files"]
+    assert files["last.ckpt"]["episode"] == 8 and files["last.ckpt"]["kind"] == "last"
+    assert files["last.ckpt"]["sha256"] == files["best-e000008.ckpt"]["sha256"]
+    assert files["best-e000008.ckpt"]["metric"] == files["last.ckpt"]["metric"] is not None
     state = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
-    assert state["atheria"]["episode"] == 8
+    assert state["atheria"] == {"episode": 8, "metric": files["last.ckpt"]["metric"]}
     for name, value in model.state_dict().items():
         assert torch.equal(state["state_dict"][name], value.cpu()), name
 
@@ -318,12 +325,12 @@ def test_a_negative_progress_interval_is_a_one_line_config_error() -> None:
 def test_the_progress_bar_counts_episodes_of_the_whole_run_and_shows_the_loss(
     tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    first = _tiny_fit(EpisodeProgressBar(), tmp_path / "first", episodes=2)
+    _tiny_fit(EpisodeProgressBar(), tmp_path / "first", episodes=2)
     resumed = Trainer(max_epochs=-1, logger=False, default_root_dir=str(tmp_path / "resumed"), num_sanity_val_steps=0,
                       limit_val_batches=0, callbacks=[EpisodeProgressBar()])  # fmt: skip
     model = QCAModule(architecture="MLP", d_state=2, hidden_channels=4, grid_size=8, qca_steps=2)
     resumed.fit(model, datamodule=EpisodeDataModule(total_episodes=4),
-                ckpt_path=str(Path(first.checkpoint_callback.dirpath) / "last.ckpt"))  # fmt: skip
+                ckpt_path=str(tmp_path / "first" / "checkpoints" / "last.ckpt"))  # fmt: skip
     shown = capsys.readouterr().out.strip().split("\r")[-1]  # Lightning's bars write to stdout
     assert "episode: 100%" in shown and "4/4" in shown, "episodes 3 and 4 of 4, counted from the resumed episode"
     assert "train/loss=" in shown

@@ -7,18 +7,31 @@ import functools
 import hashlib
 import json
 import pickle
+import re
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import demo_args, run_dir
 
-from atheria_lightning import checkpoint_io
+from atheria_lightning import store as store_module
 from atheria_lightning.cli import main
-from atheria_lightning.manifest import read_manifest, verify
 from atheria_lightning.module import QCAModule
+from atheria_lightning.store import RunStore
 
-LOCAL = __import__("fsspec").filesystem("file")
+
+def listed(folder: Path) -> dict[str, dict]:
+    """The files MANIFEST.json lists in ``folder``, name -> entry."""
+    return json.loads((folder / "MANIFEST.json").read_text())["files"]
+
+
+def matches(path: Path, entry: dict) -> bool:
+    data = path.read_bytes()
+    return (len(data), hashlib.sha256(data).hexdigest()) == (entry["size"], entry["sha256"])
+
+
+def state(value: float, size: int = 3) -> dict:
+    return {"state_dict": {"w": torch.full((size,), value)}}
 
 
 def test_disk_full_during_a_save_is_loud_and_keeps_the_previous_checkpoint(
@@ -26,7 +39,7 @@ def test_disk_full_during_a_save_is_loud_and_keeps_the_previous_checkpoint(
 ) -> None:
     assert main(demo_args(tmp_path, "--trainer.max_steps", "3", episodes=12, val_every=3, mirror=False)) == 0
     folder = run_dir(tmp_path) / "checkpoints"
-    before = read_manifest(LOCAL, str(folder))
+    before = listed(folder)
     files_before = sorted(p.name for p in folder.iterdir())
 
     real_save = torch.save
@@ -35,17 +48,17 @@ def test_disk_full_during_a_save_is_loud_and_keeps_the_previous_checkpoint(
         handle.write(b"partial")  # the write gets somewhere, then the device is full
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(checkpoint_io.torch, "save", full_disk)
+    monkeypatch.setattr(store_module.torch, "save", full_disk)
     capsys.readouterr()
     assert main(demo_args(tmp_path, episodes=12, val_every=3, mirror=False)) == 1
     err = capsys.readouterr().err
     assert "no space left" in err and "previous checkpoints are intact" in err
-    monkeypatch.setattr(checkpoint_io.torch, "save", real_save)
+    monkeypatch.setattr(store_module.torch, "save", real_save)
 
-    after = read_manifest(LOCAL, str(folder))
-    assert after.files == before.files, "the manifest still lists exactly the previous checkpoints"
-    for name, entry in after.files.items():
-        assert verify(LOCAL, str(folder / name), entry)
+    after = listed(folder)
+    assert after == before, "the manifest still lists exactly the previous checkpoints"
+    for name, entry in after.items():
+        assert matches(folder / name, entry)
     assert sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")) == files_before
     assert not [p for p in folder.iterdir() if ".tmp-" in p.name], "no partial file is left behind"
 
@@ -72,15 +85,29 @@ def _plant(folder: Path, name: str, sentinel: Path, episode: int) -> None:
 
 
 @pytest.mark.parametrize("where", ["local", "mirror"])
-def test_a_planted_checkpoint_is_refused_and_never_runs_code(
-    where: str, tmp_path: Path, capsys: pytest.CaptureFixture
+def test_a_planted_checkpoint_is_refused_set_aside_and_never_runs_code(
+    where: str, tmp_path: Path, capsys: pytest.CaptureFixture, caplog: pytest.LogCaptureFixture
 ) -> None:
     assert main(demo_args(tmp_path, "--trainer.max_steps", "3", episodes=12, val_every=3)) == 0
     sentinel = tmp_path / "PWNED"
     folder = run_dir(tmp_path) / "checkpoints" if where == "local" else tmp_path / "mirror" / "demo" / "checkpoints"
     _plant(folder, "last.ckpt", sentinel, episode=999 if where == "mirror" else 3)
     capsys.readouterr()
-    assert main(demo_args(tmp_path, episodes=12, val_every=3)) == 2
+    assert main(demo_args(tmp_path, "--trainer.max_steps", "4", episodes=12, val_every=3)) == 0
+    assert re.search(r"resuming from episode 3 of 12 \(25%\) \[local: ", capsys.readouterr().out)
+    assert "does not load with weights_only=True" in caplog.text
+    assert list((run_dir(tmp_path) / "checkpoints" / "corrupt").glob("last.ckpt.*")), "set aside, not deleted"
+    assert not sentinel.exists(), "the planted code must never run"
+
+
+def test_a_planted_checkpoint_given_as_ckpt_path_is_refused_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    assert main(demo_args(tmp_path, "--trainer.max_steps", "3", episodes=12, val_every=3, mirror=False)) == 0
+    sentinel, planted = tmp_path / "PWNED", tmp_path / "gift.ckpt"
+    planted.write_bytes(pickle.dumps({"state_dict": {}, "payload": PlantedPayload(str(sentinel))}))
+    capsys.readouterr()
+    assert main(demo_args(tmp_path, "--ckpt_path", str(planted), episodes=12, val_every=3, mirror=False)) == 2
     err = capsys.readouterr().err
     assert "checkpoint refused" in err and err.count("\n") == 1, err
     assert not sentinel.exists(), "the planted code must never run"
@@ -139,11 +166,12 @@ trainer:
     # The extra --config comes after demo_args' --mirror_url, so its s3:// mirror_url wins.
     assert main(demo_args(tmp_path, "--config", str(extra), "--trainer.max_steps", "4", episodes=8, val_every=2)) == 0
     fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_server})
-    remote = read_manifest(fs, "atheria-runs/mirror/demo/checkpoints")
-    local = read_manifest(LOCAL, str(run_dir(tmp_path) / "checkpoints"))
-    assert {n: e.sha256 for n, e in remote.files.items()} == {n: e.sha256 for n, e in local.files.items()}
-    for name, entry in remote.files.items():
-        assert verify(fs, f"atheria-runs/mirror/demo/checkpoints/{name}", entry)
+    remote = json.loads(fs.cat_file("atheria-runs/mirror/demo/checkpoints/MANIFEST.json"))["files"]
+    local = listed(run_dir(tmp_path) / "checkpoints")
+    assert {n: e["sha256"] for n, e in remote.items()} == {n: e["sha256"] for n, e in local.items()}
+    for name, entry in remote.items():
+        data = fs.cat_file(f"atheria-runs/mirror/demo/checkpoints/{name}")
+        assert hashlib.sha256(data).hexdigest() == entry["sha256"]
 
     shutil.rmtree(tmp_path / "runs")  # a new Colab session: the local disk is gone
     capsys.readouterr()
@@ -185,7 +213,7 @@ def test_out_of_memory_once_is_retried_after_freeing_the_cache(
 ) -> None:
     assert _fit_with_oom(tmp_path, monkeypatch, times=1) == 0
     assert "episode 3 ran out of GPU memory: emptying the cache and trying once more" in caplog.text
-    assert read_manifest(LOCAL, str(run_dir(tmp_path) / "checkpoints")).files["last.ckpt"].episode == 8
+    assert listed(run_dir(tmp_path) / "checkpoints")["last.ckpt"]["episode"] == 8
 
 
 def test_out_of_memory_twice_saves_the_last_finished_episode_and_suggests_smaller_settings(
@@ -194,8 +222,8 @@ def test_out_of_memory_twice_saves_the_last_finished_episode_and_suggests_smalle
     assert _fit_with_oom(tmp_path, monkeypatch, times=2) == 3
     err = capsys.readouterr().err.strip()
     assert err.startswith("atheria: error: out of GPU memory at episode 3") and "universes_per_episode" in err, err
-    last = read_manifest(LOCAL, str(run_dir(tmp_path) / "checkpoints")).files["last.ckpt"]
-    assert last.episode == 3, "episodes 0-2 finished; the failing episode 3 is not counted"
+    last = listed(run_dir(tmp_path) / "checkpoints")["last.ckpt"]
+    assert last["episode"] == 3, "episodes 0-2 finished; the failing episode 3 is not counted"
     monkeypatch.undo()
     capsys.readouterr()
     assert main(demo_args(tmp_path, episodes=8, val_every=4, mirror=False)) == 0
@@ -209,131 +237,125 @@ def test_a_background_write_saves_the_state_of_the_moment_training_asked_for_it(
     import threading
 
     release = threading.Event()
-    real_atomic_write = checkpoint_io.atomic_write
+    real_atomic_write = store_module.atomic_write
 
     def slow_atomic_write(*args, **kwargs):
         release.wait(timeout=20.0)
         return real_atomic_write(*args, **kwargs)
 
-    monkeypatch.setattr(checkpoint_io, "atomic_write", slow_atomic_write)
-    io = checkpoint_io.AtomicCheckpointIO()
+    monkeypatch.setattr(store_module, "atomic_write", slow_atomic_write)
+    store = RunStore(tmp_path)
     weights = torch.zeros(4)
-    io.save_checkpoint({"state_dict": {"w": weights}, checkpoint_io.META_KEY: {"episode": 3}}, tmp_path / "last.ckpt")
+    store.write_checkpoint({"state_dict": {"w": weights}}, "last", 3)
     weights.add_(1.0)  # while the write is still queued
     release.set()
-    io.teardown()
-    saved = torch.load(tmp_path / "last.ckpt", weights_only=True)
+    store.raise_write_error()
+    saved = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert torch.equal(saved["state_dict"]["w"], torch.zeros(4)), "the weights as they were at the save"
-    assert "last.ckpt" in read_manifest(LOCAL, str(tmp_path)).files
+    assert "last.ckpt" in listed(tmp_path / "checkpoints")
+
+
+def _die_at_manifest_write(monkeypatch: pytest.MonkeyPatch, target: object, nth: int, error: BaseException) -> None:
+    """The ``nth`` manifest write through ``target._write_manifest`` dies with ``error`` (a kill stand-in)."""
+    real = target._write_manifest
+    calls = {"n": 0}
+
+    def dying(self, *args):
+        calls["n"] += 1
+        if calls["n"] == nth:
+            raise error
+        return real(self, *args)
+
+    monkeypatch.setattr(target, "_write_manifest", dying)
 
 
 def test_a_kill_between_replacing_last_ckpt_and_listing_it_still_resumes_from_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from atheria_lightning.checkpoint_io import META_KEY, AtomicCheckpointIO
-    from atheria_lightning.resume import find_resume_checkpoint
-
-    io = AtomicCheckpointIO(async_write=False)
-    target = tmp_path / "last.ckpt"
-    io.save_checkpoint({"w": torch.zeros(3), META_KEY: {"episode": 10}}, target)
-
-    real_write = checkpoint_io.write_manifest
-    calls = {"n": 0}
-
-    def killed_after_rename(fs, folder, manifest):
-        calls["n"] += 1
-        if calls["n"] == 2:  # the write that would list the renamed file: the process dies here
-            raise KeyboardInterrupt("SIGKILL stand-in")
-        real_write(fs, folder, manifest)
-
-    monkeypatch.setattr(checkpoint_io, "write_manifest", killed_after_rename)
+    store = RunStore(tmp_path, async_write=False)
+    store.write_checkpoint(state(0.0), "last", 10)
+    # The journal (pending entry) is written before the rename; the write after it, which lists the file, dies.
+    _die_at_manifest_write(monkeypatch, RunStore, 2, KeyboardInterrupt("SIGKILL stand-in"))
     with pytest.raises(KeyboardInterrupt):
-        io.save_checkpoint({"w": torch.ones(3), META_KEY: {"episode": 20}}, target)
-    monkeypatch.setattr(checkpoint_io, "write_manifest", real_write)
+        store.write_checkpoint(state(1.0), "last", 20)
+    monkeypatch.undo()
 
-    point = find_resume_checkpoint(str(tmp_path))
+    point = RunStore(tmp_path).start()
+    target = tmp_path / "checkpoints" / "last.ckpt"
     assert point is not None and point.path == str(target) and point.episode == 20
-    assert torch.equal(torch.load(target, weights_only=True)["w"], torch.ones(3))
-    assert not read_manifest(LOCAL, str(tmp_path)).pending, "the interrupted replacement is settled"
+    assert torch.equal(torch.load(target, weights_only=True)["state_dict"]["w"], torch.ones(3))
+    assert "pending" not in json.loads((tmp_path / "checkpoints" / "MANIFEST.json").read_text())
 
 
 def test_a_mirror_killed_between_moving_last_ckpt_and_listing_it_still_serves_a_verified_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from atheria_lightning.callbacks import mirror as mirror_module
-    from atheria_lightning.checkpoint_io import META_KEY, AtomicCheckpointIO
-    from atheria_lightning.resume import find_resume_checkpoint
-
     run = tmp_path / "run"
-    io = AtomicCheckpointIO(async_write=False)
-    io.save_checkpoint({"w": torch.zeros(3), META_KEY: {"episode": 10}}, run / "checkpoints" / "last.ckpt")
-    mirror = mirror_module.MirrorSync(str(tmp_path / "mirror"), run_dir=str(run), max_retries=0)
-    mirror.connect()
-    assert mirror.sync_once()
-    io.save_checkpoint({"w": torch.ones(3), META_KEY: {"episode": 20}}, run / "checkpoints" / "last.ckpt")
+    store = RunStore(run, async_write=False)
+    store.set_mirror(str(tmp_path / "mirror"), max_retries=0, sleep=lambda seconds: None)
+    store.write_checkpoint(state(0.0), "last", 10)
+    store.start_mirror()
+    assert store.flush(10)
+    store.write_checkpoint(state(1.0), "last", 20)
+    # After the journal and the move, the mirror dies before its final manifest.
+    _die_at_manifest_write(monkeypatch, store_module._Mirror, 2, OSError(errno.EIO, "connection lost"))
+    assert not store.flush(10)
+    monkeypatch.undo()
+    store.close()
 
-    real_write = mirror_module.write_manifest
-    calls = {"n": 0}
-
-    def killed_before_listing(fs, folder, manifest):
-        calls["n"] += 1
-        if calls["n"] == 2:  # after the journal and the move: the mirror dies before its final manifest
-            raise OSError(errno.EIO, "connection lost")
-        real_write(fs, folder, manifest)
-
-    monkeypatch.setattr(mirror_module, "write_manifest", killed_before_listing)
-    assert not mirror.sync_once()
-    monkeypatch.setattr(mirror_module, "write_manifest", real_write)
-
-    remote = (LOCAL, str(tmp_path / "mirror" / "run" / "checkpoints"))
-    point = find_resume_checkpoint(str(tmp_path / "fresh" / "checkpoints"), remote)
+    fresh = RunStore(tmp_path / "fresh" / "run")
+    fresh.set_mirror(str(tmp_path / "mirror"), sleep=lambda seconds: None)
+    point = fresh.start()
     assert point is not None and point.source == "mirror" and point.episode == 20
-    assert torch.equal(torch.load(point.path, weights_only=True)["w"], torch.ones(3))
+    assert torch.equal(torch.load(point.path, weights_only=True)["state_dict"]["w"], torch.ones(3))
+    fresh.close()
 
 
 def test_a_copy_of_a_damaged_checkpoint_is_refused_and_nothing_is_listed(tmp_path: Path) -> None:
-    io = checkpoint_io.AtomicCheckpointIO(async_write=False)
-    best, last = tmp_path / "best-e000004.ckpt", tmp_path / "last.ckpt"
-    io.save_checkpoint({"weights": torch.ones(3), checkpoint_io.META_KEY: {"episode": 4}}, best)
-    io.copy_checkpoint(best, tmp_path / "copy.ckpt")  # a sound file copies, listed with its episode
-    listed = read_manifest(LOCAL, str(tmp_path)).files
-    assert listed["copy.ckpt"].sha256 == listed["best-e000004.ckpt"].sha256 and listed["copy.ckpt"].episode == 4
-
-    with open(best, "ab") as handle:
+    store = RunStore(tmp_path, async_write=False)
+    store.write_checkpoint(state(1.0), "last", 4, metric=0.5)
+    with open(tmp_path / "checkpoints" / "last.ckpt", "ab") as handle:
         handle.write(b"bit rot")  # the listed file no longer matches its entry
-    with pytest.raises(FileNotFoundError, match="not a verified checkpoint"):
-        io.copy_checkpoint(best, last)
-    assert not last.exists() and "last.ckpt" not in read_manifest(LOCAL, str(tmp_path)).files
+    trainer = type("T", (), {"is_global_zero": True})()
+    with pytest.raises(OSError, match="no longer matches MANIFEST.json"):
+        store.copy_last_to_best(trainer, 4, 0.5)
+    assert not (tmp_path / "checkpoints" / "best-e000004.ckpt").exists()
+    assert "best-e000004.ckpt" not in listed(tmp_path / "checkpoints")
 
 
 def test_each_listed_checkpoint_is_described_by_the_bytes_on_disk(tmp_path: Path) -> None:
     # The writer hashes what it writes instead of reading the file back: the entry must still be the file's own.
-    io = checkpoint_io.AtomicCheckpointIO()
-    best, last = tmp_path / "best-e000007.ckpt", tmp_path / "last.ckpt"
-    io.save_checkpoint({"weights": torch.randn(1000), checkpoint_io.META_KEY: {"episode": 7, "metric": 0.5}}, best)
-    io.copy_checkpoint(best, last)
-    io.save_checkpoint({"weights": torch.randn(10), checkpoint_io.META_KEY: {"episode": 8}}, last)  # replaced in place
-    io.teardown()
-    listed = read_manifest(LOCAL, str(tmp_path)).files
-    assert set(listed) == {best.name, last.name}
-    for path in (best, last):
-        data = path.read_bytes()
-        assert (listed[path.name].size, listed[path.name].sha256) == (len(data), hashlib.sha256(data).hexdigest())
-    assert (listed[best.name].episode, listed[best.name].metric, listed[last.name].episode) == (7, 0.5, 8)
+    store = RunStore(tmp_path)
+    store.write_checkpoint(state(0.5, size=1000), "last", 7, metric=0.5)
+    store.copy_last_to_best(type("T", (), {"is_global_zero": True})(), 7, 0.5)
+    store.write_checkpoint(state(2.0, size=10), "last", 8)  # replaced in place
+    store.raise_write_error()
+    folder = tmp_path / "checkpoints"
+    entries = listed(folder)
+    assert set(entries) == {"best-e000007.ckpt", "last.ckpt"}
+    for name, entry in entries.items():
+        assert matches(folder / name, entry), name
+    assert (entries["best-e000007.ckpt"]["episode"], entries["best-e000007.ckpt"]["metric"]) == (7, 0.5)
+    assert entries["last.ckpt"]["episode"] == 8
 
 
 def test_a_mirror_checkpoint_whose_bytes_changed_is_not_downloaded(tmp_path: Path) -> None:
-    from atheria_lightning.resume import find_resume_checkpoint
-
-    mirror = tmp_path / "mirror"
-    io = checkpoint_io.AtomicCheckpointIO(async_write=False)
-    io.save_checkpoint({"w": torch.zeros(3), checkpoint_io.META_KEY: {"episode": 10}}, mirror / "best-e000010.ckpt")
-    io.save_checkpoint({"w": torch.ones(3), checkpoint_io.META_KEY: {"episode": 20}}, mirror / "last.ckpt")
-    data = bytearray((mirror / "last.ckpt").read_bytes())
+    source = RunStore(tmp_path / "first" / "run", async_write=False)
+    source.set_mirror(str(tmp_path / "mirror"), sleep=lambda seconds: None)
+    source.write_checkpoint(state(0.0), "best", 10, metric=1.0)
+    source.write_checkpoint(state(1.0), "last", 20)
+    source.start_mirror()
+    assert source.flush(10)
+    source.close()
+    last = tmp_path / "mirror" / "run" / "checkpoints" / "last.ckpt"
+    data = bytearray(last.read_bytes())
     data[-1] ^= 0xFF  # same size, different bytes: caught by the sha256 of the download itself
-    (mirror / "last.ckpt").write_bytes(bytes(data))
+    last.write_bytes(bytes(data))
 
-    local = tmp_path / "fresh" / "checkpoints"
-    point = find_resume_checkpoint(str(local), (LOCAL, str(mirror)))
+    fresh = RunStore(tmp_path / "fresh" / "run")
+    fresh.set_mirror(str(tmp_path / "mirror"), sleep=lambda seconds: None)
+    point = fresh.start()
     assert point is not None and point.source == "mirror" and point.episode == 10
-    assert not (local / "last.ckpt").exists() and "last.ckpt" not in read_manifest(LOCAL, str(local)).files
+    local = tmp_path / "fresh" / "run" / "checkpoints"
+    assert not (local / "last.ckpt").exists() and "last.ckpt" not in listed(local)
+    fresh.close()

@@ -1,7 +1,8 @@
-"""MirrorSync: what reaches the mirror, in what order, on a flaky filesystem, and with a real CPU Trainer."""
+"""The mirror: the store's uploads (verified, journalled, retried), MirrorSync's cadence, and the settings it checks."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -13,32 +14,19 @@ from typing import Any
 import fsspec
 import lightning.pytorch as pl
 import pytest
-from fsspec.implementations.local import LocalFileSystem
+import torch
 from fsspec.implementations.memory import MemoryFileSystem
 from fsspec.registry import _registry  # the writable mapping behind fsspec.registry
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import Callback
 
-from atheria_lightning.callbacks.mirror import MAX_INTERVAL_FACTOR, MirrorSync, remote_run_dir
+from atheria_lightning.callbacks import MirrorSync, SmartCheckpoint
+from atheria_lightning.callbacks.mirror import MAX_INTERVAL_FACTOR
 from atheria_lightning.data import EpisodeDataModule
 from atheria_lightning.errors import ConfigError
-from atheria_lightning.manifest import (
-    MANIFEST_NAME,
-    ManifestEntry,
-    atomic_write,
-    read_manifest,
-    sha256_of,
-    verify,
-    write_manifest,
-)
+from atheria_lightning.files import sha256_of
 from atheria_lightning.module import QCAModule
-
-LOCAL = LocalFileSystem()
-
-
-def entry_for(fs: Any, path: str, episode: int, metric: float | None, kind: str) -> ManifestEntry:
-    """The manifest entry of a complete file, measured by reading it (the package measures files as it writes them)."""
-    return ManifestEntry(episode=episode, size=int(fs.size(path)), sha256=sha256_of(fs, path), metric=metric, kind=kind)
+from atheria_lightning.store import RunStore, remote_run_dir
 
 
 class FlakyMemoryFileSystem(MemoryFileSystem):
@@ -51,7 +39,7 @@ class FlakyMemoryFileSystem(MemoryFileSystem):
     protocol = ("flakymem",)
     fail_every = 0  # 0: never fail; 1: every write fails; 2: every second write fails
     writes = 0
-    truncate_copies = False  # a move that loses data: the upload then fails verification
+    truncate_copies = False  # a move that loses a checkpoint's data: the upload then fails verification
     events: list[tuple[str, str]] = []
 
     @classmethod
@@ -69,7 +57,7 @@ class FlakyMemoryFileSystem(MemoryFileSystem):
 
     def cp_file(self, path1: str, path2: str, **kwargs: Any) -> None:
         super().cp_file(path1, path2, **kwargs)
-        if self.truncate_copies:
+        if self.truncate_copies and str(path2).endswith(".ckpt"):
             self.store[self._strip_protocol(path2)].truncate(1)
         self.events.append(("copy", self._strip_protocol(path2)))
 
@@ -99,12 +87,20 @@ def mirror_root() -> Any:
         del MemoryFileSystem.store[key]
 
 
+def checkpoint(size: int = 64, seed: int = 0) -> dict[str, Any]:
+    """A small Lightning-shaped checkpoint dict."""
+    return {"state_dict": {"w": torch.randn(size, generator=torch.Generator().manual_seed(seed))}}
+
+
+def save(store: RunStore, kind: str, episode: int, metric: float | None = None, size: int = 64) -> None:
+    store.write_checkpoint(checkpoint(size, seed=episode), kind, episode, metric)
+    store.wait()
+
+
 @pytest.fixture
 def run_dir(tmp_path: Path) -> Path:
-    """A local run folder ``runs/exp`` with two listed checkpoints, a stray unlisted one, logs and an export."""
+    """A run folder ``runs/exp`` with logs and an export (checkpoints come from each test's store)."""
     run = tmp_path / "runs" / "exp"
-    write_checkpoints(run, {"last.ckpt": b"last" * 300, "best-000010.ckpt": b"best" * 200})
-    (run / "checkpoints" / "stray.ckpt").write_bytes(b"not in the manifest")
     (run / "logs" / "version_0").mkdir(parents=True)
     (run / "logs" / "version_0" / "events.out.tfevents.1").write_bytes(b"event-1")
     (run / "logs" / "metrics.jsonl").write_text('{"episode": 1}\n')
@@ -113,177 +109,184 @@ def run_dir(tmp_path: Path) -> Path:
     return run
 
 
-def write_checkpoints(run: Path, files: dict[str, bytes], keep: tuple[str, ...] = ()) -> None:
-    """Write ``files`` into ``run/checkpoints`` and a manifest listing them (plus the entries named in ``keep``)."""
-    folder = run / "checkpoints"
-    folder.mkdir(parents=True, exist_ok=True)
-    manifest = read_manifest(LOCAL, str(folder))
-    manifest.files = {name: entry for name, entry in manifest.files.items() if name in keep}
-    for episode, (name, data) in enumerate(files.items()):
-        (folder / name).write_bytes(data)
-        manifest.files[name] = entry_for(LOCAL, str(folder / name), episode=episode, metric=None, kind="best")
-    write_manifest(LOCAL, str(folder), manifest)
+def make_store(run: Path, url: str, top_k: int = 5, **mirror: Any) -> RunStore:
+    mirror.setdefault("sleep", lambda seconds: None)
+    store = RunStore(run)
+    store.keep_best(top_k)
+    store.set_mirror(url, **mirror)
+    return store
 
 
-def make_mirror(url: str, run: Path, **kwargs: Any) -> MirrorSync:
-    kwargs.setdefault("sleep", lambda seconds: None)
-    return MirrorSync(url, run_dir=str(run), **kwargs)
+def with_checkpoints(store: RunStore) -> RunStore:
+    save(store, "best", 10, metric=1.5)
+    save(store, "last", 12)
+    return store
+
+
+def manifest_at(fs: Any, folder: str) -> dict[str, Any]:
+    return json.loads(fs.cat_file(f"{folder}/MANIFEST.json"))["files"]
 
 
 def assert_mirrored(url: str, run: Path) -> None:
     """The mirror's manifest lists exactly the local entries, its files verify, and nothing else is there."""
     fs, remote = remote_run_dir(url, run.name)
-    local = read_manifest(LOCAL, str(run / "checkpoints"))
-    mirrored = read_manifest(fs, f"{remote}/checkpoints")
-    assert mirrored.files == local.files
-    for name, entry in mirrored.files.items():
-        assert verify(fs, f"{remote}/checkpoints/{name}", entry), name
+    local = json.loads((run / "checkpoints" / "MANIFEST.json").read_text())["files"]
+    mirrored = manifest_at(fs, f"{remote}/checkpoints")
+    assert {name: entry["sha256"] for name, entry in mirrored.items()} == {
+        name: entry["sha256"] for name, entry in local.items()
+    }
+    for name, entry in mirrored.items():
+        assert sha256_of(fs, f"{remote}/checkpoints/{name}") == entry["sha256"], name
     names = {os.path.basename(path) for path in fs.ls(f"{remote}/checkpoints", detail=False)}
-    assert names == {*local.files, MANIFEST_NAME}
+    assert names == {*local, "MANIFEST.json"}
 
 
 @pytest.mark.parametrize("kind", ["memory", "folder"])
-def test_sync_uploads_listed_checkpoints_logs_and_exports(kind: str, run_dir: Path, tmp_path: Path,
-                                                          mirror_root: str) -> None:  # fmt: skip
+def test_a_sync_sends_the_listed_checkpoints_logs_and_exports(kind: str, run_dir: Path, tmp_path: Path,
+                                                             mirror_root: str) -> None:  # fmt: skip
     url = f"memory://{mirror_root}" if kind == "memory" else str(tmp_path / "drive" / "atheria")
-    mirror = make_mirror(url, run_dir)
-    assert mirror.sync_once()
-    assert_mirrored(url, run_dir)  # stray.ckpt is not listed, so it stays local
+    store = with_checkpoints(make_store(run_dir, url))
+    store.start_mirror()
+    assert store.flush(10)
+    assert_mirrored(url, run_dir)
     fs, remote = remote_run_dir(url, "exp")
     assert fs.cat_file(f"{remote}/logs/version_0/events.out.tfevents.1") == b"event-1"
     assert fs.cat_file(f"{remote}/logs/metrics.jsonl") == b'{"episode": 1}\n'
     assert fs.cat_file(f"{remote}/exports/report.md") == b"# report\n"
     assert not [path for path in fs.find(remote) if ".tmp-" in path]
-    assert mirror.failures == 0 and mirror.last_sync_seconds is not None
+    status = store.mirror_status()
+    assert status is not None and not status.behind and status.mirror_episode == 12
+    assert store.sync_failures == 0 and store.syncs_ended >= 1
 
 
-def test_second_sync_uploads_only_what_changed(run_dir: Path, mirror_root: str, flaky: Any) -> None:
-    mirror = make_mirror(f"flakymem://{mirror_root}", run_dir)
-    assert mirror.sync_once()
+def test_a_second_sync_sends_only_what_changed(run_dir: Path, mirror_root: str, flaky: Any) -> None:
+    store = with_checkpoints(make_store(run_dir, f"flakymem://{mirror_root}"))
+    store.start_mirror()
+    assert store.flush(10)
     writes = flaky.writes
-    assert mirror.sync_once()
+    assert store.flush(10)
     assert flaky.writes == writes  # nothing changed: no upload, not even the manifest
     with open(run_dir / "logs" / "metrics.jsonl", "a") as handle:
         handle.write('{"episode": 2}\n')
-    assert mirror.sync_once()
+    assert store.flush(10)
     assert flaky.writes == writes + 1
     fs, remote = remote_run_dir(f"memory://{mirror_root}", "exp")
     assert fs.cat_file(f"{remote}/logs/metrics.jsonl").count(b"episode") == 2
 
 
-def test_retention_deletes_only_after_the_new_manifest(run_dir: Path, mirror_root: str, flaky: Any) -> None:
+def test_retention_removes_from_the_mirror_only_after_its_new_manifest(run_dir: Path, mirror_root: str,
+                                                                      flaky: Any) -> None:  # fmt: skip
     url = f"flakymem://{mirror_root}"
-    mirror = make_mirror(url, run_dir)
-    assert mirror.sync_once()
-    # Retention: a new best replaces best-000010, whose entry and file leave the local folder.
-    write_checkpoints(run_dir, {"best-000020.ckpt": b"newer" * 100}, keep=("last.ckpt",))
-    (run_dir / "checkpoints" / "best-000010.ckpt").unlink()
+    store = with_checkpoints(make_store(run_dir, url, top_k=1))
+    store.start_mirror()
+    assert store.flush(10)
     flaky.events.clear()
-    assert mirror.sync_once()
+    save(store, "best", 20, metric=1.0)  # better: best-e000010 leaves, locally and then on the mirror
+    assert not (run_dir / "checkpoints" / "best-e000010.ckpt").exists()
+    assert store.flush(10)
     assert_mirrored(url, run_dir)
     order = [f"{kind}:{os.path.basename(path)}" for kind, path in flaky.events]
-    assert order.index(f"copy:{MANIFEST_NAME}") < order.index("rm:best-000010.ckpt")
-    assert order.index("copy:best-000020.ckpt") < order.index(f"copy:{MANIFEST_NAME}")
+    assert order.index("copy:best-e000020.ckpt") < order.index("copy:MANIFEST.json")
+    assert order.index("copy:MANIFEST.json") < order.index("rm:best-e000010.ckpt")
 
 
-def test_flaky_filesystem_ends_complete_with_retries(run_dir: Path, mirror_root: str, flaky: Any) -> None:
-    flaky.fail_every = 2
+def test_a_flaky_mirror_ends_complete_with_retries(run_dir: Path, mirror_root: str, flaky: Any) -> None:
     delays: list[float] = []
     url = f"flakymem://{mirror_root}"
-    mirror = make_mirror(url, run_dir, max_retries=10, backoff_s=0.5, sleep=delays.append)
-    assert mirror.sync_once()
+    store = with_checkpoints(make_store(run_dir, url, max_retries=10, backoff_s=0.5, sleep=delays.append))
+    store.start_mirror()
+    flaky.fail_every = 2
+    assert store.flush(30)
     assert_mirrored(url, run_dir)
-    assert mirror.failures == 0
+    assert store.sync_failures == 0
     assert delays and all(0.25 <= delay for delay in delays)
-    assert delays[1] > delays[0] * 2 * 0.5 / 1.5  # exponential, within the jitter
 
 
-def test_broken_mirror_counts_failures_warns_and_never_raises(run_dir: Path, mirror_root: str, flaky: Any,
-                                                               caplog: pytest.LogCaptureFixture) -> None:  # fmt: skip
-    mirror = make_mirror(f"flakymem://{mirror_root}", run_dir, max_retries=2)
-    mirror.connect()
+def test_a_broken_mirror_counts_failures_warns_and_never_raises(run_dir: Path, mirror_root: str, flaky: Any,
+                                                                caplog: pytest.LogCaptureFixture) -> None:  # fmt: skip
+    store = with_checkpoints(make_store(run_dir, f"flakymem://{mirror_root}", max_retries=2))
+    store.start_mirror()
     local_before = {path.name: path.read_bytes() for path in (run_dir / "checkpoints").iterdir()}
     flaky.fail_every = 1
-    with caplog.at_level(logging.WARNING, logger="atheria_lightning.callbacks.mirror"):
-        assert not mirror.sync_once()
-        assert not mirror.flush(timeout_s=10)  # the same through the background thread
-    assert mirror.failures == 2
+    with caplog.at_level(logging.WARNING, logger="atheria_lightning.store"):
+        assert not store.flush(10)
+        assert not store.flush(10)
+    assert store.sync_failures == 2
     assert len([record for record in caplog.records if "failed after 2 retries" in record.message]) == 2
     assert {path.name: path.read_bytes() for path in (run_dir / "checkpoints").iterdir()} == local_before
+    status = store.mirror_status()
+    assert status is not None and status.behind
 
 
-def test_upload_that_does_not_verify_is_never_listed(run_dir: Path, mirror_root: str, flaky: Any) -> None:
+def test_an_upload_that_does_not_verify_is_never_listed(run_dir: Path, mirror_root: str, flaky: Any) -> None:
     url = f"flakymem://{mirror_root}"
-    mirror = make_mirror(url, run_dir, max_retries=1)
-    mirror.connect()
+    store = with_checkpoints(make_store(run_dir, url, max_retries=1))
+    store.start_mirror()
+    assert store.flush(10)
+    save(store, "last", 14)
     flaky.truncate_copies = True
-    assert not mirror.sync_once()
-    assert mirror.failures == 1
+    assert not store.flush(10)
     fs, remote = remote_run_dir(url, "exp")
-    assert not fs.exists(f"{remote}/checkpoints/{MANIFEST_NAME}")
+    assert manifest_at(fs, f"{remote}/checkpoints")["last.ckpt"]["episode"] == 12
     flaky.truncate_copies = False
-    assert mirror.sync_once()
+    assert store.flush(10)
     assert_mirrored(url, run_dir)
 
 
-def test_file_replaced_after_the_manifest_is_not_uploaded_under_the_stale_entry(run_dir: Path,
-                                                                                 mirror_root: str) -> None:  # fmt: skip
+def test_a_file_changed_after_it_was_queued_is_never_sent_under_its_old_entry(run_dir: Path,
+                                                                              mirror_root: str) -> None:  # fmt: skip
     url = f"memory://{mirror_root}"
     fs, remote = remote_run_dir(url, "exp")
-    mirror = make_mirror(url, run_dir)
+    store = with_checkpoints(make_store(run_dir, url))
+    store.start_mirror()
+    assert store.flush(10)
+    save(store, "last", 14)
     last = run_dir / "checkpoints" / "last.ckpt"
-    listed = read_manifest(LOCAL, str(run_dir / "checkpoints")).files["last.ckpt"]
-    last.write_bytes(b"a newer last checkpoint, not yet in the manifest")
-    assert mirror.sync_once()  # not a failure: retried at the next sync
-    assert "last.ckpt" not in read_manifest(fs, f"{remote}/checkpoints").files
-    assert not fs.exists(f"{remote}/checkpoints/last.ckpt")
-
-    last.write_bytes(b"last" * 300)  # back to the listed content: uploaded
-    assert mirror.sync_once()
-    assert read_manifest(fs, f"{remote}/checkpoints").files["last.ckpt"] == listed
-
-    # A newer last.ckpt is listed, then replaced again before the sync: the mirror keeps its older verified copy.
-    write_checkpoints(run_dir, {"last.ckpt": b"newer last"}, keep=("best-000010.ckpt",))
-    last.write_bytes(b"newest last, not yet listed")
-    for _ in range(2):
-        assert mirror.sync_once()
-        assert read_manifest(fs, f"{remote}/checkpoints").files["last.ckpt"] == listed
-        assert verify(fs, f"{remote}/checkpoints/last.ckpt", listed)
+    listed = last.read_bytes()
+    last.write_bytes(b"changed on disk behind the store's back")
+    assert not store.flush(10)  # not sent, still queued: the mirror is behind, and says so
+    assert manifest_at(fs, f"{remote}/checkpoints")["last.ckpt"]["episode"] == 12
+    last.write_bytes(listed)
+    assert store.flush(10)
+    assert manifest_at(fs, f"{remote}/checkpoints")["last.ckpt"]["episode"] == 14
 
 
-def test_empty_local_manifest_never_empties_the_mirror(run_dir: Path, mirror_root: str) -> None:
+def test_a_new_machine_with_nothing_local_never_empties_the_mirror(run_dir: Path, tmp_path: Path,
+                                                                   mirror_root: str) -> None:  # fmt: skip
     url = f"memory://{mirror_root}"
-    assert make_mirror(url, run_dir).sync_once()
-    fresh = run_dir.parent.parent / "fresh" / "exp"  # a new machine: same experiment, nothing local yet
-    fresh.mkdir(parents=True)
-    assert make_mirror(url, fresh).sync_once()
-    assert_mirrored(url, run_dir)
-    write_checkpoints(fresh, {"episode-7.ckpt": b"listed"})
-    (fresh / "checkpoints" / "episode-7.ckpt").write_bytes(b"replaced before the sync")
-    assert make_mirror(url, fresh).sync_once()  # nothing of the new set verifies: the mirror stays as it was
-    assert_mirrored(url, run_dir)
+    store = with_checkpoints(make_store(run_dir, url))
+    store.start_mirror()
+    assert store.flush(10)
+    fs, remote = remote_run_dir(url, "exp")
+    before = manifest_at(fs, f"{remote}/checkpoints")
+    fresh = tmp_path / "fresh" / "exp"  # a new machine: same experiment, nothing local yet
+    point = make_store(fresh, url).start()
+    assert point is not None and point.episode == 12 and point.source == "mirror"
+    assert manifest_at(fs, f"{remote}/checkpoints") == before
+    assert {p.name for p in (fresh / "checkpoints").glob("*.ckpt")} == {"last.ckpt", "best-e000010.ckpt"}
 
 
-def test_flush_and_close_are_safe_without_setup(run_dir: Path, mirror_root: str) -> None:
-    mirror = MirrorSync(f"memory://{mirror_root}")
-    assert mirror.flush(timeout_s=0.1)
-    mirror.close()
-    mirror.close()
-    connected = make_mirror(f"memory://{mirror_root}", run_dir)
-    connected.connect()
-    assert connected.flush(timeout_s=10)  # starts a worker for this one sync
-    assert_mirrored(f"memory://{mirror_root}", run_dir)
+def test_flush_and_close_are_safe_without_a_mirror_or_a_start(tmp_path: Path, mirror_root: str) -> None:
+    store = RunStore(tmp_path / "runs" / "exp")
+    assert store.flush(0.1) and store.close() is None and store.close() is None
+    unstarted = make_store(tmp_path / "runs" / "other", f"memory://{mirror_root}")
+    assert not unstarted.flush(0.1)  # never reached: nothing was sent, and it says so at once
+    status = unstarted.close()
+    assert status is not None and not status.behind  # nothing saved, nothing behind
 
 
-def test_other_ranks_do_nothing(run_dir: Path, mirror_root: str) -> None:
-    trainer = SimpleNamespace(is_global_zero=False, default_root_dir=str(run_dir),
+def test_other_ranks_touch_no_file(run_dir: Path, mirror_root: str) -> None:
+    store = RunStore(run_dir)
+    trainer = SimpleNamespace(is_global_zero=False, default_root_dir=str(run_dir), loggers=[],
                               strategy=SimpleNamespace(broadcast=lambda obj, src=0: obj))  # fmt: skip
-    mirror = MirrorSync(f"memory://{mirror_root}", every_n_episodes=1)
+    mirror = MirrorSync(f"memory://{mirror_root}", every_n_episodes=1).use_store(store)
     mirror.setup(trainer, None, "fit")
     mirror.on_train_batch_end(trainer, None, None, None, 0)
-    assert mirror.flush() and mirror._worker is None
+    mirror.on_train_batch_start(trainer, None, None, 0)
+    mirror.on_train_end(trainer, None)
     mirror.teardown(trainer, None, "fit")
     assert not [key for key in MemoryFileSystem.store if key.startswith(f"/{mirror_root}/")]
+    assert not (run_dir / "checkpoints").exists()
 
 
 @pytest.mark.parametrize(
@@ -315,27 +318,31 @@ def test_missing_optional_package_names_the_extra(url: str, module: str, extra: 
         MirrorSync(url)
 
 
-def test_url_set_later_by_the_cli(run_dir: Path, mirror_root: str) -> None:
-    mirror = MirrorSync(every_n_episodes=5, run_dir=str(run_dir), sleep=lambda seconds: None)
-    assert mirror.flush()  # nothing to mirror yet
+def test_the_url_can_come_later_from_the_cli(run_dir: Path, mirror_root: str) -> None:
+    mirror = MirrorSync(every_n_episodes=5, sleep=lambda seconds: None)
     with pytest.raises(ConfigError, match="no url"):
-        mirror.sync_once()
+        mirror.use_store(RunStore(run_dir))
     with pytest.raises(ConfigError, match="unknown protocol"):
         mirror.set_url("foo://x")
     mirror.set_url(f"memory://{mirror_root}")
-    assert mirror.sync_once()
+    store = with_checkpoints(RunStore(run_dir))
+    mirror.use_store(store)
+    store.start_mirror()
+    assert store.flush(10)
     assert_mirrored(f"memory://{mirror_root}", run_dir)
 
 
-def test_unreachable_mirror_raises_at_setup(tmp_path: Path) -> None:
+def test_an_unreachable_mirror_is_a_config_error_before_training(tmp_path: Path) -> None:
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("a file where the mirror folder should be")
+    store = RunStore(tmp_path / "runs" / "exp")
     trainer = Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False,
                       default_root_dir=str(tmp_path / "runs" / "exp"))  # fmt: skip
-    mirror = MirrorSync(str(blocker), max_retries=1, sleep=lambda seconds: None)
+    mirror = MirrorSync(str(blocker), max_retries=1, sleep=lambda seconds: None).use_store(store)
     with pytest.raises(ConfigError, match="not reachable"):
         mirror.setup(trainer, None, "fit")
-    assert mirror._worker is None
+    with pytest.raises(ConfigError, match="not reachable"):
+        store.start()
 
 
 @pytest.mark.parametrize(
@@ -360,7 +367,7 @@ def test_interval_adapts_to_the_share_of_time_spent_syncing(interval: int, durat
 
 def test_state_dict_round_trip_and_clamp() -> None:
     mirror = MirrorSync("memory://x", every_n_episodes=10)
-    mirror.interval, mirror.failures = 40, 3
+    mirror.load_state_dict({"interval": 40, "failures": 3})
     restored = MirrorSync("memory://x", every_n_episodes=10)
     restored.load_state_dict(mirror.state_dict())
     assert (restored.interval, restored.failures) == (40, 3)
@@ -369,49 +376,25 @@ def test_state_dict_round_trip_and_clamp() -> None:
     assert smaller.interval == MAX_INTERVAL_FACTOR
 
 
-class FakeCheckpointWriter(Callback):
-    """Every episode: a fake checkpoint and the manifest (written last), the newest two kept, a metrics line."""
-
-    def __init__(self, run: Path) -> None:
-        self.folder = run / "checkpoints"
-        self.logs = run / "logs"
-
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:  # fmt: skip
-        episode = int(batch["episode"])
-        name = f"episode-{episode:03d}.ckpt"
-        path = self.folder / name
-        atomic_write(LOCAL, str(path), lambda handle: handle.write(os.urandom(512 + episode)))
-        manifest = read_manifest(LOCAL, str(self.folder))
-        manifest.files[name] = entry_for(LOCAL, str(path), episode=episode, metric=None, kind="last")
-        dropped = [item[0] for item in manifest.newest_first()[2:]]
-        for old in dropped:
-            del manifest.files[old]
-        write_manifest(LOCAL, str(self.folder), manifest)
-        for old in dropped:
-            (self.folder / old).unlink()
-        self.logs.mkdir(parents=True, exist_ok=True)
-        with open(self.logs / "metrics.jsonl", "a") as handle:
-            handle.write(f'{{"episode": {episode}}}\n')
+def tiny_fit(run: Path, callbacks: list[Callback], episodes: int = 6) -> Trainer:
+    trainer = Trainer(max_epochs=-1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                      default_root_dir=str(run), num_sanity_val_steps=0, val_check_interval=3,
+                      check_val_every_n_epoch=None, callbacks=callbacks)  # fmt: skip
+    model = QCAModule(architecture="MLP", d_state=2, hidden_channels=4, grid_size=8, qca_steps=2)
+    trainer.fit(model, datamodule=EpisodeDataModule(total_episodes=episodes, val_every_episodes=3))
+    return trainer
 
 
-def test_fit_mirrors_the_run_folder(tmp_path: Path, mirror_root: str) -> None:
+def test_a_plain_trainer_mirrors_the_run_folder(tmp_path: Path, mirror_root: str) -> None:
     run = tmp_path / "runs" / "exp"
     url = f"memory://{mirror_root}"
-    mirror = MirrorSync(url, every_n_episodes=2, sleep=lambda seconds: None)
-    trainer = Trainer(max_epochs=1, logger=False, enable_progress_bar=False, enable_checkpointing=False,
-                      enable_model_summary=False, default_root_dir=str(run),
-                      callbacks=[FakeCheckpointWriter(run), mirror])  # fmt: skip
-    model = QCAModule(architecture="MLP", d_state=2, hidden_channels=4, grid_size=8, qca_steps=2)
-    trainer.fit(model, datamodule=EpisodeDataModule(total_episodes=6, val_every_episodes=3))
-
-    assert len(read_manifest(LOCAL, str(run / "checkpoints")).files) == 2
+    store = RunStore(run)
+    mirror = MirrorSync(url, every_n_episodes=2, sleep=lambda seconds: None).use_store(store)
+    trainer = tiny_fit(run, [mirror, SmartCheckpoint(every_n_episodes=2, top_k=1).use_store(store)])
     assert_mirrored(url, run)
-    fs, remote = remote_run_dir(url, "exp")
-    assert fs.cat_file(f"{remote}/logs/metrics.jsonl") == (run / "logs" / "metrics.jsonl").read_bytes()
     assert float(trainer.callback_metrics["mirror/failures"]) == 0.0
     assert "mirror/last_sync_seconds" in trainer.callback_metrics
-    assert mirror._worker is None  # teardown stopped the thread
+    store.close()
 
 
 class FailAtEpisode(Callback):
@@ -424,15 +407,14 @@ class FailAtEpisode(Callback):
             raise RuntimeError("the platform stops the session")
 
 
-def test_exception_flushes_then_stops_the_thread(tmp_path: Path, mirror_root: str) -> None:
+def test_an_exception_still_sends_what_was_saved(tmp_path: Path, mirror_root: str) -> None:
     run = tmp_path / "runs" / "exp"
     url = f"memory://{mirror_root}"
-    mirror = MirrorSync(url, every_n_episodes=100, sleep=lambda seconds: None)  # no periodic sync before the crash
-    trainer = Trainer(max_epochs=1, logger=False, enable_progress_bar=False, enable_checkpointing=False,
-                      enable_model_summary=False, default_root_dir=str(run),
-                      callbacks=[FakeCheckpointWriter(run), FailAtEpisode(2), mirror])  # fmt: skip
-    model = QCAModule(architecture="MLP", d_state=2, hidden_channels=4, grid_size=8, qca_steps=2)
+    store = RunStore(run)
+    mirror = MirrorSync(url, every_n_episodes=100, sleep=lambda seconds: None).use_store(store)  # no periodic sync
     with pytest.raises(RuntimeError, match="platform"):
-        trainer.fit(model, datamodule=EpisodeDataModule(total_episodes=6, val_every_episodes=3))
+        tiny_fit(run, [FailAtEpisode(4), mirror, SmartCheckpoint(every_n_episodes=2).use_store(store)])
     assert_mirrored(url, run)
-    assert mirror._worker is None
+    fs, remote = remote_run_dir(url, "exp")
+    assert manifest_at(fs, f"{remote}/checkpoints")["last.ckpt"]["episode"] == 4
+    store.close()

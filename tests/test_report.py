@@ -128,8 +128,9 @@ def test_an_emergency_stop_writes_the_report_and_its_checkpoint_holds_every_epis
     notebook = FakeNotebook(monkeypatch)
     jump = JumpClock(at_episode=3)
     guard = TimeLimitGuard(max_hours=1.0, clock=jump.clock)
-    report = TrainingReport(plot_every_n_episodes=1, clock=lambda: 0.0)
-    # The guard comes before the report, so it saves last.ckpt before the report's own hook sees episode 2.
+    report = TrainingReport(plot_every_n_episodes=1, min_plot_interval_s=0, clock=jump.clock)
+    # The guard comes before the report: it only stops the run; SmartCheckpoint, a checkpoint callback and so run
+    # last, saves the episode after every callback recorded it.
     trainer = Trainer(max_epochs=-1, logger=False, default_root_dir=str(tmp_path), val_check_interval=2,
                       check_val_every_n_epoch=None, enable_progress_bar=False, enable_model_summary=False,
                       num_sanity_val_steps=0,
@@ -140,7 +141,7 @@ def test_an_emergency_stop_writes_the_report_and_its_checkpoint_holds_every_epis
 
     log = _read_log(tmp_path / "exports")
     assert [row["episode"] for row in log["episodes"]] == [0, 1, 2] and log["episodes_done"] == 3
-    assert log["sessions"][0]["training_seconds"] == 10_000.0, "time per session comes from the guard"
+    assert log["sessions"][0]["training_seconds"] == 10_000.0, "time per session, by the report's clock"
     assert (tmp_path / "exports" / "model.ts").is_file() and (tmp_path / "exports" / "report.md").is_file()
     # Live plots are drawn in the background: those asked for while one draws are dropped, so 1 to 3 of them
     # are shown, then the summary, all in one place.

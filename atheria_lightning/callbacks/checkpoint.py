@@ -1,210 +1,200 @@
-"""SmartCheckpoint: top-k by ``val/combined`` plus ``last.ckpt``, atomic background writes and a verified manifest."""
+"""SmartCheckpoint: when to keep ``last.ckpt`` and the top-k best checkpoints; the run store does the writing."""
 
 from __future__ import annotations
 
 import logging
-import os
+import math
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.trainer.states import TrainerFn
-from typing_extensions import override
+from typing_extensions import Self, override
 
-from atheria_lightning.checkpoint_io import META_KEY, AtomicCheckpointIO
+from atheria_lightning.data import EpisodeDataModule, episodes_done
 from atheria_lightning.errors import require
-from atheria_lightning.manifest import remove_stale_tmp
+from atheria_lightning.store import RunStore, StoreCheckpointIO, UsesRunStore
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SmartCheckpoint", "episodes_done"]
+__all__ = ["SmartCheckpoint"]
+
+#: The training loss a sound episode leaves in ``trainer.callback_metrics`` (QCAModule removes it for a skipped one).
+TRAIN_LOSS = "train/loss"
 
 
-def _validation_follows(trainer: pl.Trainer) -> bool:
-    """Whether Lightning validates right after this training batch (asked from ``on_train_batch_end``).
+class SmartCheckpoint(UsesRunStore, Checkpoint):
+    """Decides when the run keeps ``last.ckpt`` and its ``top_k`` best checkpoints; its :class:`RunStore` writes them.
 
-    The question Lightning's own loop asks there, through its private API; if that has moved, the answer is
-    False, so a checkpoint is never skipped on a wrong guess.
-    """
-    try:
-        epoch_loop = trainer.fit_loop.epoch_loop
-        if not trainer.enable_validation or epoch_loop._skip_next_val:
-            return False
-        return bool(epoch_loop._should_check_val_fx(trainer.fit_loop._data_fetcher))
-    except Exception:  # any change of Lightning's internals: save as if no validation followed
-        return False
+    - ``last.ckpt`` every ``every_n_episodes`` episodes, when the run stops (time guard, signal, last episode) and at
+      the end of training. When a validation follows the episode, the save waits for it, so the file carries the
+      new metric and a non-finite state is never kept: a state is saved only once a finite number proves it sound
+      (its validation metric, else the next episode's training loss; the serialized state waits in memory for that
+      one episode). A state that led to a non-finite loss is dropped, and ``last.ckpt`` keeps the last sound one.
+    - ``best-eNNNNNN.ckpt`` (episode number) when a validation's finite ``monitor`` value enters the ``top_k``
+      lowest; the store keeps exactly those, from its manifest, across kills, resumes and moved folders.
+    - On an out-of-memory error the last finished episode is saved; on other errors nothing half-done is.
 
-
-def episodes_done(trainer: pl.Trainer) -> int:
-    """Episodes finished over the whole run (all sessions): from the episode datamodule, else the global step."""
-    datamodule = getattr(trainer, "datamodule", None)
-    if datamodule is not None and hasattr(datamodule, "current_episode"):
-        running = getattr(datamodule, "_running_episode", -1)
-        return max(running + 1, getattr(datamodule, "next_episode", 0))
-    return trainer.global_step
-
-
-class SmartCheckpoint(ModelCheckpoint):
-    """Keeps the ``top_k`` checkpoints with the lowest ``val/combined`` plus ``last.ckpt``, safely.
-
-    Built on Lightning's :class:`~lightning.pytorch.callbacks.ModelCheckpoint` (its top-k bookkeeping and resume
-    state) and :class:`~atheria_lightning.checkpoint_io.AtomicCheckpointIO`, which it installs on the strategy:
-
-    - ``last.ckpt`` every ``every_n_episodes`` episodes, after each validation and at the end of training (once
-      per episode: a save due when a validation follows is made after it; when that validation keeps a new best
-      checkpoint, ``last.ckpt`` is a copy of that file, made by the writer thread);
-    - ``best-eNNNNNN.ckpt`` (episode number) when a validation enters the top ``top_k``;
-    - every write goes to a temporary file in the same folder, is fsynced and renamed into place (no symlinks,
-      no system temp dir), in a background thread; ``MANIFEST.json`` is rewritten after each file is complete;
-    - an old checkpoint is removed only after the new one is complete; the checkpoint the run resumed from is
-      never removed; temporary files left by a killed process are removed at start.
+    Lightning runs checkpoint callbacks after all others, so a save at an episode's end includes what every other
+    callback recorded for that episode.
 
     Args:
         top_k: How many best checkpoints to keep (at least 1).
         every_n_episodes: Save ``last.ckpt`` every this many episodes.
-        monitor: The metric ranking checkpoints; lower is better.
-        dirpath: Local checkpoint folder; defaults to ``<default_root_dir>/checkpoints``.
-        async_write: Write files in a background thread (the loop waits only for a copy to CPU memory).
+        monitor: The validation metric ranking checkpoints; lower is better.
+        async_write: Write files in a background thread, for a store this callback makes itself (plain
+            ``Trainer`` without :meth:`use_store`); ``AtheriaCLI`` hands it the run's store.
 
     Raises:
         ConfigError: ``top_k < 1`` or ``every_n_episodes < 1``.
 
     Example::
 
-        Trainer(callbacks=[SmartCheckpoint(top_k=5, every_n_episodes=10)])
+        store = RunStore("runs/demo")
+        Trainer(plugins=[store.checkpoint_io], callbacks=[SmartCheckpoint(top_k=5).use_store(store)])
     """
 
     def __init__(
-        self,
-        top_k: int = 5,
-        every_n_episodes: int = 10,
-        monitor: str = "val/combined",
-        dirpath: str | None = None,
-        async_write: bool = True,
+        self, top_k: int = 5, every_n_episodes: int = 10, monitor: str = "val/combined", async_write: bool = True
     ) -> None:
-        require(top_k >= 1, f"SmartCheckpoint.top_k={top_k} must be at least 1")
+        require(isinstance(top_k, int) and top_k >= 1, f"SmartCheckpoint.top_k={top_k!r} must be an integer >= 1")
         require(
-            every_n_episodes >= 1, f"SmartCheckpoint.every_n_episodes={every_n_episodes} must be a positive integer"
-        )
-        super().__init__(
-            dirpath=dirpath,
-            filename="best-e{episode:06d}",
-            monitor=monitor,
-            mode="min",
-            save_top_k=top_k,
-            save_last=True,
-            auto_insert_metric_name=False,
-            every_n_epochs=1,  # top-k is decided at each validation end
-            enable_version_counter=False,
+            isinstance(every_n_episodes, int) and every_n_episodes >= 1,
+            f"SmartCheckpoint.every_n_episodes={every_n_episodes!r} must be a positive integer",
         )
         self.top_k = top_k
         self.every_n_episodes = every_n_episodes
+        self.monitor = monitor
         self.async_write = async_write
-        self.io: AtomicCheckpointIO | None = None
-        self._last_saved_episode = -1
+        self._after_validation: int | None = None  # a due last.ckpt waiting for the validation of this episode
+        self._saved_episode = -1  # the newest last.ckpt asked for
+        self._saved_after_validation = -1  # ... when it was asked for after that episode's validation
+        self._sound = True  # the newest episode's training loss was finite
+
+    @override
+    def use_store(self, store: RunStore) -> Self:
+        store.keep_best(self.top_k)
+        return super().use_store(store)
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if self.dirpath is None:
-            self.dirpath = os.path.join(trainer.default_root_dir, "checkpoints")
-        super().setup(trainer, pl_module, stage)
-        io = trainer.strategy.checkpoint_io
-        if not isinstance(io, AtomicCheckpointIO):
-            io = AtomicCheckpointIO(async_write=self.async_write)
-            trainer.strategy.checkpoint_io = io
-        self.io = io
-        if trainer.is_global_zero and os.path.isdir(self.dirpath):
-            for stale in remove_stale_tmp(self._fs, str(self.dirpath)):
-                log.info("removed a partial file left by an interrupted save: %s", stale)
+        if self.store is None:  # a plain Trainer: the default root dir is the run folder
+            self.use_store(RunStore(trainer.default_root_dir, async_write=self.async_write))
+        assert self.store is not None
+        if not isinstance(trainer.strategy.checkpoint_io, StoreCheckpointIO):
+            trainer.strategy.checkpoint_io = self.store.checkpoint_io
+        if trainer.is_global_zero and stage == "fit":
+            self.store.open()
+        self._after_validation, self._saved_episode, self._sound = None, -1, True
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._saved_episode = episodes_done(trainer)  # the state resumed from is on disk already
 
     @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        if self._skip(trainer):
+            return
+        assert self.store is not None
+        loss = trainer.callback_metrics.get(TRAIN_LOSS)
+        # This episode ran on the state of the previous one: its loss proves (or disproves) a held save.
+        self._sound = loss is None or math.isfinite(float(loss))
+        self.store.confirm(self._sound)
+        if not self._sound:
+            return  # the weights are those that just gave a non-finite loss: nothing of them is kept
         episode = episodes_done(trainer)
-        due = episode % self.every_n_episodes == 0 and episode != self._last_saved_episode
-        if due and not self._skip(trainer) and not _validation_follows(trainer):
-            self.save_last_now(trainer)
+        waited = self._after_validation is not None  # that validation did not come: save this newer state now
+        due = episode % self.every_n_episodes == 0 or trainer.should_stop or waited
+        if not due or episode == self._saved_episode:
+            return
+        self._after_validation = None
+        if _validation_follows(trainer, episode):
+            self._after_validation = episode
+        else:
+            self._save_last(trainer, episode, metric=None, hold=not trainer.should_stop)
 
     @override
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._skip(trainer):
             return
-        candidates = self._monitor_candidates(trainer)
-        saved_before = self._last_checkpoint_saved
-        self._save_topk_checkpoint(trainer, candidates)
-        # last.ckpt must carry the updated top-k list, so it is rewritten when a best file was added: as a copy of
-        # that file, which holds this very state (the list included), instead of gathering the state again.
-        if self._last_checkpoint_saved != saved_before and self.io is not None:
-            self._copy_to_last(trainer, candidates, self._last_checkpoint_saved)
-        elif self._last_saved_episode != episodes_done(trainer):
-            self.save_last_now(trainer)
+        assert self.store is not None
+        episode = episodes_done(trainer)
+        value = trainer.callback_metrics.get(self.monitor)
+        metric = None if value is None else float(value)
+        if metric is not None and not math.isfinite(metric):
+            log.warning("%s is %s at episode %d: the state is not kept (not last.ckpt, not a best checkpoint)",
+                        self.monitor, metric, episode)  # fmt: skip
+            self._after_validation = None
+            return
+        if self._after_validation == episode:
+            self._after_validation = None
+            self._save_last(trainer, episode, metric, hold=metric is None)
+            self._saved_after_validation = episode if metric is not None else -1
+        if metric is None:
+            return
+        keep = self.store.enters_top_k(metric) if trainer.is_global_zero else False
+        if not trainer.strategy.broadcast(keep, src=0):
+            return
+        if self._saved_after_validation == episode:
+            self.store.copy_last_to_best(trainer, episode, metric)  # the same state, copied by the writer thread
+        else:
+            self.store.save(trainer, "best", episode, metric)
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._last_saved_episode != episodes_done(trainer) and not self._skip(trainer):
-            self.save_last_now(trainer)
-        self.wait()
+        if self.store is None:
+            return
+        if not self._skip(trainer):
+            self.store.confirm(self._sound)  # no next episode will prove it: kept unless the last loss was bad
+            episode = episodes_done(trainer)
+            if self._sound and episode != self._saved_episode:
+                self._save_last(trainer, episode, metric=None, hold=False)
+        if trainer.is_global_zero:
+            self.store.wait()
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        # A crash mid-episode may leave the model half-updated: keep the last good last.ckpt instead of
-        # overwriting it (Lightning's default would save here). Only finish the writes already queued.
-        # Out of memory is the exception: it strikes in the forward pass or backward, before the optimizer
-        # step, so the weights are those of the last finished episode and worth an emergency checkpoint.
-        if isinstance(exception, torch.cuda.OutOfMemoryError):
-            abandon = getattr(trainer.datamodule, "abandon_running_episode", None)
-            if callable(abandon):
-                abandon()
-            if not self._skip(trainer):
-                self.save_last_now(trainer)
-        self.wait(timeout=60.0)
-
-    def save_last_now(self, trainer: pl.Trainer) -> None:
-        """Queue ``last.ckpt`` for the current state; the write completes in the background."""
-        self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
-        self._last_saved_episode = episodes_done(trainer)
-
-    def _copy_to_last(self, trainer: pl.Trainer, candidates: dict[str, torch.Tensor], source: str) -> None:
-        """``last.ckpt`` as a copy of ``source``, a checkpoint of the current state just queued."""
-        self.last_model_path = self.format_checkpoint_name(candidates, self.CHECKPOINT_NAME_LAST)
-        if trainer.is_global_zero:
-            assert self.io is not None
-            self.io.copy_checkpoint(source, self.last_model_path)
-        self._last_saved_episode = episodes_done(trainer)
-
-    @property
-    def last_saved_episode(self) -> int:
-        """The episode count of the newest ``last.ckpt`` queued by this callback (-1 before the first)."""
-        return self._last_saved_episode
-
-    def wait(self, timeout: float | None = None) -> bool:
-        """Wait for queued writes (bounded by ``timeout``); True when all are on disk and in the manifest."""
-        return self.io.wait(timeout) if self.io is not None else True
-
-    @override
-    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
-        metric = trainer.callback_metrics.get(self.monitor) if self.monitor else None
-        checkpoint[META_KEY] = {
-            "episode": episodes_done(trainer),
-            "metric": None if metric is None else float(metric),
-        }
-
-    @override
-    def _save_topk_checkpoint(self, trainer: pl.Trainer, monitor_candidates: dict[str, torch.Tensor]) -> None:
-        current = monitor_candidates.get(self.monitor) if self.monitor else None
-        if current is not None and not torch.isfinite(torch.as_tensor(current)):
-            # Lightning would rank a NaN as +inf and still keep it while fewer than k exist: never a "best" model.
-            log.warning("%s is %s at episode %d: not a top-k candidate", self.monitor, current, episodes_done(trainer))
+        if self.store is None:
             return
-        super()._save_topk_checkpoint(trainer, monitor_candidates)
+        self.store.confirm(self._sound)
+        # Out of memory strikes in the forward or backward pass, before the optimizer step: the weights are those of
+        # the last finished episode, worth keeping. After other errors the state may be half-updated: only the
+        # writes already queued finish.
+        if isinstance(exception, torch.cuda.OutOfMemoryError) and not self._skip(trainer) and self._sound:
+            if isinstance(trainer.datamodule, EpisodeDataModule):
+                trainer.datamodule.abandon_running_episode()
+            episode = episodes_done(trainer)
+            if episode != self._saved_episode:
+                self._save_last(trainer, episode, metric=None, hold=False)
+        if trainer.is_global_zero:
+            self.store.wait(timeout=60.0)
 
-    @override
-    def _monitor_candidates(self, trainer: pl.Trainer) -> dict[str, torch.Tensor]:
-        candidates = super()._monitor_candidates(trainer)
-        candidates["episode"] = torch.tensor(episodes_done(trainer))
-        return candidates
+    def _save_last(self, trainer: pl.Trainer, episode: int, metric: float | None, hold: bool) -> None:
+        assert self.store is not None
+        self.store.save(trainer, "last", episode, metric, hold=hold)
+        self._saved_episode = episode
 
     def _skip(self, trainer: pl.Trainer) -> bool:
-        return bool(trainer.fast_dev_run) or trainer.state.fn != TrainerFn.FITTING or trainer.sanity_checking
+        return (
+            self.store is None
+            or bool(trainer.fast_dev_run)
+            or trainer.state.fn != TrainerFn.FITTING
+            or trainer.sanity_checking
+        )
+
+
+def _validation_follows(trainer: pl.Trainer, episode: int) -> bool:
+    """Whether Lightning validates right after this episode, from its public settings.
+
+    A wrong answer costs nothing: a save waiting for a validation that does not come is made at the next episode's
+    end, or at the end of training.
+    """
+    if not trainer.enable_validation:
+        return False
+    if trainer.should_stop:
+        return True  # Lightning validates once more when a run stops early
+    every = trainer.val_check_batch
+    return isinstance(every, int) and every > 0 and episode % every == 0

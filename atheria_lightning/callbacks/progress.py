@@ -10,6 +10,7 @@ from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm, convert_inf
 from typing_extensions import override
 
+from atheria_lightning.data import episodes_done, total_episodes
 from atheria_lightning.errors import require
 
 
@@ -46,8 +47,7 @@ class EpisodeProgressBar(TQDMProgressBar):
     @property
     @override
     def total_train_batches(self) -> int | float:
-        datamodule = getattr(self.trainer, "datamodule", None)
-        return getattr(datamodule, "total_episodes", super().total_train_batches)
+        return total_episodes(self.trainer) or super().total_train_batches
 
     @override
     def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, int | str | float | dict]:
@@ -77,7 +77,7 @@ class EpisodeProgressBar(TQDMProgressBar):
 
     def _count_episodes(self, trainer: pl.Trainer) -> None:
         bar = self.train_progress_bar
-        start = getattr(trainer.datamodule, "next_episode", 0) if trainer.datamodule is not None else 0
+        start = episodes_done(trainer)
         bar.reset(total=convert_inf(self.total_train_batches))
         bar.initial = start
         bar.n = start

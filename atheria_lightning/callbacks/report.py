@@ -18,10 +18,10 @@ import lightning.pytorch as pl
 import torch
 from fsspec.implementations.local import LocalFileSystem
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.trainer.states import TrainerFn, TrainerStatus
+from lightning.pytorch.trainer.states import TrainerFn
 from typing_extensions import override
 
-from atheria_lightning.callbacks.checkpoint import episodes_done
+from atheria_lightning.data import EpisodeDataModule, episodes_done, total_episodes
 from atheria_lightning.errors import require
 from atheria_lightning.figures import (
     EPISODE_KEYS,
@@ -31,8 +31,9 @@ from atheria_lightning.figures import (
     png_bytes,
     summary_figure,
 )
-from atheria_lightning.manifest import atomic_write, read_manifest
+from atheria_lightning.files import atomic_write
 from atheria_lightning.scalars import as_floats
+from atheria_lightning.store import RunStore, UsesRunStore
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ FILE_NOTES = {
 }
 
 
-class TrainingReport(Callback):
+class TrainingReport(UsesRunStore, Callback):
     """Shows how a run goes while it trains, and leaves plots, a log, a report and the best model when it stops.
 
     On global rank 0 only. Every ``plot_every_n_episodes`` episodes, and no sooner than ``min_plot_interval_s``
@@ -75,13 +76,15 @@ class TrainingReport(Callback):
     ``training_log.json``   every episode's ``train/*`` values over all sessions, every validation, the
                             checkpoints of ``MANIFEST.json``, the config, the time used per session
     ``report.md``           config, phase, progress, best metrics, checkpoints, files, time, episodes/s
-    ``model.ts``            TorchScript of the best checkpoint's operator (lowest ``val/combined`` in the
-                            manifest, else ``last.ckpt``), written after pending checkpoint writes finish
+    ``model.ts``            TorchScript of the checkpoint the run's store calls best (lowest finite metric
+                            among the kept best files, else the newest; never one with non-finite weights),
+                            written after pending checkpoint writes finish
     ======================  ===============================================================================
 
     Every file is written atomically (a reader never sees half a file). The per-episode records live in this
     callback's checkpoint state, so the log covers every episode of a run resumed over several sessions; time per
-    session comes from a time guard among the callbacks (``training_seconds_this_session()``), else from ``clock``.
+    session is measured with ``clock`` from the start of training. The checkpoints come from the run's
+    :class:`~atheria_lightning.store.RunStore` (``use_store``; without one, a store of ``run_dir`` is read).
     The per-episode values are read once per episode, as one copy of five numbers already computed by the step.
 
     Args:
@@ -95,7 +98,7 @@ class TrainingReport(Callback):
         phase: The curriculum phase this run is, shown in the report and the log.
         export_model: Export the best checkpoint to ``exports/model.ts`` at the end.
         show_inline: Show the plots in the notebook cell: ``None`` = when running in a notebook kernel.
-        clock: Seconds, monotonic; injectable so tests control time (used without a time guard).
+        clock: Seconds, monotonic; injectable so tests control time.
 
     Raises:
         ConfigError: ``plot_every_n_episodes`` is not a positive integer, or ``min_plot_interval_s`` is negative.
@@ -141,7 +144,6 @@ class TrainingReport(Callback):
         self.saved_episodes: list[int] = []
         self.sessions: list[dict[str, Any]] = []  # earlier sessions; the running one is in _session
         self._session: dict[str, Any] | None = None
-        self._trainer: pl.Trainer | None = None
         self._display_handle: Any = None
         self._warned_plot = False
         self._renderer: _BackgroundRenderer | None = None  # made in setup: a thread and a lock do not pickle
@@ -150,7 +152,8 @@ class TrainingReport(Callback):
     # ----- hooks -----
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._trainer = trainer  # for state_dict, which Lightning calls without the trainer
+        if self.store is None:
+            self.use_store(RunStore(self.run_dir or trainer.default_root_dir))
         self._display_handle = None  # a new fit (a notebook cell run again) shows its plots in its own cell
         self._last_redraw = self._plotted_through = None
         if self._renderer is None:
@@ -162,7 +165,6 @@ class TrainingReport(Callback):
         if self._plotter is not None:
             self._plotter.close()
             self._plotter = None
-        self._trainer = None
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -224,7 +226,6 @@ class TrainingReport(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        self._catch_up()
         sessions = self.sessions + ([self._session_summary()] if self._session is not None else [])
         # One tensor per column, not lists of floats: Lightning walks every object of a checkpoint on the training
         # thread (to copy tensors to the CPU) and pickles it, and lists made each save grow with the run (0.9 s
@@ -250,32 +251,7 @@ class TrainingReport(Callback):
         values = _read_metrics(trainer.callback_metrics, "train", EPISODE_KEYS)
         if not finite:
             values = [math.nan] * (len(values) - 1) + values[-1:]  # only the noise level is this episode's
-        recorded = self.episodes["episode"]
-        if recorded and episode <= recorded[-1]:  # recorded already by _catch_up: keep the newest reading
-            cut = bisect_left(recorded, episode)
-            for column in self.episodes.values():
-                del column[cut:]
         _append(self.episodes, episode, values)
-
-    def _catch_up(self) -> None:
-        """Record the running episode if a checkpoint is written before this callback's own batch-end hook ran.
-
-        A time guard listed before this callback saves ``last.ckpt`` in its ``on_train_batch_end``; without this
-        the resumed run would never see that checkpoint's last episode.
-        """
-        trainer = self._trainer
-        if trainer is None or not trainer.is_global_zero or not trainer.training:
-            return
-        if trainer.state.status != TrainerStatus.RUNNING:
-            return
-        episode = episodes_done(trainer) - 1
-        recorded = self.episodes["episode"]
-        if (
-            episode >= 0
-            and (not recorded or recorded[-1] < episode)
-            and "train/noise_level" in trainer.callback_metrics
-        ):
-            self._record_episode(trainer, episode)
 
     def _truncate(self, start: int) -> None:
         """Forget what happened after ``start`` episodes: episodes from ``start`` on, later validations and saves.
@@ -296,11 +272,7 @@ class TrainingReport(Callback):
         session = self._session or {}
         first = int(session.get("first_episode", 0))
         last = self.episodes["episode"][-1] if self.episodes["episode"] else first - 1
-        guard = _time_guard(self._trainer)
-        if guard is not None:
-            seconds = float(guard.training_seconds_this_session())
-        else:
-            seconds = self.clock() - float(session.get("started", self.clock()))
+        seconds = self.clock() - float(session.get("started", self.clock()))
         return {
             "session": int(session.get("session", len(self.sessions) + 1)),
             "first_episode": first,
@@ -322,7 +294,7 @@ class TrainingReport(Callback):
             self._plotter = PlotProcess()
         if self._renderer.busy():
             return  # still drawing the previous plot: this redraw is dropped
-        total = getattr(trainer.datamodule, "total_episodes", None) if trainer.datamodule is not None else None
+        total = total_episodes(trainer)
         # The thread draws these copies of the only columns the plot shows.
         episodes = {"episode": list(self.episodes["episode"]), "loss": list(self.episodes["loss"])}
         self._plotted_through = episodes["episode"][-1] if episodes["episode"] else None
@@ -370,8 +342,8 @@ class TrainingReport(Callback):
     ) -> str:
         """Write ``training_log.json``, ``summary.png``, ``model.ts`` and ``report.md`` now; returns the folder."""
         exports = self.exports_dir(trainer)
-        checkpoint_dir, checkpoints = self._checkpoints(trainer, wait_s)
-        exported = self._export_best(checkpoint_dir, checkpoints, exports) if self.export_model else None
+        checkpoints = self._checkpoints(wait_s)
+        exported = self._export_best(exports) if self.export_model else None
         training_log = self.training_log(trainer, pl_module, checkpoints, exported)
         _write_file(os.path.join(exports, "training_log.json"), json.dumps(training_log, indent=1).encode())
         summary = png_bytes(summary_figure(training_log))
@@ -395,7 +367,6 @@ class TrainingReport(Callback):
         sessions = self.sessions + ([self._session_summary()] if self._session is not None else [])
         total_seconds = sum(float(session["training_seconds"]) for session in sessions)
         recorded = len(self.episodes["episode"])
-        datamodule = trainer.datamodule
         run_dir = self.run_dir or trainer.default_root_dir
         return _json_safe({
             "format_version": LOG_FORMAT_VERSION,
@@ -404,7 +375,7 @@ class TrainingReport(Callback):
             "phase": self.phase,
             "written_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "episodes_done": episodes_done(trainer),
-            "total_episodes": getattr(datamodule, "total_episodes", None),
+            "total_episodes": total_episodes(trainer),
             "config": _config(trainer, pl_module),
             "time": {
                 "sessions": len(sessions),
@@ -420,34 +391,31 @@ class TrainingReport(Callback):
             "validations": _rows(self.validations),
         })  # fmt: skip
 
-    def _checkpoints(self, trainer: pl.Trainer, wait_s: float) -> tuple[str, list[dict[str, Any]]]:
-        """The checkpoint folder and its ``MANIFEST.json`` entries, once the queued writes are done."""
-        callback = trainer.checkpoint_callback
-        if callable(getattr(callback, "wait", None)) and not callback.wait(timeout=wait_s):
+    def _checkpoints(self, wait_s: float) -> list[dict[str, Any]]:
+        """The run's listed checkpoints, once the queued writes are done (or ``wait_s`` passed)."""
+        assert self.store is not None
+        if not self.store.wait(timeout=wait_s):
             log.warning("checkpoint writes still pending after %.0f s: the report may miss the newest", wait_s)
-        folder = getattr(callback, "dirpath", None) or os.path.join(self.run_dir or trainer.default_root_dir,
-                                                                    "checkpoints")  # fmt: skip
-        manifest = read_manifest(LocalFileSystem(), os.path.abspath(folder))
-        entries = [
+        return [
             {"file": name, "kind": entry.kind, "episode": entry.episode, "metric": entry.metric, "size": entry.size}
-            for name, entry in sorted(manifest.files.items(), key=lambda item: item[1].episode)
+            for name, entry in sorted(self.store.entries().items(), key=lambda item: item[1].episode)
         ]
-        return str(folder), entries
 
-    def _export_best(self, folder: str, checkpoints: list[dict[str, Any]], exports: str) -> dict[str, Any] | None:
-        """Export the lowest-``val/combined`` top-k checkpoint (else ``last.ckpt``) to ``model.ts``."""
+    def _export_best(self, exports: str) -> dict[str, Any] | None:
+        """Export the store's best checkpoint (never one with non-finite weights) to ``model.ts``."""
         from atheria_lightning.export import export_checkpoint, load_metadata  # the export side needs the physics
 
-        chosen = _best_checkpoint(checkpoints)
+        assert self.store is not None
+        chosen = self.store.best()
         if chosen is None:
-            log.warning("no checkpoint in %s: model.ts not exported", folder)
+            log.warning("no sound checkpoint in %s: model.ts not exported", self.store.checkpoint_dir)
             return None
-        output = export_checkpoint(os.path.join(folder, chosen["file"]), os.path.join(exports, "model.ts"))
+        output = export_checkpoint(chosen.path, os.path.join(exports, "model.ts"))
         return {
             "file": os.path.basename(output),
-            "from_checkpoint": chosen["file"],
-            "episode": chosen["episode"],
-            "metric": chosen["metric"],
+            "from_checkpoint": chosen.name,
+            "episode": chosen.episode,
+            "metric": chosen.metric,
             "method": load_metadata(output)["export_method"],
         }
 
@@ -608,25 +576,10 @@ def _argmin(values: list[float]) -> int | None:
     return min(finite)[1] if finite else None
 
 
-def _best_checkpoint(checkpoints: list[dict[str, Any]]) -> dict[str, Any] | None:
-    ranked = [c for c in checkpoints if c["kind"] == "best" and c["metric"] is not None and math.isfinite(c["metric"])]
-    if ranked:
-        return min(ranked, key=lambda entry: entry["metric"])
-    return next((entry for entry in checkpoints if entry["file"] == "last.ckpt"), None)
-
-
-def _time_guard(trainer: pl.Trainer | None) -> Any:
-    """The callback that measures training time per session (the time guard), found by what it can tell."""
-    for callback in getattr(trainer, "callbacks", None) or []:
-        if callable(getattr(callback, "training_seconds_this_session", None)) and hasattr(callback, "sessions"):
-            return callback
-    return None
-
-
 def _config(trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
     datamodule = trainer.datamodule
     data = {key: getattr(datamodule, key) for key in ("total_episodes", "seed", "val_every_episodes", "val_universes")
-            if hasattr(datamodule, key)}  # fmt: skip
+            } if isinstance(datamodule, EpisodeDataModule) else {}  # fmt: skip
     return {
         "model": dict(pl_module.hparams),
         "data": data,

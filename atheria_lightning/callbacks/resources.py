@@ -14,6 +14,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
+from atheria_lightning.data import total_episodes
 from atheria_lightning.errors import require
 from atheria_lightning.scalars import send_to_loggers
 
@@ -21,9 +22,6 @@ __all__ = ["ResourceMonitor"]
 
 # GiB: the unit that Colab's and Kaggle's meters label "GB", so the logged numbers match what the user sees there.
 BYTES_PER_GB = 2**30
-
-#: Share of the time budget after which a warning is printed once.
-BUDGET_WARNING_SHARE = 0.9
 
 GPU_EXTRA_HINT = 'pip install "atheria_lightning[gpu]"'
 
@@ -35,9 +33,9 @@ class ResourceMonitor(Callback):
     remaining 7.80 h``
 
     System RAM is watched because running out of it is what kills a Colab session, not the GPU. The elapsed and
-    remaining hours come from a time-limit guard among ``trainer.callbacks`` (any callback with ``elapsed_hours()``
-    and ``remaining_hours()`` methods); without one, the line shows the time since fit started. Time is printed,
-    never logged: the guard logs ``time/*`` itself.
+    remaining hours are the newest ``time/elapsed_hours`` and ``time/remaining_hours`` in
+    ``trainer.callback_metrics`` (logged by the time-limit guard); without them, the line shows the time since fit
+    started. Time is printed, never logged here.
 
     Each reading goes to the loggers once, at the episode it was taken, and into ``trainer.callback_metrics``
     (:func:`~atheria_lightning.scalars.send_to_loggers`). Through ``pl_module.log`` from this hook, Lightning kept
@@ -83,7 +81,6 @@ class ResourceMonitor(Callback):
         # Nothing here is worth a checkpoint: after a resume the rate is measured afresh over the new session.
         self._last_report: tuple[int, float] | None = None
         self._warned_utilization = False
-        self._warned_budget = False
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -156,41 +153,21 @@ class ResourceMonitor(Callback):
         parts.append(self._time_text(trainer, now))
         return " | ".join(parts)
 
-    def _warn_near_budget(self, guard: Any) -> None:
-        """Warn once when 90% of the guard's session budget is used: the session may end any moment now."""
-        budget = getattr(guard, "max_hours", None)
-        if self._warned_budget or not budget or guard.elapsed_hours() < BUDGET_WARNING_SHARE * budget:
-            return
-        self._warned_budget = True
-        rank_zero_warn(
-            f"{BUDGET_WARNING_SHARE:.0%} of the {budget:g} h time budget is used: training stops with a checkpoint "
-            "soon; run the same command again in a new session to continue"
-        )
-
     def _time_text(self, trainer: pl.Trainer, now: float) -> str:
-        guard = _find_time_guard(trainer)
-        if guard is None:
+        elapsed = trainer.callback_metrics.get("time/elapsed_hours")
+        if elapsed is None:
             started = self._fit_started if self._fit_started is not None else now
             return f"elapsed {(now - started) / 3600:.2f} h"
-        text = f"elapsed {guard.elapsed_hours():.2f} h"
-        self._warn_near_budget(guard)
-        remaining = guard.remaining_hours()
-        if remaining is not None and math.isfinite(remaining):
-            text += f", remaining {remaining:.2f} h"
+        text = f"elapsed {float(elapsed):.2f} h"
+        remaining = trainer.callback_metrics.get("time/remaining_hours")
+        if remaining is not None and math.isfinite(float(remaining)):
+            text += f", remaining {float(remaining):.2f} h"
         return text
-
-
-def _find_time_guard(trainer: pl.Trainer) -> Any:
-    """The first callback that can tell elapsed and remaining hours (the time-limit guard), or ``None``."""
-    for callback in trainer.callbacks:
-        if callable(getattr(callback, "elapsed_hours", None)) and callable(getattr(callback, "remaining_hours", None)):
-            return callback
-    return None
 
 
 def _total_suffix(trainer: pl.Trainer) -> str:
     """``/N`` for the run's episode count: the datamodule's ``total_episodes``, else ``max_steps``, else nothing."""
-    total = getattr(trainer.datamodule, "total_episodes", None) or trainer.max_steps
+    total = total_episodes(trainer) or trainer.max_steps
     return f"/{total}" if total and total > 0 else ""
 
 

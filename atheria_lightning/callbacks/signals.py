@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import threading
+import time
 from types import FrameType
 from typing import Any
 
@@ -11,14 +12,16 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
-from atheria_lightning.callbacks.stopping import emergency_stop
+from atheria_lightning.callbacks.stopping import announce_stop
 from atheria_lightning.errors import require
+from atheria_lightning.store import UsesRunStore
 
 __all__ = ["StopOnSignal"]
 
 
-class StopOnSignal(Callback):
-    """Turns a stop request into a clean stop: ``last.ckpt`` written, mirror flushed, exit code 0.
+class StopOnSignal(UsesRunStore, Callback):
+    """Turns a stop request into a clean stop: ``last.ckpt`` written, mirror flushed (through the run's store),
+    exit code 0.
 
     - SIGTERM (Kaggle stopping a session, ``kill``, a scheduler): from the start of training this callback's
       handler takes over from Lightning's (which would raise ``SIGTERMException`` between two hooks, too late to
@@ -45,12 +48,14 @@ class StopOnSignal(Callback):
         self.flush_timeout_s = flush_timeout_s
         self.requested: str | None = None
         self._previous: dict[int, Any] = {}
+        self._stopped_at: float | None = None
+        self._reason = ""
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # After Lightning registered its own handlers; only the main thread may set handlers (a notebook cell
         # runs there).
-        self.requested = None
+        self.requested, self._stopped_at = None, None
         if threading.current_thread() is threading.main_thread():
             self._previous = {
                 signal.SIGINT: signal.signal(signal.SIGINT, self._on_sigint),
@@ -80,6 +85,14 @@ class StopOnSignal(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         reason = self.requested or ("SIGTERM received" if trainer.received_sigterm else None)
-        # A signal to any one rank stops them all, after the same episode.
-        if trainer.strategy.reduce_boolean_decision(reason is not None, all=False):
-            emergency_stop(trainer, reason or "stop requested on another rank", self.flush_timeout_s)
+        # A signal to any one rank stops them all, after the same episode (which SmartCheckpoint then saves).
+        if self._stopped_at is None and trainer.strategy.reduce_boolean_decision(reason is not None, all=False):
+            trainer.should_stop = True
+            self._stopped_at = time.monotonic()
+            self._reason = reason or "stop requested on another rank"
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._stopped_at is not None:
+            announce_stop(trainer, self.store, self._reason, self._stopped_at, self.flush_timeout_s)
+            self._stopped_at = None

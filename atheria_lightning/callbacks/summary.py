@@ -11,6 +11,8 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_only
 from typing_extensions import override
 
+from atheria_lightning.data import episodes_done, total_episodes
+
 
 class RunSummary(Callback):
     """Prints, on rank 0 at the end of fit: episodes run this session, first and last loss, seconds per episode,
@@ -50,9 +52,8 @@ class RunSummary(Callback):
 
     def lines(self, trainer: pl.Trainer) -> list[str]:
         elapsed = time.monotonic() - self._started if self._started else 0.0
-        datamodule = trainer.datamodule
-        done = getattr(datamodule, "current_episode", -1) + 1
-        total = getattr(datamodule, "total_episodes", done)
+        done = episodes_done(trainer)
+        total = total_episodes(trainer) or done
         speed = f"{elapsed / self.episodes:.2f} s/episode" if self.episodes else "no episode run"
         first = "n/a" if self.first_loss is None else f"{self.first_loss:.4f}"
         last = "n/a" if self.last_loss is None or math.isnan(self.last_loss) else f"{self.last_loss:.4f}"

@@ -11,10 +11,11 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
-from atheria_lightning.callbacks.checkpoint import episodes_done
-from atheria_lightning.callbacks.stopping import emergency_stop, mirrors
+from atheria_lightning.callbacks.stopping import announce_stop
+from atheria_lightning.data import episodes_done, total_episodes
 from atheria_lightning.errors import require
 from atheria_lightning.scalars import send_to_loggers
+from atheria_lightning.store import UsesRunStore
 
 log = logging.getLogger(__name__)
 
@@ -41,16 +42,18 @@ def _process_age_seconds() -> float:
         return 0.0
 
 
-class TimeLimitGuard(Callback):
+class TimeLimitGuard(UsesRunStore, Callback):
     """Stops training cleanly, with ``last.ckpt`` written and the mirror flushed, before the session budget ends.
 
     The budget counts from the start of this process (each Colab or Kaggle session has its own quota). After
     each episode the guard predicts when the *next* episode would end, plus one checkpoint save and one mirror
-    flush (running averages of measured durations, widened for the first episodes). If that passes
-    ``emergency_fraction * max_hours``, or that point is already reached, it saves ``last.ckpt``, waits for the
-    write, flushes the mirror (bounded), prints ``stopped at episode k of N (p%), run the same command again to
-    continue`` and stops the trainer (exit code 0). Under DDP rank 0 decides and broadcasts, so all ranks stop
-    at the same episode. The training time of all sessions is kept in the checkpoint.
+    flush (running averages of measured durations, widened for the first episodes; the save and sync times come
+    from the run's :class:`~atheria_lightning.store.RunStore`). If that passes ``emergency_fraction * max_hours``,
+    or that point is already reached, it stops the trainer after this episode, which ``SmartCheckpoint`` then
+    saves; at the end of training it waits for the write, flushes the mirror within what is left of the budget,
+    and prints ``stopped at episode k of N (p%), run the same command again to continue`` (exit code 0). Under DDP
+    rank 0 decides and broadcasts, so all ranks stop at the same episode. The training time of all sessions is kept
+    in the checkpoint.
 
     Args:
         max_hours: The session budget in hours (Colab Free about 12, Kaggle 9-12).
@@ -103,6 +106,8 @@ class TimeLimitGuard(Callback):
         self.sessions = 1
         self.stopped_early = False
         self.stop_reason = ""
+        self._stopped_at: float | None = None
+        self._flush_seconds = MIN_FLUSH_SECONDS
         self._train_started: float | None = None
         self._last_batch_end: float | None = None
 
@@ -145,9 +150,9 @@ class TimeLimitGuard(Callback):
         self._record_episode(now - (self._last_batch_end if self._last_batch_end is not None else now))
         self._last_batch_end = now
         self._log_time(trainer)
-        decision = self._should_stop(trainer) if trainer.is_global_zero else False
+        decision = self._should_stop(trainer) if trainer.is_global_zero and not trainer.should_stop else False
         if trainer.strategy.broadcast(decision, src=0):
-            self._emergency_stop(trainer)
+            self._stop(trainer)
 
     def _log_time(self, trainer: pl.Trainer) -> None:
         """``time/*`` to every logger, at the step Lightning gives this episode's ``train/*`` values."""
@@ -159,6 +164,9 @@ class TimeLimitGuard(Callback):
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._stopped_at is not None:
+            announce_stop(trainer, self.store, self.stop_reason, self._stopped_at, self._flush_seconds)
+            self._stopped_at = None
         if trainer.is_global_zero:
             print(
                 f"time used: {self.training_seconds_this_session() / 3600:.2f} h of training this session, "
@@ -171,6 +179,7 @@ class TimeLimitGuard(Callback):
         return {
             "total_training_seconds": self.previous_sessions_seconds + self.training_seconds_this_session(),
             "sessions": self.sessions,
+            "max_hours": self.max_hours,
         }
 
     @override
@@ -192,7 +201,8 @@ class TimeLimitGuard(Callback):
         """Seconds that one more episode plus an emergency save and mirror flush are expected to take."""
         margin = FIRST_EPISODES_MARGIN if self.episodes_measured < WARMUP_EPISODES else STEADY_MARGIN
         episode = self.episode_seconds or 0.0
-        return margin * (episode + _save_seconds(trainer) + _flush_seconds(trainer))
+        store = 0.0 if self.store is None else self.store.max_write_seconds + self.store.last_sync_seconds
+        return margin * (episode + store)
 
     def _should_stop(self, trainer: pl.Trainer) -> bool:
         if self._out_of_episodes(trainer):
@@ -208,20 +218,14 @@ class TimeLimitGuard(Callback):
 
     @staticmethod
     def _out_of_episodes(trainer: pl.Trainer) -> bool:
-        total = getattr(trainer.datamodule, "total_episodes", None) if trainer.datamodule is not None else None
+        total = total_episodes(trainer)
         return total is not None and episodes_done(trainer) >= total
 
-    def _emergency_stop(self, trainer: pl.Trainer) -> None:
-        # The flush may use what is left of the budget (the quota kills the session anyway), at least a few seconds.
-        left = max(MIN_FLUSH_SECONDS, self.budget_seconds - self.elapsed_seconds())
-        emergency_stop(trainer, self.stop_reason, flush_timeout_s=left)
+    def _stop(self, trainer: pl.Trainer) -> None:
+        trainer.should_stop = True
         self.stopped_early = True
-
-
-def _save_seconds(trainer: pl.Trainer) -> float:
-    io = getattr(trainer.strategy, "checkpoint_io", None)
-    return float(getattr(io, "max_write_seconds", 0.0))
-
-
-def _flush_seconds(trainer: pl.Trainer) -> float:
-    return max((float(getattr(m, "last_sync_seconds", 0.0) or 0.0) for m in mirrors(trainer)), default=0.0)
+        self._stopped_at = time.monotonic()
+        # The flush may use what is left of the budget (the quota kills the session anyway), at least a few seconds.
+        self._flush_seconds = max(MIN_FLUSH_SECONDS, self.budget_seconds - self.elapsed_seconds())
+        if self.store is not None:
+            self.store.limit_flush(self._stopped_at + self._flush_seconds)

@@ -1,25 +1,12 @@
-"""MANIFEST.json of a checkpoint folder, sha256 verification and atomic writes, on any fsspec filesystem.
-
-The manifest is the only source of trust: a checkpoint file not listed in it, or whose size or sha256 differs from
-its entry, is never loaded. It is written last, after the files it lists are complete.
-
-Layout::
-
-    {"version": 1, "updated": 1732600000.0,
-     "files": {"last.ckpt": {"episode": 40, "metric": 1.23, "size": 1391075, "sha256": "ab...", "kind": "last",
-                             "saved_at": 1732600000.0}}}
-"""
+"""Atomic writes, measured copies and sha256 on any fsspec filesystem: the file I/O under the run store."""
 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import secrets
-import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
 from typing import IO, Any
 
 from fsspec import AbstractFileSystem
@@ -27,58 +14,9 @@ from fsspec.implementations.local import LocalFileSystem
 
 log = logging.getLogger(__name__)
 
-MANIFEST_NAME = "MANIFEST.json"
-MANIFEST_VERSION = 1
 #: Temporary files are named ``.<target>.tmp-<random>`` in the target's folder; a new run removes leftovers.
 TMP_MARKER = ".tmp-"
 CHUNK = 1 << 20
-
-
-@dataclass
-class ManifestEntry:
-    """What a trusted checkpoint file must be: its episode, quality metric, size and sha256."""
-
-    episode: int
-    size: int
-    sha256: str
-    metric: float | None = None
-    kind: str = "best"  # "best" (top-k), "last" or "emergency"
-    saved_at: float = field(default_factory=time.time)
-
-
-@dataclass
-class Manifest:
-    """The files of one checkpoint folder that may be trusted.
-
-    ``pending`` journals a replacement of a listed file (``last.ckpt`` is rewritten in place): its new entry is
-    recorded before the rename and moved to ``files`` after it, so a kill between the two leaves a file that
-    verifies against one of the two entries, never an unverifiable one.
-    """
-
-    files: dict[str, ManifestEntry] = field(default_factory=dict)
-    updated: float = 0.0
-    pending: dict[str, ManifestEntry] = field(default_factory=dict)
-
-    def to_json(self) -> str:
-        data = {"version": MANIFEST_VERSION, "updated": self.updated,
-                "files": {name: asdict(entry) for name, entry in sorted(self.files.items())}}  # fmt: skip
-        if self.pending:
-            data["pending"] = {name: asdict(entry) for name, entry in sorted(self.pending.items())}
-        return json.dumps(data, indent=1)
-
-    @classmethod
-    def from_json(cls, text: str) -> Manifest:
-        data = json.loads(text)
-        if not isinstance(data, dict) or data.get("version") != MANIFEST_VERSION:
-            raise ValueError(f"unknown manifest version {data.get('version') if isinstance(data, dict) else data!r}")
-        files = {name: ManifestEntry(**entry) for name, entry in data.get("files", {}).items()}
-        pending = {name: ManifestEntry(**entry) for name, entry in data.get("pending", {}).items()}
-        return cls(files=files, updated=float(data.get("updated", 0.0)), pending=pending)
-
-    def newest_first(self) -> list[tuple[str, ManifestEntry]]:
-        """Entries by episode, newest first; at equal episode ``last``/``emergency`` before ``best``."""
-        return sorted(self.files.items(), key=lambda item: (item[1].episode, item[1].kind != "best", item[1].saved_at),
-                      reverse=True)  # fmt: skip
 
 
 def sha256_of(fs: AbstractFileSystem, path: str) -> str:
@@ -109,9 +47,9 @@ class MeasuredWriter:
     def hexdigest(self) -> str:
         return self._digest.hexdigest()
 
-    def matches(self, entry: ManifestEntry) -> bool:
-        """True when what went through has the entry's size and sha256."""
-        return self.size == entry.size and self.hexdigest() == entry.sha256
+    def matches(self, size: int, sha256: str) -> bool:
+        """True when what went through has this size and sha256."""
+        return self.size == size and self.hexdigest() == sha256
 
 
 def copy_measured(source: IO[bytes], target: IO[bytes]) -> MeasuredWriter:
@@ -122,33 +60,14 @@ def copy_measured(source: IO[bytes], target: IO[bytes]) -> MeasuredWriter:
     return copied
 
 
-def verify(fs: AbstractFileSystem, path: str, entry: ManifestEntry) -> bool:
-    """True when ``path`` exists with the entry's size and sha256 (size first: cheap, catches truncation)."""
+def verify(fs: AbstractFileSystem, path: str, size: int, sha256: str) -> bool:
+    """True when ``path`` exists with this size and sha256 (size first: cheap, catches truncation)."""
     try:
-        if int(fs.size(path)) != entry.size:
+        if int(fs.size(path)) != size:
             return False
-        return sha256_of(fs, path) == entry.sha256
+        return sha256_of(fs, path) == sha256
     except (FileNotFoundError, OSError):
         return False
-
-
-def read_manifest(fs: AbstractFileSystem, folder: str) -> Manifest:
-    """The folder's manifest; an empty one when it is missing or unreadable (then nothing there is trusted)."""
-    path = join(folder, MANIFEST_NAME)
-    try:
-        with fs.open(path, "r") as handle:
-            return Manifest.from_json(handle.read())
-    except FileNotFoundError:
-        return Manifest()
-    except (OSError, ValueError, TypeError) as err:
-        log.warning("ignoring unreadable %s: %s", path, err)
-        return Manifest()
-
-
-def write_manifest(fs: AbstractFileSystem, folder: str, manifest: Manifest) -> None:
-    manifest.updated = time.time()
-    data = manifest.to_json().encode()
-    atomic_write(fs, join(folder, MANIFEST_NAME), lambda handle: handle.write(data))
 
 
 def join(folder: str, name: str) -> str:
