@@ -4,11 +4,13 @@ A 24-hour run records tens of thousands of episodes, and ``TrainingReport`` keep
 checkpoint so that a resumed run keeps its whole history. This measures, on the demo preset with every callback (as
 ``atheria fit --config configs/demo.yaml`` runs it), a save of ``last.ckpt`` after a history of N episodes:
 
-- ``train_thread_ms``: what the training loop waits for (``trainer.save_checkpoint``: Lightning gathers the state,
-  ``AtomicCheckpointIO`` walks it and copies the tensors to CPU memory, then queues the write);
-- ``writer_ms``: the background write (``torch.save``, fsync, sha256, manifest), which holds Python's interpreter
-  lock while it pickles, so a slow one also slows the training thread;
-- ``file_mb``: the checkpoint's size.
+- ``train_thread_ms``: what the training loop waits for in a real save (``RunStore.save(trainer, "last", episode)``:
+  Lightning gathers the state, the run store serializes it with ``torch.save`` into memory, tensors on the CPU,
+  then queues the write);
+- ``writer_ms``: the wait in ``RunStore.wait()`` right after that, for the store's background write (the file,
+  fsync, sha256, ``MANIFEST.json``); the writer thread starts as soon as the write is queued, so this is what is
+  left of it then, at most the whole write;
+- ``file_mb``: the size of ``<run>/checkpoints/last.ckpt``.
 
 ``history: tensors`` is this version (one tensor per column); ``history: lists`` stores the same history as lists
 of floats, as versions before 2026-11-26 did, measured in the same run for comparison.
@@ -37,41 +39,42 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning_utilities.core.apply_func import apply_to_collection
 
-from atheria_lightning.callbacks import SmartCheckpoint, TrainingReport
+from atheria_lightning.callbacks import TrainingReport
 from atheria_lightning.cli import AtheriaCLI
+from atheria_lightning.store import RunStore
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 class SaveProbe(Callback):
-    """At the first batch end: for each history length and format, time ``repeats`` saves, then stop."""
+    """At the first batch end: for each history length and format, time ``repeats`` saves of ``last.ckpt`` through
+    the run's ``store`` (as ``SmartCheckpoint`` saves it), then stop."""
 
-    def __init__(self, lengths: list[int], repeats: int, folder: str) -> None:
+    def __init__(self, lengths: list[int], repeats: int, store: RunStore) -> None:
         self.lengths = lengths
         self.repeats = repeats
-        self.folder = folder
+        self.store = store
         self.rows: list[dict[str, Any]] = []
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
         report = next(c for c in trainer.callbacks if isinstance(c, TrainingReport))
-        io = next(c for c in trainer.callbacks if isinstance(c, SmartCheckpoint)).io
-        assert io is not None
+        store = self.store
+        last = os.path.join(store.checkpoint_dir, "last.ckpt")
         as_tensors = report.state_dict
         for length in self.lengths:
             fill(report, length)
             for history in ("tensors", "lists"):
                 report.state_dict = as_tensors if history == "tensors" else as_lists(as_tensors)  # type: ignore[method-assign]
                 train, writer, size = [], [], 0
-                for repeat in range(self.repeats):
-                    path = os.path.join(self.folder, f"probe-{length}-{history}-{repeat}.ckpt")
+                for _ in range(self.repeats):
                     start = time.perf_counter()
-                    trainer.save_checkpoint(path, weights_only=False)
+                    store.save(trainer, "last", episode=length)
                     queued = time.perf_counter()
-                    io.wait()
+                    store.wait()
                     train.append(queued - start)
                     writer.append(time.perf_counter() - queued)
-                    size = os.path.getsize(path)
-                    os.remove(path)
+                    store.raise_write_error()
+                    size = os.path.getsize(last)
                 self.rows.append({"episodes": length, "history": history,
                                   "train_thread_ms": round(statistics.median(train) * 1e3, 2),
                                   "writer_ms": round(statistics.median(writer) * 1e3, 2),
@@ -107,13 +110,13 @@ def main(argv: list[str] | None = None) -> int:
     lengths = [int(value) for value in args.episodes.split(",")]
     with tempfile.TemporaryDirectory() as folder, warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        probe = SaveProbe(lengths, args.repeats, os.path.join(folder, "probe"))
-        os.makedirs(probe.folder)
         cli = AtheriaCLI(
             args=["--config", str(REPO / "configs" / "demo.yaml"), "--run_root", f"{folder}/runs",
                   "--mirror_url", f"{folder}/mirror", "--resume", "never", "--data.total_episodes", "5"],
             run=False,
         )  # fmt: skip
+        assert cli.store is not None
+        probe = SaveProbe(lengths, args.repeats, cli.store)
         cli.trainer.callbacks.append(probe)
         with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
             cli.trainer.fit(cli.model, datamodule=cli.datamodule)
