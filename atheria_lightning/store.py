@@ -348,6 +348,7 @@ class RunStore:
         self._error: BaseException | None = None
         self._request: _SaveRequest | None = None
         self._held: tuple[_SaveRequest, memoryview] | None = None
+        self._state_write: Future | None = None  # the newest serialized state queued for writing
         self._mirror: _Mirror | None = None
         self._flush_deadline: float | None = None
 
@@ -521,7 +522,7 @@ class RunStore:
         request, data = self._held
         self._held = None
         if sound:
-            self._submit(self._write, request, data)
+            self._submit_state(request, data)
             return
         kept = self._manifest_copy().files.get(LAST)
         log.warning("the state of episode %d led to a non-finite loss: not saved; last.ckpt keeps episode %s",
@@ -621,19 +622,29 @@ class RunStore:
         if request.hold:
             self._held = (request, data)
         else:
-            self._submit(self._write, request, data)
+            self._submit_state(request, data)
 
-    def _submit(self, fn: Callable[..., None], *args: Any) -> None:
+    def _submit_state(self, request: _SaveRequest, data: memoryview) -> None:
+        """Queue a serialized state's write, once the previous one is written: a disk slower than training then
+        slows training, instead of letting unwritten states pile up in memory (and in what a kill would lose)."""
+        if self._state_write is not None:
+            self._state_write.result()
+        self._state_write = self._submit(self._write, request, data)
+
+    def _submit(self, fn: Callable[..., None], *args: Any) -> Future | None:
+        """Run ``fn`` in the writer thread, after what is queued (at once, on this thread, without async_write)."""
         self._raise_pending_error()
         if not self.async_write:
             fn(*args)
             self._raise_pending_error()
-            return
+            return None
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="atheria-store")
+        future = self._executor.submit(fn, *args)
         with self._lock:
-            self._futures = [future for future in self._futures if not future.done()]
-            self._futures.append(self._executor.submit(fn, *args))
+            self._futures = [queued for queued in self._futures if not queued.done()]
+            self._futures.append(future)
+        return future
 
     def _write(self, request: _SaveRequest, data: memoryview) -> None:
         self._guarded(self._write_file, request.name, lambda handle: handle.write(data), request.episode,
