@@ -1,10 +1,18 @@
-"""SIGKILL storm against the real CLI: kill training at random moments and near checkpoint writes, rerun, check.
+"""SIGKILL storm against the real CLI: kill training at random moments and inside the run store's writes, rerun, check.
 
-Each round starts ``atheria fit`` on a tiny demo run (it resumes from the previous round's checkpoints), waits,
-and kills it with SIGKILL: a third of the rounds within half a second after a checkpoint write starts (right after
-an episode that is a multiple of ``every_n_episodes``), the rest at a random moment. The next round must resume
-from a checkpoint that verifies against the manifest, losing at most ``every_n_episodes`` episodes, and must find
-and remove any temporary file the kill left behind.
+Each round starts ``atheria fit`` on a tiny demo run mirrored to a local folder (it resumes from the previous
+round's checkpoints) and kills it with SIGKILL. The child runs with the run store's file writes traced (a line
+``CHAOS <target> <before|after>`` and a short pause around every atomic write), so a kill can be aimed at the
+moments that matter: a checkpoint write (before or after its rename), a local ``MANIFEST.json`` write (the journal
+or the listing), a mirror upload, the mirror's ``MANIFEST.json``; the other rounds kill at a random moment. After
+each kill both manifests must parse and every file they list must verify against its entry (or its journalled
+pending entry); the next round must resume from a sound checkpoint, losing at most ``2 * every_n_episodes + 1``
+episodes (the newest save may be caught while it is written; the one before it is complete, since the store
+queues a save only once the previous one is written; and a save may wait one episode for the loss that proves it),
+and must remove any temporary file the kill left behind. The traced writes pause, so a kill lands inside them:
+they take longer than on an untraced run, and the episodes lost are counted from that slower writer. The last round
+trains to the end; its loss for every episode must equal, bit for bit, an uninterrupted run of the same settings,
+and the mirror must then hold exactly the local checkpoints.
 
 Used by tests/test_kill_storm.py (10 kills in CI) and by hand for the soak run, which adds SIGTERM stops (timed),
 checkpoint corruption and mirror outages::
@@ -15,6 +23,7 @@ checkpoint corruption and mirror outages::
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import random
@@ -24,22 +33,35 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 EPISODE_LINE = re.compile(r"\[episode (\d+)/\d+\]")
 RESUME_LINE = re.compile(r"resuming from episode (\d+) of")
-TOTAL_EPISODES = 1_000_000
+CHAOS_LINE = re.compile(r"^CHAOS (\S+) (before|after)$")
+#: Where the storm aims its kills, in turn; "random" kills at a random moment after some progress.
+TARGETS = ("random", "checkpoint", "manifest", "upload", "mirror-manifest")
+STORM_EPISODES = 200
+CHAOS_PAUSE_S = 0.05  # the child pauses this long at each traced point, so a kill aimed there lands there
 
 
 @dataclass
 class StormReport:
     kills: int = 0
+    aimed_kills: dict[str, int] = field(default_factory=dict)
     near_write_kills: int = 0
     resumes: int = 0
     max_episodes_lost: int = 0
     leftover_tmp_files_found: int = 0
+    listings_checked: int = 0
+    final_episode: int = 0
+    final_loss: float | None = None
+    uninterrupted_final_loss: float | None = None
+    losses_equal_uninterrupted: bool = False
+    mirror_complete_at_end: bool = False
     failures: list[str] = field(default_factory=list)
 
 
@@ -57,26 +79,69 @@ class SoakReport:
     failures: list[str] = field(default_factory=list)
 
 
-def fit_command(workdir: Path, every: int, mirror: str | None) -> list[str]:
+def fit_args(workdir: Path, every: int, mirror: str | None, total: int = 1_000_000) -> list[str]:
+    """``atheria fit`` arguments: the tiny demo run in ``workdir``, checkpoint and validation every ``every``."""
     callbacks = workdir / "callbacks.yaml"
     callbacks.write_text(f"""trainer:
   callbacks:
     - class_path: atheria_lightning.callbacks.SmartCheckpoint
       init_args: {{every_n_episodes: {every}}}
+    - class_path: atheria_lightning.callbacks.MirrorSync
+      init_args: {{every_n_episodes: {every}, max_retries: 1, backoff_s: 0.05, flush_timeout_s: 30}}
     - class_path: atheria_lightning.callbacks.ResourceMonitor
       init_args: {{every_n_episodes: 1}}
+    - class_path: atheria_lightning.callbacks.TrainingReport
+      init_args: {{plot_every_n_episodes: 1000000, export_model: false}}
 """)
     return [
-        sys.executable, "-u", "-m", "atheria_lightning.cli", "fit", "--config", str(REPO / "configs" / "demo.yaml"),
-        "--config", str(callbacks), "--run_root", str(workdir / "runs"), "--mirror_url", mirror or "null",
-        "--data.total_episodes", str(TOTAL_EPISODES), "--data.val_every_episodes", str(every),
+        "fit", "--config", str(REPO / "configs" / "demo.yaml"), "--config", str(callbacks),
+        "--run_root", str(workdir / "runs"), "--mirror_url", mirror or "null",
+        "--data.total_episodes", str(total), "--data.val_every_episodes", str(every),
         "--model.d_state", "2", "--model.hidden_channels", "4", "--model.grid_size", "8", "--model.qca_steps", "3",
         "--trainer.enable_progress_bar", "false",
     ]  # fmt: skip
 
 
+def fit_command(workdir: Path, every: int, mirror: str | None, total: int = 1_000_000) -> list[str]:
+    """The child process: this script with ``child``, which traces the store's writes, then runs the CLI."""
+    return [sys.executable, "-u", __file__, "child", *fit_args(workdir, every, mirror, total)]
+
+
+def child(argv: list[str]) -> None:
+    """Run ``atheria`` with every atomic write of the run store traced: a line and a pause before and after."""
+    from atheria_lightning import store
+    from atheria_lightning.console import console_main
+
+    mirror = os.path.abspath(argv[argv.index("--mirror_url") + 1]) if "--mirror_url" in argv else None
+    real = store.atomic_write
+
+    def traced(fs: Any, path: str, write: Any, before_replace: Any = None) -> None:
+        target = _target_of(str(path), mirror)
+        _mark(target, "before")
+        real(fs, path, write, before_replace)
+        _mark(target, "after")
+
+    store.atomic_write = traced
+    sys.argv = ["atheria", *argv]
+    console_main()
+
+
+def _target_of(path: str, mirror: str | None) -> str:
+    on_mirror = mirror is not None and os.path.abspath(path).startswith(mirror + os.sep)
+    if path.endswith("MANIFEST.json"):
+        return "mirror-manifest" if on_mirror else "manifest"
+    if on_mirror:
+        return "upload"
+    return "checkpoint" if path.endswith(".ckpt") else "other"
+
+
+def _mark(target: str, when: str) -> None:
+    print(f"CHAOS {target} {when}", flush=True)
+    time.sleep(CHAOS_PAUSE_S)
+
+
 class Watched:
-    """A training subprocess whose stdout is read line by line as it comes."""
+    """A training subprocess whose stdout is read line by line as it comes; it can kill itself at a traced point."""
 
     def __init__(self, command: list[str]) -> None:
         env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
@@ -86,9 +151,17 @@ class Watched:
         self.resumed_from: int | None = None
         self.lines: list[str] = []
         self.checkpoint_started = threading.Event()
+        self.killed_at: str | None = None
         self.every = 0
+        self._aim: tuple[str, str] | None = None
+        self._armed_after = 0
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
+
+    def aim(self, target: str, when: str, after_episode: int) -> None:
+        """Kill at the first ``CHAOS target when`` line once episode ``after_episode`` is reached."""
+        self._armed_after = after_episode
+        self._aim = (target, when)
 
     def _read(self) -> None:
         assert self.process.stdout is not None
@@ -101,51 +174,138 @@ class Watched:
                     self.checkpoint_started.set()
             elif match := RESUME_LINE.search(line):
                 self.resumed_from = int(match.group(1))
+            elif (match := CHAOS_LINE.match(line.strip())) and self._aim == match.groups():
+                if self.reached >= self._armed_after and self.killed_at is None:
+                    self.process.send_signal(signal.SIGKILL)
+                    self.killed_at = " ".join(match.groups())
 
     def kill(self) -> None:
         self.process.send_signal(signal.SIGKILL)
         self.process.wait(30)
         self._reader.join(5)
 
+    def wait(self, timeout: float) -> int:
+        code = self.process.wait(timeout)
+        self._reader.join(5)
+        return code
+
 
 def tmp_files(workdir: Path) -> list[Path]:
     return [p for p in (workdir / "runs").rglob("*") if ".tmp-" in p.name]
 
 
-def storm(workdir: Path, kills: int, every: int = 10, seed: int = 0, mirror: str | None = None) -> StormReport:
-    """Run ``kills`` kill-and-resume rounds; returns the counts (failures listed, never raised)."""
+def storm(
+    workdir: Path, kills: int, every: int = 10, seed: int = 0, mirror: bool = True, episodes: int = STORM_EPISODES
+) -> StormReport:
+    """Run ``kills`` kill-and-resume rounds and a last round to the end; returns the counts (failures listed)."""
     rng = random.Random(seed)
     workdir.mkdir(parents=True, exist_ok=True)
-    command = fit_command(workdir, every, mirror)
+    mirror_dir = workdir / "mirror" if mirror else None
+    command = fit_command(workdir, every, str(mirror_dir) if mirror_dir else None, episodes)
     report = StormReport()
+    aimed: Counter[str] = Counter()
+    targets = TARGETS if mirror else TARGETS[:3]
     previous_reached: int | None = None
     for round_number in range(kills + 1):
         report.leftover_tmp_files_found += len(tmp_files(workdir))
         run = Watched(command)
         run.every = every
         last_round = round_number == kills
-        near_write = not last_round and round_number % 3 == 0
         try:
-            if not _wait(lambda run=run: run.reached >= every or run.process.poll() is not None, 180):
+            if not _wait(lambda run=run: run.resumed_from is not None or run.reached > 0 or run.process.poll()
+                         is not None, 180):  # fmt: skip
                 report.failures.append(f"round {round_number}: no progress")
             if previous_reached is not None:
                 _check_resume(report, round_number, run, previous_reached, every)
             if last_round:
+                if run.wait(900) not in (0, 4):
+                    report.failures.append(f"last round: exit {run.process.returncode}: {''.join(run.lines[-5:])}")
+                report.final_episode = run.reached
                 continue
-            if near_write:
-                run.checkpoint_started.clear()
-                run.checkpoint_started.wait(60)
-                time.sleep(rng.uniform(0.0, 0.5))
-                report.near_write_kills += 1
-            else:
+            start = run.resumed_from or 0
+            target = targets[round_number % len(targets)]
+            if target == "random":
+                _wait(lambda run=run, start=start: run.reached >= start + every or run.process.poll() is not None,
+                      180)  # fmt: skip
                 time.sleep(rng.uniform(0.0, 2.0))
-            if run.process.poll() is not None:
+            else:
+                run.aim(target, rng.choice(("before", "after")), after_episode=start + 1)
+                if _wait(lambda run=run: run.killed_at is not None or run.process.poll() is not None, 120):
+                    aimed[target] += run.killed_at is not None
+            if run.process.poll() is not None and run.killed_at is None:
                 report.failures.append(f"round {round_number}: exited early: {''.join(run.lines[-5:])}")
         finally:
-            run.kill()
+            if not last_round:
+                run.kill()
         report.kills += 0 if last_round else 1
+        report.near_write_kills += run.killed_at is not None and run.killed_at.startswith("checkpoint")
         previous_reached = run.reached
+        if not last_round:
+            _check_listings(report, round_number, workdir, mirror_dir)
+    report.aimed_kills = dict(aimed)
+    _compare_with_uninterrupted(report, workdir, every, episodes)
+    if mirror_dir is not None:
+        local = workdir / "runs" / "demo" / "checkpoints"
+        report.mirror_complete_at_end = _mirror_matches(local, mirror_dir / "demo" / "checkpoints")
+        if not report.mirror_complete_at_end:
+            report.failures.append("the mirror does not hold exactly the local checkpoints at the end")
     return report
+
+
+def _check_listings(report: StormReport, round_number: int, workdir: Path, mirror: Path | None) -> None:
+    """Right after a kill: every manifest parses, and each file it lists verifies (its entry, or its pending one)."""
+    folders = [workdir / "runs" / "demo" / "checkpoints"] + ([mirror / "demo" / "checkpoints"] if mirror else [])
+    for folder in folders:
+        path = folder / "MANIFEST.json"
+        if not path.exists():
+            continue
+        try:
+            data = json.loads(path.read_text())
+        except ValueError as err:
+            report.failures.append(f"round {round_number}: {path} does not parse after the kill ({err})")
+            continue
+        pending = data.get("pending", {})
+        for name, entry in data["files"].items():
+            report.listings_checked += 1
+            if not any(_verifies(folder / name, candidate) for candidate in (entry, pending.get(name)) if candidate):
+                report.failures.append(f"round {round_number}: {folder / name} matches neither listed entry")
+
+
+def _verifies(path: Path, entry: dict[str, Any]) -> bool:
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return False
+    return len(data) == entry["size"] and hashlib.sha256(data).hexdigest() == entry["sha256"]
+
+
+def _losses(workdir: Path) -> list[float | None]:
+    log = json.loads((workdir / "runs" / "demo" / "exports" / "training_log.json").read_text())
+    return [row["loss"] for row in log["episodes"]]
+
+
+def _compare_with_uninterrupted(report: StormReport, workdir: Path, every: int, episodes: int) -> None:
+    """The storm's losses against one run of the same settings without kills (and without a mirror)."""
+    reference = workdir / "uninterrupted"
+    reference.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, "-u", "-m", "atheria_lightning.console", *fit_args(reference, every, None, episodes)]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env, timeout=900)
+    if done.returncode != 0:
+        report.failures.append(f"the uninterrupted run failed: {done.stdout[-500:]}")
+        return
+    try:
+        stormed, straight = _losses(workdir), _losses(reference)
+    except (OSError, ValueError, KeyError) as err:
+        report.failures.append(f"no training log to compare: {err}")
+        return
+    report.final_loss = stormed[-1] if stormed else None
+    report.uninterrupted_final_loss = straight[-1] if straight else None
+    report.losses_equal_uninterrupted = stormed == straight and len(straight) == episodes
+    if not report.losses_equal_uninterrupted:
+        first = next((i for i, (a, b) in enumerate(zip(stormed, straight, strict=False)) if a != b), None)
+        report.failures.append(f"losses differ from the uninterrupted run ({len(stormed)} against "
+                               f"{len(straight)} episodes, first difference at episode {first})")  # fmt: skip
 
 
 STOP_LINE = re.compile(r"stopped at episode (\d+) of .*checkpoint and mirror flush took ([0-9.]+) s")
@@ -240,13 +400,16 @@ def _mirror_matches(local: Path, remote: Path) -> bool:
 
 def _check_resume(report: StormReport, round_number: int, run: Watched, reached: int, every: int) -> None:
     if run.resumed_from is None:
-        if reached >= every:
+        if reached > every:
             report.failures.append(f"round {round_number}: did not resume (previous run reached {reached})")
         return
     report.resumes += 1
     lost = reached - run.resumed_from
     report.max_episodes_lost = max(report.max_episodes_lost, lost)
-    if not 0 <= lost <= every:
+    # The bound the store guarantees: a new save is queued only once the previous one is written, so the newest
+    # complete save is at most one interval older than the newest asked for (which a kill may catch in flight),
+    # and a save may wait one more episode for the loss that proves it sound.
+    if not 0 <= lost <= 2 * every + 1:
         report.failures.append(f"round {round_number}: resumed from {run.resumed_from}, killed at {reached}")
 
 
@@ -260,17 +423,21 @@ def _wait(predicate, timeout: float) -> bool:
 
 
 def main() -> int:
+    if sys.argv[1:2] == ["child"]:
+        child(sys.argv[2:])
+        return 0
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kills", type=int, default=30)
     parser.add_argument("--every", type=int, default=10, help="SmartCheckpoint.every_n_episodes")
+    parser.add_argument("--episodes", type=int, default=STORM_EPISODES, help="the storm run's total episodes")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/atheria-soak"))
-    parser.add_argument("--mirror", default=None, help="mirror_url for the runs (default: none)")
+    parser.add_argument("--no-mirror", action="store_true", help="storm without a mirror")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--soak-rounds", type=int, default=0,
                         help="then this many SIGTERM rounds with corruption and mirror outages")  # fmt: skip
     args = parser.parse_args()
     started = time.monotonic()
-    report = storm(args.workdir / "storm", args.kills, args.every, args.seed, args.mirror)
+    report = storm(args.workdir / "storm", args.kills, args.every, args.seed, not args.no_mirror, args.episodes)
     print(json.dumps({"storm": asdict(report), "seconds": round(time.monotonic() - started, 1)}), flush=True)
     failures = list(report.failures)
     if args.soak_rounds:
