@@ -1078,7 +1078,30 @@ class _Mirror:
         self.request()
 
     def download(self, name: str, entry: Entry, local_path: str, journal: Callable[[str, Entry], None]) -> bool:
-        """Copy a mirror checkpoint beside its local target, check size and sha256, then move it into place."""
+        """Copy a mirror checkpoint beside its local target, check size and sha256, then move it into place.
+
+        Returns False when the bytes do not match the entry (the mirror's file is then moved to its ``corrupt/``
+        and unlisted). Raises ``ConfigError`` when the mirror cannot be read (after the retries): training from an
+        older local state would later replace the mirror's newer file.
+        """
+        try:
+            matched = self._retrying(lambda: self._download_once(name, entry, local_path, journal))
+        except Exception as err:  # each backend raises its own types for a lost connection or a denied read
+            raise ConfigError(
+                f"mirror_url={self.url!r} holds {name} of episode {entry.episode}, which could not be downloaded "
+                f"({err}); nothing was trained: run the same command again when the mirror is reachable, or set "
+                "mirror_url to null to train from the local checkpoints"
+            ) from err
+        if not matched:
+            log.warning("mirror %s/%s does not match its MANIFEST.json entry: not downloaded, moved to the mirror's "
+                        "%s/", self.side.folder, name, QUARANTINE)  # fmt: skip
+            assert self.remote is not None
+            self.remote.files.pop(name, None)
+            self._write_manifest(self.remote)
+            self.side.quarantine(name)
+        return matched
+
+    def _download_once(self, name: str, entry: Entry, local_path: str, journal: Callable[[str, Entry], None]) -> bool:
         os.makedirs(os.path.dirname(local_path), exist_ok=True)
         tmp = tmp_path_for(local_path)
         try:
@@ -1087,15 +1110,10 @@ class _Mirror:
                 target.flush()
                 os.fsync(target.fileno())
             if not copied.matches(entry.size, entry.sha256):
-                log.warning("mirror %s/%s does not match its MANIFEST.json entry: not downloaded", self.side.folder,
-                            name)  # fmt: skip
                 return False
             journal(name, entry)
             os.replace(tmp, local_path)
             return True
-        except OSError as err:
-            log.warning("could not download %s/%s: %s", self.side.folder, name, err)
-            return False
         finally:
             if os.path.exists(tmp):
                 os.remove(tmp)

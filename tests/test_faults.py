@@ -358,4 +358,32 @@ def test_a_mirror_checkpoint_whose_bytes_changed_is_not_downloaded(tmp_path: Pat
     assert point is not None and point.source == "mirror" and point.episode == 10
     local = tmp_path / "fresh" / "run" / "checkpoints"
     assert not (local / "last.ckpt").exists() and "last.ckpt" not in listed(local)
+    assert list((last.parent / "corrupt").glob("last.ckpt.*")), "the mirror's damaged file is set aside, not deleted"
+    assert "last.ckpt" not in listed(last.parent)
     fresh.close()
+
+
+def test_a_newer_mirror_checkpoint_that_cannot_be_read_stops_the_start_in_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Training from the older local state would later replace the mirror's newer file with an older one.
+    run = tmp_path / "run"
+    source = RunStore(tmp_path / "first" / "run", async_write=False)
+    source.set_mirror(str(tmp_path / "mirror"), sleep=lambda seconds: None)
+    source.write_checkpoint(state(1.0), "last", 20)
+    source.start_mirror()
+    assert source.flush(10)
+    source.close()
+    RunStore(run, async_write=False).write_checkpoint(state(0.0), "last", 10)  # an older local copy
+    real_open = store_module._Mirror._download_once
+
+    def unreadable(self, name, *args):
+        raise ConnectionError("Drive went away")
+
+    monkeypatch.setattr(store_module._Mirror, "_download_once", unreadable)
+    stale = RunStore(run)
+    stale.set_mirror(str(tmp_path / "mirror"), max_retries=1, sleep=lambda seconds: None)
+    with pytest.raises(store_module.ConfigError, match="could not be downloaded .*nothing was trained"):
+        stale.start()
+    monkeypatch.setattr(store_module._Mirror, "_download_once", real_open)
+    assert listed(tmp_path / "mirror" / "run" / "checkpoints")["last.ckpt"]["episode"] == 20

@@ -206,6 +206,8 @@ def test_a_broken_mirror_counts_failures_warns_and_never_raises(run_dir: Path, m
                                                                 caplog: pytest.LogCaptureFixture) -> None:  # fmt: skip
     store = with_checkpoints(make_store(run_dir, f"flakymem://{mirror_root}", max_retries=2))
     store.start_mirror()
+    assert store.flush(10)  # the start's own sync, before the mirror breaks
+    save(store, "last", 14)
     local_before = {path.name: path.read_bytes() for path in (run_dir / "checkpoints").iterdir()}
     flaky.fail_every = 1
     with caplog.at_level(logging.WARNING, logger="atheria_lightning.store"):
