@@ -228,6 +228,12 @@ def _describe_checkpoint(data: bytes, name: str) -> tuple[int, float | None]:
         checkpoint = torch.load(BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as err:  # any unpickling or archive error: the file is not a checkpoint we can trust
         raise ValueError(" ".join(str(err).split())[:200] or type(err).__name__) from None
+    return _meta_of(checkpoint, name)
+
+
+def _meta_of(checkpoint: Any, name: str) -> tuple[int, float | None]:
+    """A loaded checkpoint's episode count (the store's metadata, else the file name, else the global step) and
+    metric; ``ValueError`` when it is not a Lightning checkpoint."""
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
         raise ValueError("not a Lightning checkpoint (no state_dict)")
     meta = checkpoint.get(META_KEY) if isinstance(checkpoint.get(META_KEY), dict) else {}
@@ -240,6 +246,14 @@ def _describe_checkpoint(data: bytes, name: str) -> tuple[int, float | None]:
     metric = meta.get("metric")
     metric = float(metric) if isinstance(metric, int | float) and not isinstance(metric, bool) else None
     return int(episode), metric
+
+
+def _episode_in(path: str, name: str) -> int | None:
+    """The episode count a checkpoint file says it holds (read as a rebuild reads it; mmap, ``weights_only``)."""
+    try:
+        return _meta_of(torch.load(path, map_location="cpu", weights_only=True, mmap=True), name)[0]
+    except Exception:  # not a checkpoint: no episode to trust
+        return None
 
 
 def unsound(path: str) -> str | None:
@@ -412,6 +426,11 @@ class RunStore:
         if self._manifest is not None:
             return
         folder = self.checkpoint_dir
+        for path in (self.run_dir, folder):
+            require(not os.path.exists(path) or os.path.isdir(path),
+                    f"{path} is a file, where the run's folder should be: move it aside")  # fmt: skip
+        manifest = self._path(MANIFEST_NAME)
+        require(not os.path.isdir(manifest), f"{manifest} is a folder, where the manifest should be: move it aside")
         for stale in remove_stale_tmp(self._local, folder) if os.path.isdir(folder) else []:
             log.info("removed a partial file left by an interrupted write: %s", stale)
         manifest, changed = _read_or_rebuild(_LocalSide(folder))
@@ -1093,8 +1112,8 @@ class _Mirror:
                 "mirror_url to null to train from the local checkpoints"
             ) from err
         if not matched:
-            log.warning("mirror %s/%s does not match its MANIFEST.json entry: not downloaded, moved to the mirror's "
-                        "%s/", self.side.folder, name, QUARANTINE)  # fmt: skip
+            log.warning("mirror %s/%s does not match its MANIFEST.json entry (bytes or episode): not downloaded, "
+                        "moved to the mirror's %s/", self.side.folder, name, QUARANTINE)  # fmt: skip
             assert self.remote is not None
             self.remote.files.pop(name, None)
             self._write_manifest(self.remote)
@@ -1109,8 +1128,8 @@ class _Mirror:
                 copied = copy_measured(source, target)
                 target.flush()
                 os.fsync(target.fileno())
-            if not copied.matches(entry.size, entry.sha256):
-                return False
+            if not copied.matches(entry.size, entry.sha256) or _episode_in(tmp, name) != entry.episode:
+                return False  # the bytes, or the episode the manifest claims for them, are not what it lists
             journal(name, entry)
             os.replace(tmp, local_path)
             return True

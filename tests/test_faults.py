@@ -95,8 +95,11 @@ def test_a_planted_checkpoint_is_refused_set_aside_and_never_runs_code(
     capsys.readouterr()
     assert main(demo_args(tmp_path, "--trainer.max_steps", "4", episodes=12, val_every=3)) == 0
     assert re.search(r"resuming from episode 3 of 12 \(25%\) \[local: ", capsys.readouterr().out)
-    assert "does not load with weights_only=True" in caplog.text
-    assert list((run_dir(tmp_path) / "checkpoints" / "corrupt").glob("last.ckpt.*")), "set aside, not deleted"
+    if where == "local":
+        assert "does not load with weights_only=True" in caplog.text
+    else:  # refused before it is downloaded: it does not load, so it cannot hold the episode its entry claims
+        assert "does not match its MANIFEST.json entry (bytes or episode): not downloaded" in caplog.text
+    assert list((folder / "corrupt").glob("last.ckpt.*")), "set aside where it was found, not deleted"
     assert not sentinel.exists(), "the planted code must never run"
 
 

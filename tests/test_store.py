@@ -295,3 +295,37 @@ def test_a_stop_signal_during_start_up_exits_zero_with_one_line(signum: int, mom
     assert stopped == [f"atheria: stopped by {signal.Signals(signum).name} outside training; everything saved is "
                        "kept: run the same command again to continue"], out[-3000:]  # fmt: skip
     assert "episode 1/" not in out and "[episode" not in out, "no episode ran"
+
+
+def test_a_mirror_entry_that_lies_about_its_episode_is_not_downloaded(
+    tmp_path: Path, capsys: pytest.CaptureFixture, caplog: pytest.LogCaptureFixture
+) -> None:
+    assert main(demo_args(tmp_path, "--trainer.max_steps", "4", episodes=8, val_every=2)) == 0
+    shutil.rmtree(tmp_path / "runs")
+    mirror = tmp_path / "mirror" / "demo" / "checkpoints"
+    data = json.loads((mirror / "MANIFEST.json").read_text())
+    data["files"]["last.ckpt"]["episode"] = 999  # the bytes and their sha256 are right; the claim is not
+    (mirror / "MANIFEST.json").write_text(json.dumps(data))
+    capsys.readouterr()
+    with caplog.at_level(logging.WARNING, logger="atheria_lightning.store"):
+        assert main(demo_args(tmp_path, episodes=8, val_every=2)) == 0
+    assert "resuming from episode 4 of 8" in capsys.readouterr().out
+    assert "does not match its MANIFEST.json entry (bytes or episode)" in logged(caplog)
+    assert list((mirror / "corrupt").glob("last.ckpt.*")), "set aside on the mirror, not deleted"
+    assert manifest(mirror)["last.ckpt"]["episode"] == 8
+
+
+@pytest.mark.parametrize("shape", ["checkpoints_is_a_file", "manifest_is_a_folder"])
+def test_a_run_folder_of_the_wrong_shape_fails_in_one_line_before_training(
+    shape: str, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    checkpoints = run_dir(tmp_path) / "checkpoints"
+    if shape == "checkpoints_is_a_file":
+        checkpoints.parent.mkdir(parents=True)
+        checkpoints.write_text("not a folder")
+    else:
+        (checkpoints / "MANIFEST.json").mkdir(parents=True)
+    assert main(demo_args(tmp_path, episodes=4, val_every=2, mirror=False)) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("atheria: error: ") and "move it aside" in err and "\n" not in err, err
+    assert not (run_dir(tmp_path) / "logs").exists(), "nothing trained"
