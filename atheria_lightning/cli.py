@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -13,7 +14,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch import Trainer
-from lightning.pytorch.callbacks import ProgressBar
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from typing_extensions import override
@@ -178,6 +179,11 @@ class AtheriaCLI(LightningCLI):
         """The config's callbacks, with ``mirror_url`` given to a MirrorSync that names no url of its own."""
         kept = []
         for callback in configured:
+            require(
+                not isinstance(callback, ModelCheckpoint),
+                f"trainer.callbacks lists Lightning's {type(callback).__name__}: the run's checkpoints/ belongs to its "
+                "run store; use atheria_lightning.callbacks.SmartCheckpoint (top_k, every_n_episodes, monitor)",
+            )
             if isinstance(callback, MirrorSync) and callback.url is None:
                 if self.mirror_url is None:
                     # e.g. a Colab preset run locally: mirror_url "auto" means no mirror off Colab.
@@ -274,9 +280,12 @@ class AtheriaCLI(LightningCLI):
     def validate(
         self, model: QCAModule, datamodule: EpisodeDataModule, ckpt_path: str | None = None, **kwargs: Any
     ) -> Any:
-        point = self.resolve_checkpoint(ckpt_path, with_mirror=False)
-        kwargs["weights_only"] = True
-        return self.trainer.validate(model, datamodule=datamodule, ckpt_path=point.path if point else None, **kwargs)
+        # Under the run's lock: choosing the checkpoint may repair the folder, which a training must not share.
+        with RunLock(self.run_dir) if self.trainer.is_global_zero else contextlib.nullcontext():
+            point = self.resolve_checkpoint(ckpt_path, with_mirror=False)
+            kwargs["weights_only"] = True
+            return self.trainer.validate(model, datamodule=datamodule, ckpt_path=point.path if point else None,
+                                         **kwargs)  # fmt: skip
 
 
 def _peek_checkpoint(path: str) -> dict[str, Any]:

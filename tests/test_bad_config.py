@@ -59,6 +59,9 @@ BAD_CONFIGS = [
      "MirrorSync.every_n_episodes=-5 must be a positive integer", 2),
     ("monitor_interval", [], _callback("ResourceMonitor", every_n_episodes=0),
      "ResourceMonitor.every_n_episodes=0 must be a positive integer", 2),
+    ("lightning_checkpoint", [],
+     "trainer:\n  callbacks:\n    - class_path: lightning.pytorch.callbacks.ModelCheckpoint\n",
+     "trainer.callbacks lists Lightning's ModelCheckpoint: the run's checkpoints/ belongs to its run store", 2),
 ]  # fmt: skip
 
 
