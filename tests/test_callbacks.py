@@ -334,3 +334,32 @@ def test_the_progress_bar_counts_episodes_of_the_whole_run_and_shows_the_loss(
     shown = capsys.readouterr().out.strip().split("\r")[-1]  # Lightning's bars write to stdout
     assert "episode: 100%" in shown and "4/4" in shown, "episodes 3 and 4 of 4, counted from the resumed episode"
     assert "train/loss=" in shown
+
+
+def test_a_state_whose_next_episode_is_non_finite_is_never_kept(tmp_path: Path, caplog) -> None:
+    # No validation proves the saves here: each waits one episode for its proof. Episodes 5 and 6 (indices 4 and 5)
+    # give NaN losses, so the state saved after episode 4 is dropped, and last.ckpt keeps episode 2.
+    model = QCAModule(architecture="MLP", d_state=2, hidden_channels=4, grid_size=8, qca_steps=2)
+    real_run = model.run_episode
+
+    def poisoned(seed: int, episode: int, noise: float):
+        parts, final = real_run(seed, episode, noise)
+        if episode in (4, 5):
+            parts = {**parts, "loss": parts["loss"] * float("nan")}
+        return parts, final
+
+    model.run_episode = poisoned
+    trainer = Trainer(
+        max_epochs=-1,
+        logger=False,
+        enable_progress_bar=False,
+        default_root_dir=str(tmp_path),
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        callbacks=[SmartCheckpoint(every_n_episodes=2)],
+    )
+    with caplog.at_level("WARNING", logger="atheria_lightning.store"):
+        trainer.fit(model, datamodule=EpisodeDataModule(total_episodes=6, val_every_episodes=100))
+    entries = json.loads((tmp_path / "checkpoints" / "MANIFEST.json").read_text())["files"]
+    assert entries["last.ckpt"]["episode"] == 2
+    assert "the state of episode 4 led to a non-finite loss: not saved; last.ckpt keeps episode 2" in caplog.text

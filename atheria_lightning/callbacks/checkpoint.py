@@ -20,8 +20,9 @@ log = logging.getLogger(__name__)
 
 __all__ = ["SmartCheckpoint"]
 
-#: The training loss a sound episode leaves in ``trainer.callback_metrics`` (QCAModule removes it for a skipped one).
+#: The training loss, and the count of skipped non-finite episodes, that QCAModule leaves in callback_metrics.
 TRAIN_LOSS = "train/loss"
+SKIPPED = "train/nonfinite_skipped"
 
 
 class SmartCheckpoint(UsesRunStore, Checkpoint):
@@ -99,9 +100,8 @@ class SmartCheckpoint(UsesRunStore, Checkpoint):
         if self._skip(trainer):
             return
         assert self.store is not None
-        loss = trainer.callback_metrics.get(TRAIN_LOSS)
         # This episode ran on the state of the previous one: its loss proves (or disproves) a held save.
-        self._sound = loss is None or math.isfinite(float(loss))
+        self._sound = self._episode_was_sound(trainer)
         self.store.confirm(self._sound)
         if not self._sound:
             return  # the weights are those that just gave a non-finite loss: nothing of them is kept
@@ -171,6 +171,20 @@ class SmartCheckpoint(UsesRunStore, Checkpoint):
                 self._save_last(trainer, episode, metric=None, hold=False)
         if trainer.is_global_zero:
             self.store.wait(timeout=60.0)
+
+    def _episode_was_sound(self, trainer: pl.Trainer) -> bool:
+        """Whether the episode that just ended had a finite loss, read without waiting for the device.
+
+        QCAModule logs ``train/nonfinite_skipped`` every episode and removes ``train/loss`` for a skipped one, so
+        the keys alone tell; another module's loss is read only when it lives on the CPU (a GPU loss would cost a
+        device sync each episode), else the episode counts as sound and the validation metric is the proof.
+        """
+        if SKIPPED in trainer.callback_metrics:  # QCAModule: it removes train/loss when it skips an episode
+            return TRAIN_LOSS in trainer.callback_metrics
+        loss = trainer.callback_metrics.get(TRAIN_LOSS)
+        if isinstance(loss, torch.Tensor) and loss.device.type == "cpu":
+            return bool(torch.isfinite(loss).all())
+        return True
 
     def _save_last(self, trainer: pl.Trainer, episode: int, metric: float | None, hold: bool) -> None:
         assert self.store is not None
