@@ -57,6 +57,7 @@ class StormReport:
     max_episodes_lost: int = 0
     leftover_tmp_files_found: int = 0
     listings_checked: int = 0
+    total_episodes: int = 0
     final_episode: int = 0
     final_loss: float | None = None
     uninterrupted_final_loss: float | None = None
@@ -197,20 +198,25 @@ def tmp_files(workdir: Path) -> list[Path]:
 def storm(
     workdir: Path, kills: int, every: int = 10, seed: int = 0, mirror: bool = True, episodes: int = STORM_EPISODES
 ) -> StormReport:
-    """Run ``kills`` kill-and-resume rounds and a last round to the end; returns the counts (failures listed)."""
+    """Run ``kills`` kill-and-resume rounds, then a last round that trains to ``episodes`` (or a little past where
+    the kills left the run); returns the counts, failures listed."""
     rng = random.Random(seed)
     workdir.mkdir(parents=True, exist_ok=True)
     mirror_dir = workdir / "mirror" if mirror else None
-    command = fit_command(workdir, every, str(mirror_dir) if mirror_dir else None, episodes)
+    mirror_url = str(mirror_dir) if mirror_dir else None
+    command = fit_command(workdir, every, mirror_url)  # open-ended while killing; the last round sets the end
     report = StormReport()
     aimed: Counter[str] = Counter()
     targets = TARGETS if mirror else TARGETS[:3]
     previous_reached: int | None = None
     for round_number in range(kills + 1):
         report.leftover_tmp_files_found += len(tmp_files(workdir))
+        last_round = round_number == kills
+        if last_round:  # at least ``episodes``, and always a few save intervals past where the kills left it
+            report.total_episodes = max(episodes, (previous_reached or 0) + 2 * every)
+            command = fit_command(workdir, every, mirror_url, report.total_episodes)
         run = Watched(command)
         run.every = every
-        last_round = round_number == kills
         try:
             if not _wait(lambda run=run: run.resumed_from is not None or run.reached > 0 or run.process.poll()
                          is not None, 180):  # fmt: skip
@@ -243,7 +249,7 @@ def storm(
         if not last_round:
             _check_listings(report, round_number, workdir, mirror_dir)
     report.aimed_kills = dict(aimed)
-    _compare_with_uninterrupted(report, workdir, every, episodes)
+    _compare_with_uninterrupted(report, workdir, every, report.total_episodes)
     if mirror_dir is not None:
         local = workdir / "runs" / "demo" / "checkpoints"
         report.mirror_complete_at_end = _mirror_matches(local, mirror_dir / "demo" / "checkpoints")
