@@ -9,8 +9,9 @@ each kill both manifests must parse and every file they list must verify against
 pending entry); the next round must resume from a sound checkpoint, losing at most ``2 * every_n_episodes + 1``
 episodes (the newest save may be caught while it is written; the one before it is complete, since the store
 queues a save only once the previous one is written; and a save may wait one episode for the loss that proves it),
-and must remove any temporary file the kill left behind. The traced writes pause, so a kill lands inside them:
-they take longer than on an untraced run, and the episodes lost are counted from that slower writer. The last round
+and must remove any temporary file the kill left behind; at the end at most ``top_k`` best checkpoints remain,
+locally and on the mirror. The traced writes pause, so a kill lands inside them: they take longer than on an
+untraced run, and the episodes lost are counted from that slower writer. The last round
 trains to the end; its loss for every episode must equal, bit for bit, an uninterrupted run of the same settings,
 and the mirror must then hold exactly the local checkpoints.
 
@@ -45,6 +46,7 @@ CHAOS_LINE = re.compile(r"^CHAOS (\S+) (before|after)$")
 #: Where the storm aims its kills, in turn; "random" kills at a random moment after some progress.
 TARGETS = ("random", "checkpoint", "manifest", "upload", "mirror-manifest")
 STORM_EPISODES = 200
+TOP_K = 5  # SmartCheckpoint's default, which the storm's callbacks keep
 CHAOS_PAUSE_S = 0.05  # the child pauses this long at each traced point, so a kill aimed there lands there
 
 
@@ -57,6 +59,7 @@ class StormReport:
     max_episodes_lost: int = 0
     leftover_tmp_files_found: int = 0
     listings_checked: int = 0
+    most_best_files: int = 0
     total_episodes: int = 0
     final_episode: int = 0
     final_loss: float | None = None
@@ -250,6 +253,11 @@ def storm(
             _check_listings(report, round_number, workdir, mirror_dir)
     report.aimed_kills = dict(aimed)
     _compare_with_uninterrupted(report, workdir, every, report.total_episodes)
+    for folder in [workdir / "runs"] + ([mirror_dir] if mirror_dir is not None else []):
+        bests = sorted(path.name for path in (folder / "demo" / "checkpoints").glob("best-*.ckpt"))
+        report.most_best_files = max(report.most_best_files, len(bests))
+        if len(bests) > TOP_K:
+            report.failures.append(f"{folder}: {len(bests)} best checkpoints after the storm, top_k is {TOP_K}")
     if mirror_dir is not None:
         local = workdir / "runs" / "demo" / "checkpoints"
         report.mirror_complete_at_end = _mirror_matches(local, mirror_dir / "demo" / "checkpoints")
