@@ -23,8 +23,8 @@ from jsonargparse import get_loader
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
+from atheria_lightning.app import AtheriaCLI, find_config_error, run_reporting_errors
 from atheria_lightning.callbacks import TimeLimitGuard, time_guard
-from atheria_lightning.cli import AtheriaCLI, find_config_error, run_reporting_errors
 from atheria_lightning.errors import ConfigError, require
 from atheria_lightning.files import atomic_write
 from atheria_lightning.platform import default_mirror_url, default_run_root
@@ -115,14 +115,6 @@ class WeightTransfer:
     copied: list[str]
     skipped: list[str]
     model_tensors: int
-
-
-@dataclass(frozen=True)
-class PhasePlan:
-    """What the dry build of a phase's CLI established: its episode count and its time guard, if any."""
-
-    total_episodes: int
-    guard: TimeLimitGuard | None
 
 
 # ----- reading the curriculum -----
@@ -364,25 +356,30 @@ def run_curriculum(argv: list[str], trainer_defaults: dict[str, Any]) -> int:
     run_settings = {key: yaml.safe_load(value) for key, value in vars(options).items()
                     if key != "config" and value is not None}  # fmt: skip
     curriculum = load_curriculum(options.config, run_settings)
-    plans = [_check_phase(curriculum, phase, overrides, trainer_defaults) for phase in curriculum.phases]
+    # Every phase is built (and so checked) before the first one trains; each is built once.
+    built = [_build_phase(curriculum, phase, overrides, trainer_defaults) for phase in curriculum.phases]
     exit_code = 0
-    for phase, plan in zip(curriculum.phases, plans, strict=True):
-        finished, phase_exit = _run_phase(curriculum, phase, plan, overrides, trainer_defaults)
+    for phase, cli in zip(curriculum.phases, built, strict=True):
+        finished, phase_exit = _run_phase(curriculum, phase, cli)
         exit_code = max(exit_code, phase_exit)  # 4 when a phase's mirror is behind
         if not finished:
             return exit_code
-    print(f"curriculum {curriculum.name}: all {len(plans)} phases done; runs in {curriculum.folder}", flush=True)
+    print(f"curriculum {curriculum.name}: all {len(built)} phases done; runs in {curriculum.folder}", flush=True)
     return exit_code
 
 
-def _check_phase(
+def _build_phase(
     curriculum: Curriculum, phase: Phase, overrides: list[str], trainer_defaults: dict[str, Any]
-) -> PhasePlan:
-    """Build the phase's CLI without running it (nothing is written), so every phase is checked before the first."""
+) -> PhaseCLI:
+    """Build the phase's CLI without running it (nothing is written): a bad setting fails before any phase."""
+    init_from = None
+    if phase.load_from_phase is not None:
+        init_from = (phase.load_from_phase, os.path.join(curriculum.folder, phase.load_from_phase))
     try:
         with _quiet("lightning.pytorch", "atheria_lightning"):
-            cli = _phase_cli(
+            return _phase_cli(
                 ["--config", curriculum.phase_config(phase), *overrides],
+                init_from=init_from,
                 run=False,
                 parser_kwargs={"exit_on_error": False},
                 trainer_defaults=copy.copy(trainer_defaults),
@@ -390,8 +387,6 @@ def _check_phase(
     except (argparse.ArgumentError, MisconfigurationException, ValueError) as err:
         problem = find_config_error(err) or err
         raise ConfigError(f"phase {phase.name!r}: {' '.join(str(problem).split())}") from err
-    guard = next((cb for cb in cli.trainer.callbacks if isinstance(cb, TimeLimitGuard)), None)
-    return PhasePlan(total_episodes=cli.datamodule.total_episodes, guard=guard)
 
 
 def _phase_cli(args: list[str], **kwargs: Any) -> PhaseCLI:
@@ -404,7 +399,7 @@ def _phase_cli(args: list[str], **kwargs: Any) -> PhaseCLI:
 
 @contextmanager
 def _quiet(*names: str) -> Iterator[None]:
-    """Silence the dry build's messages (accelerator lines, mirror warnings): the real build prints them."""
+    """Silence the build's messages (accelerator lines, printed once per phase before any trains)."""
     loggers = [logging.getLogger(name) for name in names]
     levels = [logger.level for logger in loggers]
     for logger in loggers:
@@ -416,41 +411,34 @@ def _quiet(*names: str) -> Iterator[None]:
             logger.setLevel(level)
 
 
-def _run_phase(
-    curriculum: Curriculum, phase: Phase, plan: PhasePlan, overrides: list[str], trainer_defaults: dict[str, Any]
-) -> tuple[bool, int]:
+def _run_phase(curriculum: Curriculum, phase: Phase, cli: PhaseCLI) -> tuple[bool, int]:
     """Train one phase (or skip it when done); whether it has trained all its episodes, and its exit code.
 
-    A done phase is skipped without building it, unless the curriculum has a mirror: then its ``atheria fit`` runs,
-    which finds nothing to train but brings the phase's mirror up to date.
+    A done phase is skipped, unless the curriculum has a mirror: then its ``atheria fit`` runs, which finds nothing
+    to train but brings the phase's mirror up to date.
     """
     folder = curriculum.phase_dir(phase)
     label = f"curriculum {curriculum.name}: phase {phase.index + 1}/{len(curriculum.phases)} {phase.name}"
+    total = cli.datamodule.total_episodes
     done = read_phase_done(folder)
-    finished = done is not None and done["episodes"] >= plan.total_episodes
+    finished = done is not None and done["episodes"] >= total
     if finished and curriculum.mirror_url is None:
         metric = done.get("best_metric") if done else None
         best = f", best val/combined {metric:.4f}" if isinstance(metric, (int, float)) else ""
         print(f"{label}: done ({done['episodes'] if done else 0} episodes{best}), skipped", flush=True)
         return True, 0
-    if not finished and _budget_spent(plan.guard):
+    guard = next((callback for callback in cli.trainer.callbacks if isinstance(callback, TimeLimitGuard)), None)
+    if not finished and _budget_spent(guard):
         print(f"{label}: not started, the session's time budget is spent; {CONTINUE}", flush=True)
         return False, 0
     print(f"\n=== {label} ===", flush=True)
-    init_from = None
-    if phase.load_from_phase is not None:
-        init_from = (phase.load_from_phase, os.path.join(curriculum.folder, phase.load_from_phase))
-    cli = _phase_cli(
-        ["fit", "--config", curriculum.phase_config(phase), *overrides],
-        init_from=init_from,
-        trainer_defaults=copy.copy(trainer_defaults),
-    )
+    cli.fit(cli.model, cli.datamodule)
     reached = RunStore(folder).newest_episode()
-    if reached < plan.total_episodes:
-        print(f"{label}: stopped at episode {reached} of {plan.total_episodes}; {CONTINUE}", flush=True)
+    if reached < total:
+        print(f"{label}: stopped at episode {reached} of {total}; {CONTINUE}", flush=True)
         return False, cli.exit_code
     if cli.trainer.is_global_zero and not finished:
-        write_phase_done(folder, phase, plan.total_episodes)
+        write_phase_done(folder, phase, total)
     return True, cli.exit_code
 
 

@@ -1,0 +1,393 @@
+"""AtheriaCLI (LightningCLI): fit and validate one run from YAML presets, with its run store; errors as one line."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import pickle
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from typing_extensions import override
+
+from atheria_lightning.callbacks import (
+    EpisodeProgressBar,
+    MirrorSync,
+    RunSummary,
+    SmartCheckpoint,
+    StopOnSignal,
+    TimeLimitGuard,
+)
+from atheria_lightning.data import EpisodeDataModule
+from atheria_lightning.errors import ConfigError, require
+from atheria_lightning.interrupts import StopRequested, signals_stop_the_command, stopped_line
+from atheria_lightning.lock import RunLock
+from atheria_lightning.module import EpisodeOutOfMemoryError, NonFiniteTrainingError, QCAModule
+from atheria_lightning.platform import COLAB_DRIVE_ROOT, Platform, default_mirror_url, default_run_root, detect_platform
+from atheria_lightning.scalars import BufferedTensorBoardLogger
+from atheria_lightning.store import META_KEY, Checkpoint, RunStore, UsesRunStore
+
+log = logging.getLogger(__name__)
+
+RESUME_MODES = ("auto", "never")
+# Rank 0's resume choice, inherited by the DDP processes it launches.
+RESUME_ENV = "ATHERIA_RESUME_CHECKPOINT"
+#: Exit codes of the ``atheria`` command (README, "Exit codes").
+EXIT_DISK_FULL = 1
+EXIT_BAD_SETTINGS = 2
+EXIT_CANNOT_TRAIN = 3
+EXIT_MIRROR_BEHIND = 4
+
+
+def run_dir_of(run_root: str, experiment_name: str) -> str:
+    """``<run_root>/<experiment_name>``, after checking the name cannot escape the root."""
+    require(
+        bool(experiment_name) and "/" not in experiment_name and "\\" not in experiment_name
+        and experiment_name not in (".", "..") and ".." not in experiment_name,
+        f"experiment_name={experiment_name!r} must be a plain folder name (no '/', '\\\\' or '..')",
+    )  # fmt: skip
+    return os.path.join(run_root, experiment_name)
+
+
+class AtheriaCLI(LightningCLI):
+    """LightningCLI for :class:`QCAModule` and :class:`EpisodeDataModule`, plus the run settings.
+
+    Run settings (top level of a preset): ``experiment_name``, ``run_root`` (fast local folder, platform default
+    when null), ``mirror_url`` (persistent copy: ``auto`` = the platform default, null = none, or a folder/URL),
+    ``resume`` (``auto``, ``never`` or a checkpoint path).
+
+    Every run gets, unless its config lists its own: :class:`SmartCheckpoint` in ``<run>/checkpoints``,
+    :class:`MirrorSync` when a mirror is set, the episode progress bar and the end-of-run summary. One
+    :class:`~atheria_lightning.store.RunStore` owns the run folder: it reconciles it (and the mirror) before
+    training, chooses the checkpoint to resume from, and is handed to every callback that acts on the run's files.
+    After training its final flush says whether the mirror is up to date; ``exit_code`` is then 4 if it is not.
+
+    Example (in a notebook cell)::
+
+        AtheriaCLI(args=["fit", "--config", "configs/demo.yaml", "--trainer.max_steps", "5"])
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # Set first: LightningCLI runs the whole command inside __init__.
+        self.store: RunStore | None = None
+        self.exit_code = 0
+        kwargs.setdefault("model_class", QCAModule)
+        kwargs.setdefault("datamodule_class", EpisodeDataModule)
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        # max_epochs -1: the episode stream ends the run (it stops the trainer after the last episode).
+        defaults = {"gradient_clip_val": 1.0, "max_epochs": -1, "log_every_n_steps": 1, "num_sanity_val_steps": 0}
+        kwargs["trainer_defaults"] = {**defaults, **kwargs.get("trainer_defaults", {})}
+        super().__init__(*args, **kwargs)
+
+    @staticmethod
+    @override
+    def subcommands() -> dict[str, set[str]]:
+        return {"fit": {"model", "train_dataloaders", "val_dataloaders", "datamodule"},
+                "validate": {"model", "dataloaders", "datamodule"}}  # fmt: skip
+
+    @override
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument("--experiment_name", type=str, default="atheria", help="Run folder name under run_root.")
+        parser.add_argument(
+            "--run_root",
+            type=str | None,
+            default=None,
+            help="Fast local folder for runs; null = the platform default (./runs locally).",
+        )
+        parser.add_argument(
+            "--mirror_url",
+            type=str | None,
+            default="auto",
+            help="Persistent copy of the run folder: a folder or fsspec URL; auto = the platform "
+            "default (Drive on Colab, none elsewhere); null = no mirror.",
+        )
+        parser.add_argument(
+            "--resume",
+            type=str,
+            default="auto",
+            help="auto (newest verified checkpoint, local or mirror), never, or a checkpoint path.",
+        )
+        # One validation (and best-checkpoint decision) every data.val_every_episodes episodes.
+        parser.link_arguments("data.val_every_episodes", "trainer.val_check_interval")
+        # The operator's initial weights follow data.seed too, so one seed reproduces the whole run.
+        parser.link_arguments("data.seed", "seed_everything")
+        parser.set_defaults({"trainer.check_val_every_n_epoch": None})
+
+    @property
+    def run_settings(self) -> dict[str, Any]:
+        return self.config[self.subcommand] if self.subcommand else self.config
+
+    @property
+    def run_dir(self) -> str:
+        settings = self.run_settings
+        return run_dir_of(settings["run_root"] or default_run_root(), settings["experiment_name"])
+
+    @property
+    def mirror_url(self) -> str | None:
+        url = self.run_settings["mirror_url"]
+        if url != "auto":
+            return url
+        url = default_mirror_url()
+        if url is not None and detect_platform() is Platform.COLAB:
+            # Unmounted, /content/drive is an ordinary folder of the session's disk: a "mirror" there dies with it.
+            require(
+                os.path.isdir(COLAB_DRIVE_ROOT),
+                f"mirror_url=auto needs Google Drive mounted at {COLAB_DRIVE_ROOT}: run "
+                "google.colab.drive.mount('/content/drive') first, or set mirror_url to another folder or null",
+            )
+        return url
+
+    @override
+    def before_instantiate_classes(self) -> None:
+        resume = self.run_settings["resume"]
+        require(
+            resume in RESUME_MODES or Path(resume).is_file(),
+            f"resume={resume!r} must be one of {', '.join(RESUME_MODES)} or an existing checkpoint file",
+        )
+        _ = self.run_dir  # validates experiment_name before anything is built
+
+    @override
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        trainer_config = self._get(self.config_init, "trainer", default={})
+        if trainer_config.get("logger") in (None, True):
+            kwargs["logger"] = BufferedTensorBoardLogger(
+                save_dir=self.run_dir, name="logs", version="", default_hp_metric=False
+            )
+        kwargs.setdefault("default_root_dir", self.run_dir)
+        configured = self.configured_callbacks(list(trainer_config.get("callbacks") or []))
+        progress_bar = trainer_config.get("enable_progress_bar") in (None, True)
+        kwargs["callbacks"] = configured + self.default_callbacks(configured, progress_bar)
+        # One store owns the run folder; the callbacks that act on its files get it, and Lightning's saves reach it.
+        self.store = RunStore(self.run_dir)
+        for callback in kwargs["callbacks"]:
+            if isinstance(callback, UsesRunStore):
+                callback.use_store(self.store)
+        plugins = trainer_config.get("plugins") or []
+        kwargs["plugins"] = [*(plugins if isinstance(plugins, list) else [plugins]), self.store.checkpoint_io]
+        return super().instantiate_trainer(**kwargs)
+
+    def configured_callbacks(self, configured: list[Any]) -> list[Any]:
+        """The config's callbacks, with ``mirror_url`` given to a MirrorSync that names no url of its own."""
+        kept = []
+        for callback in configured:
+            require(
+                not isinstance(callback, ModelCheckpoint),
+                f"trainer.callbacks lists Lightning's {type(callback).__name__}: the run's checkpoints/ belongs to its "
+                "run store; use atheria_lightning.callbacks.SmartCheckpoint (top_k, every_n_episodes, monitor)",
+            )
+            if isinstance(callback, MirrorSync) and callback.url is None:
+                if self.mirror_url is None:
+                    # e.g. a Colab preset run locally: mirror_url "auto" means no mirror off Colab.
+                    log.warning("no mirror_url on this platform: MirrorSync is off, checkpoints stay local")
+                    continue
+                callback.set_url(self.mirror_url)
+            kept.append(callback)
+        return kept
+
+    def default_callbacks(self, configured: list[Any], progress_bar: bool = True) -> list[Any]:
+        """The callbacks every run needs that its config did not list."""
+        have = {type(callback) for callback in configured}
+        callbacks: list[Any] = [] if RunSummary in have else [RunSummary(self.run_dir)]
+        if SmartCheckpoint not in have:
+            callbacks.append(SmartCheckpoint())
+        if StopOnSignal not in have:
+            callbacks.append(StopOnSignal())
+        if self.mirror_url and MirrorSync not in have:
+            callbacks.append(MirrorSync(self.mirror_url))
+        if progress_bar and not any(issubclass(kind, ProgressBar) for kind in have):
+            callbacks.insert(0, EpisodeProgressBar())
+        return callbacks
+
+    def resolve_checkpoint(self, ckpt_path: str | None, with_mirror: bool = True) -> Checkpoint | None:
+        """Reconcile the run folder (and its mirror) through the store, then choose what to resume from.
+
+        An explicit ``ckpt_path`` wins; else ``resume``: a path, ``never`` (refused when the run already has
+        checkpoints: they would be overwritten), or ``auto`` (the newest sound checkpoint, local or mirrored).
+        Under DDP only rank 0 looks (it may rebuild, quarantine or download files); the processes it launches
+        inherit its choice through the environment.
+        """
+        if RESUME_ENV in os.environ and not self.trainer.is_global_zero:
+            chosen = os.environ[RESUME_ENV]
+            return Checkpoint(chosen, os.path.basename(chosen), -1, None, "rank 0") if chosen else None
+        assert self.store is not None
+        point = self.store.start(with_mirror=with_mirror)
+        resume = ckpt_path or self.run_settings["resume"]
+        if resume == "auto":
+            return point
+        if resume == "never":
+            require(
+                point is None,
+                f"resume=never, but {self.store.checkpoint_dir} already holds checkpoints up to episode "
+                f"{point.episode if point else 0}: a new run there would overwrite them; use resume=auto to continue "
+                "it, or another experiment_name for a new run",
+            )
+            return None
+        require(Path(resume).is_file(), f"ckpt_path={resume!r} is not a checkpoint file")
+        return Checkpoint(str(resume), os.path.basename(resume), -1, None, "explicit")
+
+    def fit(self, model: QCAModule, datamodule: EpisodeDataModule, ckpt_path: str | None = None, **kwargs: Any) -> None:
+        """``trainer.fit`` from the resolved checkpoint, loaded with ``weights_only=True`` (untrusted input)."""
+        if self.trainer.is_global_zero:
+            with RunLock(self.run_dir):
+                self._fit(model, datamodule, ckpt_path, **kwargs)
+        else:
+            self._fit(model, datamodule, ckpt_path, **kwargs)
+
+    def _fit(self, model: QCAModule, datamodule: EpisodeDataModule, ckpt_path: str | None, **kwargs: Any) -> None:
+        assert self.store is not None
+        try:
+            point = self.resolve_checkpoint(ckpt_path)
+            os.environ[RESUME_ENV] = point.path if point else ""
+            if point is None or self._check_resume(point, model, datamodule):
+                kwargs["weights_only"] = True
+                self.trainer.fit(model, datamodule=datamodule, ckpt_path=point.path if point else None, **kwargs)
+        finally:
+            # The final flush, finished run or not: a mirror left behind by an earlier session catches up here.
+            status = self.store.close() if self.trainer.is_global_zero else None
+        if status is not None:
+            print(status.line(), flush=True)
+            if status.behind:
+                self.exit_code = EXIT_MIRROR_BEHIND
+
+    def _check_resume(self, point: Checkpoint, model: QCAModule, datamodule: EpisodeDataModule) -> bool:
+        """Refuse what cannot change between sessions, report what did; False when the run is already finished."""
+        # Read from the checkpoint itself (weights_only): a manifest on a shared mirror may lie about it.
+        header = _peek_checkpoint(point.path)
+        _check_same_operator(header, model)
+        _check_same_seed(header, datamodule)
+        episode = int(header.get(META_KEY, {}).get("episode", 0))
+        total = datamodule.total_episodes
+        if episode >= total:
+            print(f"run finished: episode {episode} of {total} (100%), nothing to do; "
+                  "raise data.total_episodes to train further", flush=True)  # fmt: skip
+            return False
+        print(f"resuming from episode {episode} of {total} ({100.0 * episode / total:.0f}%) "
+              f"[{point.source}: {point.path}]", flush=True)  # fmt: skip
+        changes = _changed_settings(header, model, datamodule, self.trainer.callbacks)
+        if changes:
+            print(f"changed since that checkpoint, in effect from now on: {', '.join(changes)}", flush=True)
+        return True
+
+    def validate(
+        self, model: QCAModule, datamodule: EpisodeDataModule, ckpt_path: str | None = None, **kwargs: Any
+    ) -> Any:
+        # Under the run's lock: choosing the checkpoint may repair the folder, which a training must not share.
+        with RunLock(self.run_dir) if self.trainer.is_global_zero else contextlib.nullcontext():
+            point = self.resolve_checkpoint(ckpt_path, with_mirror=False)
+            kwargs["weights_only"] = True
+            return self.trainer.validate(model, datamodule=datamodule, ckpt_path=point.path if point else None,
+                                         **kwargs)  # fmt: skip
+
+
+def _peek_checkpoint(path: str) -> dict[str, Any]:
+    """Read a checkpoint's metadata, weights only: anything else in it is refused, never loaded unsafely."""
+    try:
+        # mmap: reads the small header and the pickled metadata, not the tensors.
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(
+            f"checkpoint refused: {path} is not a weights-only checkpoint of tensors and plain values ({reason}); "
+            "move it aside or set resume to another checkpoint"
+        ) from None
+
+
+#: Settings that shape the operator's weights: a run cannot resume under different ones.
+OPERATOR_SHAPE = ("architecture", "d_state", "hidden_channels")
+
+
+def _check_same_seed(header: dict[str, Any], datamodule: EpisodeDataModule) -> None:
+    saved = (header.get(type(datamodule).__qualname__) or {}).get("seed")
+    if saved is not None and saved != datamodule.seed:
+        raise ConfigError(
+            f"data.seed={datamodule.seed!r} differs from the checkpoint's {saved!r}: the episodes of a run follow "
+            "its seed; keep the setting, or start a new experiment_name"
+        )
+
+
+def _changed_settings(
+    header: dict[str, Any], model: QCAModule, datamodule: EpisodeDataModule, callbacks: list[Any]
+) -> list[str]:
+    """``name old -> new`` for each setting that differs from the checkpoint's (lr, episodes, budget, noise, ...)."""
+    saved = header.get("hyper_parameters") or {}
+    changes = [f"model.{key} {saved[key]!r} -> {value!r}" for key, value in model.hparams.items()
+               if key in saved and key not in OPERATOR_SHAPE and saved[key] != value]  # fmt: skip
+    episodes = (header.get(type(datamodule).__qualname__) or {}).get("total_episodes")
+    if episodes is not None and episodes != datamodule.total_episodes:
+        changes.append(f"data.total_episodes {episodes!r} -> {datamodule.total_episodes!r}")
+    for guard in (callback for callback in callbacks if isinstance(callback, TimeLimitGuard)):
+        hours = ((header.get("callbacks") or {}).get(guard.state_key) or {}).get("max_hours")
+        if hours is not None and hours != guard.max_hours:
+            changes.append(f"TimeLimitGuard.max_hours {hours!r} -> {guard.max_hours!r}")
+    return changes
+
+
+def _check_same_operator(header: dict[str, Any], model: QCAModule) -> None:
+    saved = header.get("hyper_parameters", {})
+    for name in OPERATOR_SHAPE:
+        if name in saved and saved[name] != model.hparams[name]:
+            raise ConfigError(
+                f"model.{name}={model.hparams[name]!r} differs from the checkpoint's {saved[name]!r}: this run's "
+                "weights have another shape; keep the setting, or start a new experiment_name "
+                "(atheria curriculum's load_from_phase carries matching weights over)"
+            )
+
+
+def run_reporting_errors(run: Callable[[], int]) -> int:
+    """Run ``run`` and turn the errors a user can act on into one line on stderr and an exit code.
+
+    Exit codes: 0 done or stopped cleanly, 1 out of disk space, 2 bad settings or a refused checkpoint,
+    3 training cannot go on (non-finite losses, out of GPU memory), 4 done but the mirror is behind (run the same
+    command again to retry). Anything else is a bug and keeps its traceback. SIGTERM or Ctrl+C outside training
+    (start-up, final flush) ends with exit 0 and one line: training itself stops through ``StopOnSignal``.
+    """
+    try:
+        with signals_stop_the_command():
+            return run()
+    except StopRequested as stop:
+        print(stopped_line(stop), file=sys.stderr)
+        return 0
+    except (NonFiniteTrainingError, EpisodeOutOfMemoryError) as err:
+        print(f"atheria: error: {err}", file=sys.stderr)
+        return EXIT_CANNOT_TRAIN
+    except SIGTERMException:
+        # Only when SIGTERM arrived outside an episode boundary that StopOnSignal could use (e.g. validation).
+        print("atheria: stopped by SIGTERM; run the same command again to continue", file=sys.stderr)
+        return 0
+    except pickle.UnpicklingError as err:
+        # torch.load(weights_only=True) refused objects other than tensors and plain values: never retry unsafely.
+        print(f"atheria: error: checkpoint refused, it holds more than tensors and plain values ({err}".splitlines()[0]
+              + "); move it aside or set resume to another checkpoint", file=sys.stderr)  # fmt: skip
+        return EXIT_BAD_SETTINGS
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        print(f"atheria: error: no space left while writing ({err}); the previous checkpoints are intact and listed "
+              "in MANIFEST.json: free some space and run the same command again", file=sys.stderr)  # fmt: skip
+        return EXIT_DISK_FULL
+    except Exception as err:
+        # jsonargparse wraps an error raised while building a callback in its own ValueError: find ours.
+        config_error = find_config_error(err)
+        if config_error is None:
+            raise
+        print(f"atheria: error: {config_error}", file=sys.stderr)
+        return EXIT_BAD_SETTINGS
+
+
+def find_config_error(err: BaseException | None) -> ConfigError | None:
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, ConfigError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
