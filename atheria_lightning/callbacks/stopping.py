@@ -25,11 +25,9 @@ def announce_stop(
         store.flush(flush_timeout_s)
     seconds = time.monotonic() - since
     if trainer.is_global_zero:
-        done = episodes_done(trainer)
-        total = total_episodes(trainer) or done
-        print(
-            f"stopped at episode {done} of {total} ({100.0 * done / max(total, 1):.0f}%), "
-            f"run the same command again to continue ({reason}; checkpoint and mirror flush took {seconds:.1f} s)",
-            flush=True,
-        )
+        done, total = episodes_done(trainer), total_episodes(trainer)
+        # A module without Atheria's episodes counts steps.
+        where = f"step {done}" if total is None else f"episode {done} of {total} ({100.0 * done / max(total, 1):.0f}%)"
+        print(f"stopped at {where}, run the same command again to continue "
+              f"({reason}; checkpoint and mirror flush took {seconds:.1f} s)", flush=True)  # fmt: skip
     return seconds
