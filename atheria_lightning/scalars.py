@@ -39,9 +39,9 @@ def as_floats(values: list[Any]) -> list[float]:
 def send_to_loggers(trainer: pl.Trainer, metrics: dict[str, float | torch.Tensor], cadence: bool = False) -> None:
     """``metrics`` into ``trainer.callback_metrics`` and, on rank 0, to every logger at this episode's step.
 
-    ``LightningModule.log`` costs about 0.4 ms per key and call on a CPU (Lightning moves its running-metric object
-    to the value's device on every call), 3 ms per episode for the seven ``train/*`` keys of the demo, about 3% of
-    its episode. As Lightning's ``LearningRateMonitor`` does, these go to ``trainer.loggers`` directly instead, at
+    ``LightningModule.log`` costs time per key and call (Lightning moves its running-metric object to the value's
+    device on every call), a few percent of a demo episode for its seven ``train/*`` keys (``benchmarks/RESULTS.md``,
+    CPU section). As Lightning's ``LearningRateMonitor`` does, these go to ``trainer.loggers`` directly instead, at
     the step Lightning gives the episode's ``train/loss``. With ``cadence`` they reach the loggers only on the
     trainer's ``log_every_n_steps`` steps, as logged values do; without, every call is sent (for values logged
     when they change). ``callback_metrics`` always gets them, so callbacks read them as logged values.
@@ -75,15 +75,16 @@ class BufferedTensorBoardLogger(TensorBoardLogger):
     logging step.
 
     Lightning calls ``save()`` after each ``log_metrics``, and the TensorBoard writer's flush then waits for its
-    thread to write out what is queued: 0.6 ms of the training thread per episode on a CPU with
-    ``log_every_n_steps=1``. Here ``save`` flushes at most every ``flush_interval_s`` seconds; in between, the writer
-    thread appends each event to the file as it takes it from the queue (TensorBoard's local writer), so a killed
-    process loses only what was still queued. :meth:`flush` forces one (``MirrorSync`` calls it before each sync, so
-    the mirror gets every event logged so far), and the end of training flushes and closes as before.
+    thread to write out what is queued, on the training thread, every episode with ``log_every_n_steps=1``. Here
+    ``save`` flushes at most every ``flush_interval_s`` seconds; in between, the writer thread appends each event to
+    the file as it takes it from the queue (TensorBoard's local writer), so a killed process loses only what was
+    still queued. :meth:`flush` forces one (``MirrorSync`` calls it before each sync, so the mirror gets every event
+    logged so far), and the end of training flushes and closes as before.
 
     ``log_metrics`` writes the numbers of one call as one TensorBoard event holding a value per tag, where
-    ``TensorBoardLogger`` writes an event per tag: 0.16 instead of 0.6 ms for the eight values of a demo episode.
-    TensorBoard shows the same scalars; values of other kinds (dicts) go through ``TensorBoardLogger`` as before.
+    ``TensorBoardLogger`` writes an event per tag, which costs the training thread about four times as much for the
+    eight values of a demo episode (``benchmarks/RESULTS.md``, CPU section). TensorBoard shows the same scalars;
+    values of other kinds (dicts) go through ``TensorBoardLogger`` as before.
 
     Example::
 

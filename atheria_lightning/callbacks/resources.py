@@ -40,8 +40,7 @@ class ResourceMonitor(Callback):
     Each reading goes to the loggers once, at the episode it was taken, and into ``trainer.callback_metrics``
     (:func:`~atheria_lightning.scalars.send_to_loggers`). Through ``pl_module.log`` from this hook, Lightning kept
     the last reading and sent it again at every later logging step: a stale copy per episode in TensorBoard, and
-    about 0.3 ms of the training thread per episode on a CPU (Lightning's logging step and one more TensorBoard
-    event), from the first report on.
+    training-thread time every episode from the first report on (``benchmarks/RESULTS.md``, "What changed").
 
     Between reports the callback does nothing at all; a report reads host-side counters only (the caching
     allocator's statistics, NVML, ``/proc``), so it never waits for the GPU.

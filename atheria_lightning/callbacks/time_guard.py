@@ -63,8 +63,8 @@ class TimeLimitGuard(UsesRunStore, Callback):
             decision is still taken after every episode; only the logging is thinned.
 
     Logged keys (every ``log_every_n_episodes`` episodes, straight to ``trainer.loggers`` at the trainer's step,
-    as Lightning's ``LearningRateMonitor`` does: ``pl_module.log`` costs about 1.5 ms per key and episode on a CPU,
-    the direct call nothing between logging episodes):
+    as Lightning's ``LearningRateMonitor`` does, because ``pl_module.log`` costs the training thread time per key
+    and episode even between logging steps: ``benchmarks/RESULTS.md``, CPU section, "Where the rest goes"):
 
     ========================  =====================================================
     ``time/elapsed_hours``    hours since this process started
