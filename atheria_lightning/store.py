@@ -811,7 +811,7 @@ def serialized(checkpoint: dict[str, Any]) -> memoryview:
 
     The bytes are the point-in-time copy of the state: training may change the tensors as soon as this returns.
     Pickling holds Python's interpreter lock, so it is done here, on the caller's thread, and the writer thread
-    only writes, hashes and fsyncs, which release it (RESULTS.md, "plot process, checkpoint serialization").
+    only writes, hashes and fsyncs, which release it (HISTORY.md, "plot process, checkpoint serialization").
     """
     buffer = BytesIO()
     torch.save(apply_to_collection(checkpoint, torch.Tensor, _on_cpu), buffer)
