@@ -10,6 +10,7 @@ import lightning.pytorch as pl
 import torch
 from typing_extensions import override
 
+from atheria_lightning.accel import COMPILE_MODES, COMPILE_SCOPES, fast_stepper, weight_cast_cache
 from atheria_lightning.errors import ConfigError, require
 from atheria_lightning.models import operator_class
 from atheria_lightning.physics import (
@@ -24,7 +25,6 @@ from atheria_lightning.physics import (
     noise_level,
     rollout,
 )
-from atheria_lightning.physics.engine import COMPILE_MODES, COMPILE_SCOPES, fast_operator
 from atheria_lightning.scalars import send_to_loggers
 
 log = logging.getLogger(__name__)
@@ -164,7 +164,7 @@ class QCAModule(pl.LightningModule):
         if self.device not in self._rollout_operators:
             self._use_channels_last(self.device)  # a no-op after setup(); here for loops without a Trainer
             hp = self.hparams
-            compiled = fast_operator(self.operator, hp.compile, self.device, hp.checkpoint_every, hp.compile_scope)
+            compiled = fast_stepper(self.operator, hp.compile, self.device, hp.checkpoint_every, hp.compile_scope)
             self._rollout_operators[self.device] = compiled
         return self._rollout_operators[self.device]
 
@@ -180,10 +180,8 @@ class QCAModule(pl.LightningModule):
         psi0 = initial_state(
             hp.initial_state, hp.universes_per_episode, hp.grid_size, hp.d_state, generator, self.device
         )
-        operator = self.rollout_operator()
-        result = rollout(
-            operator, psi0, hp.qca_steps, hp.gamma_decay, noise, generator, hp.history_states, hp.checkpoint_every
-        )
+        with weight_cast_cache(self.device.type):  # Lightning's mixed precision leaves autocast's weight cache off
+            result = rollout(self.rollout_operator(), psi0, hp.qca_steps, hp.gamma_decay, noise, generator)
         return compute_loss(hp.loss, result.final, psi0, self.loss_weights), result.final
 
     def noise_at(self, episode: int) -> float:

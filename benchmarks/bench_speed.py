@@ -313,7 +313,7 @@ def ours_fields(args: argparse.Namespace, module: QCAModule) -> dict[str, Any]:
     device_type = torch.device(args.device).type
     operators = [op for device, op in module._rollout_operators.items() if device.type == device_type]
     return {"precision": args.precision, "compile": args.compile, "compile_scope": args.compile_scope,
-            "compile_active": any(getattr(op, "active", False) for op in operators),
+            "compile_active": any(getattr(op, "compiled", None) is not None for op in operators),
             "checkpoint_every": module.hparams.checkpoint_every,
             "channels_last": module.hparams.channels_last and device_type == "cuda",
             "cudnn_benchmark": torch.backends.cudnn.benchmark}  # fmt: skip

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,18 +15,12 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import Callback
 from test_physics import NoHostSync
 
+from atheria_lightning.accel import COMPILE_MODES, CompiledOperator, CompiledStep, Runner, fast_stepper
 from atheria_lightning.data import EpisodeDataModule
 from atheria_lightning.errors import ConfigError
 from atheria_lightning.module import QCAModule
-from atheria_lightning.physics import compute_loss, episode_generator, initial_state, rollout
-from atheria_lightning.physics.engine import (
-    COMPILE_MODES,
-    CompiledOperator,
-    CompiledStep,
-    fast_operator,
-    noisy_step,
-    noisy_step_pairs,
-)
+from atheria_lightning.physics import Plain, compute_loss, episode_generator, initial_state, rollout
+from atheria_lightning.physics.engine import noisy_step, noisy_step_pairs
 from atheria_lightning.physics.noise import draw_noise, noise_rates
 
 EPISODES = 5
@@ -55,6 +51,27 @@ def train(model: QCAModule, episodes: int = EPISODES, seed: int = 3) -> tuple[li
     return losses, gradients
 
 
+def checkpointing(operator: Any, every: int) -> Any:
+    """What a rollout steps with at ``model.checkpoint_every = every``, uncompiled (every 0: the plain steps)."""
+    return fast_stepper(operator, "off", "cpu", checkpoint_every=every)
+
+
+def compiling(stepper: Any) -> bool:
+    """Whether ``stepper`` still runs compiled code (it has not fallen back to the plain computation)."""
+    return stepper.compiled is not None
+
+
+@contextlib.contextmanager
+def states_stepped(operator: torch.nn.Module) -> Iterator[list[torch.Tensor]]:
+    """The state each step starts from (as the operator's input channels), while the context is open."""
+    states: list[torch.Tensor] = []
+    hook = operator.register_forward_pre_hook(lambda module, args: states.append(args[0].detach().clone()))
+    try:
+        yield states
+    finally:
+        hook.remove()
+
+
 def assert_same_training(
     expected: tuple[list[torch.Tensor], list[torch.Tensor]], actual: tuple[list[torch.Tensor], list[torch.Tensor]]
 ) -> None:
@@ -78,17 +95,18 @@ def test_checkpointed_rollout_trains_like_the_plain_one(architecture: str, every
 def test_checkpointing_replays_the_noise_and_moves_the_generator_on_as_the_plain_rollout_does() -> None:
     model = tiny_model()
     psi0 = initial_state("random", 2, 8, 2, torch.Generator().manual_seed(1))
-    results, generators = [], []
+    histories, generators = [], []
     for every in (0, 2):
         generator = torch.Generator().manual_seed(5)
-        result = rollout(model.operator, psi0, 6, 0.01, noise=0.5, generator=generator, checkpoint_every=every)
+        with states_stepped(model.operator) as states:  # the forward's states, not the backward's recompute
+            result = rollout(checkpointing(model.operator, every), psi0, 6, 0.01, noise=0.5, generator=generator)
         result.final.abs().sum().backward()  # the backward recomputes the segments, and their noise, once more
-        results.append(result)
+        histories.append([*states, result.final.detach()])
         generators.append(generator.get_state())
 
     assert torch.equal(generators[0], generators[1]), "the caller's generator must end where the plain run leaves it"
-    assert len(results[0].history) == len(results[1].history) == 7
-    for plain, checkpointed in zip(results[0].history, results[1].history, strict=True):
+    assert len(histories[0]) == len(histories[1]) == 7
+    for plain, checkpointed in zip(histories[0], histories[1], strict=True):
         assert torch.equal(plain, checkpointed)
 
 
@@ -98,7 +116,7 @@ def test_without_a_generator_checkpointing_replays_the_global_noise_and_moves_it
     finals, states = [], []
     for every in (0, 2):
         torch.manual_seed(5)
-        result = rollout(model.operator, psi0, 6, 0.01, noise=0.5, checkpoint_every=every)  # the default generator
+        result = rollout(checkpointing(model.operator, every), psi0, 6, 0.01, noise=0.5)  # the default generator
         result.final.abs().sum().backward()
         finals.append(result.final.detach())
         states.append(torch.get_rng_state())
@@ -111,7 +129,7 @@ def test_checkpointing_refuses_an_operator_whose_weights_it_cannot_see() -> None
     operator = tiny_model().operator
     psi0 = initial_state("random", 2, 8, 2, torch.Generator().manual_seed(1))
     with pytest.raises(TypeError, match="checkpoint_every needs the operator as an nn.Module"):
-        rollout(lambda x: operator(x), psi0, 4, 0.01, checkpoint_every=2)
+        rollout(checkpointing(lambda x: operator(x), 2), psi0, 4, 0.01)
 
 
 class DecayingMemory(torch.nn.Module):
@@ -137,8 +155,8 @@ def test_checkpointing_carries_any_nest_of_memory_tensors_like_the_plain_rollout
     for every in (0, 2):
         torch.manual_seed(0)
         operator = DecayingMemory(as_dict)
-        result = rollout(operator, psi0, 5, 0.01, noise=0.5, generator=torch.Generator().manual_seed(2),
-                         checkpoint_every=every)  # fmt: skip
+        result = rollout(checkpointing(operator, every), psi0, 5, 0.01, noise=0.5,
+                         generator=torch.Generator().manual_seed(2))  # fmt: skip
         result.final.abs().sum().backward()
         finals.append(result.final.detach())
         gradients.append(torch.cat([p.grad.flatten() for p in operator.parameters()]))
@@ -150,7 +168,7 @@ def test_checkpointed_rollout_never_waits_for_the_device() -> None:
     model = tiny_model()
     psi0 = initial_state("random", 2, 8, 2, torch.Generator().manual_seed(1))
     with NoHostSync():
-        result = rollout(model.operator, psi0, 6, 0.01, noise=0.5, generator=torch.Generator(), checkpoint_every=2)
+        result = rollout(checkpointing(model.operator, 2), psi0, 6, 0.01, noise=0.5, generator=torch.Generator())
     assert result.final.shape == psi0.shape
 
 
@@ -217,9 +235,10 @@ def test_batched_universes_train_like_the_same_universes_one_at_a_time() -> None
     for episode in range(EPISODES):
         generator = episode_generator(3, episode)
         psi0 = initial_state("random", universes, 8, 2, generator)  # (2, 8, 8, 2)
-        batched = compute_loss("evolutionary", rollout(models[0].operator, psi0, steps, 0.01).final, psi0)["loss"]
+        final = rollout(Plain(models[0].operator), psi0, steps, 0.01).final
+        batched = compute_loss("evolutionary", final, psi0)["loss"]
         one_at_a_time = torch.stack([
-            compute_loss("evolutionary", rollout(models[1].operator, psi, steps, 0.01).final, psi)["loss"]
+            compute_loss("evolutionary", rollout(Plain(models[1].operator), psi, steps, 0.01).final, psi)["loss"]
             for psi in psi0.split(1)
         ]).mean()  # fmt: skip
         torch.testing.assert_close(one_at_a_time, batched, rtol=0, atol=LOSS_TOLERANCE)
@@ -246,7 +265,7 @@ def test_compiled_operator_trains_like_the_plain_one_checkpointed_or_not() -> No
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             compiled = train(model)
-        if not model.rollout_operator().active:
+        if not compiling(model.rollout_operator()):
             pytest.skip(f"torch.compile does not work on this machine: {[str(w.message) for w in caught]}")
         assert_same_training(plain, compiled)
     torch._dynamo.reset()
@@ -289,7 +308,7 @@ def test_compiled_whole_step_trains_like_the_plain_one_checkpointed_or_not(archi
             compiled = train(model)
         step = model.rollout_operator()
         assert isinstance(step, CompiledStep)
-        if not step.active:
+        if not compiling(step):
             pytest.skip(f"torch.compile does not work on this machine: {[str(w.message) for w in caught]}")
         assert_same_training(plain, compiled)
     torch._dynamo.reset()
@@ -316,27 +335,8 @@ def test_fast_paths_train_like_the_plain_one_on_cuda(
         fast = train(model)
     # A fallback to the plain operator would pass for the wrong reason.
     assert not [str(w.message) for w in caught if "model.compile" in str(w.message)]
-    assert mode == "off" or model.rollout_operator().active
+    assert mode == "off" or compiling(model.rollout_operator())
     assert_same_training(plain, fast)
-    torch._dynamo.reset()
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device (run on a GPU machine)")
-def test_a_rollouts_history_outlives_the_next_captured_episode_on_cuda() -> None:
-    # With the whole step captured, each step's state is a CUDA graph's output, and the next episode's replays
-    # write over that memory. The history (the pictures) must still read back as it was.
-    torch._dynamo.reset()
-    model = tiny_model("UNET", compile="reduce-overhead", compile_scope="step").cuda()
-    psi0 = initial_state("random", 1, 8, 2, torch.Generator().manual_seed(1)).cuda()
-    kept = []
-    for episode in range(3):
-        result = rollout(model.rollout_operator(), psi0 * (1 + episode), 5, 0.01)
-        result.final.abs().sum().backward()
-        kept.append((result.history, [state.clone() for state in result.history]))
-    assert model.rollout_operator().active
-    for history, copies in kept:
-        for state, copy in zip(history, copies, strict=True):
-            torch.testing.assert_close(state, copy, rtol=0, atol=0)
     torch._dynamo.reset()
 
 
@@ -346,17 +346,19 @@ def test_cuda_graph_modes_fall_back_on_the_cpu_with_one_warning(mode: str) -> No
     with pytest.warns(UserWarning, match=rf"model\.compile='{mode}' is not possible here \(CUDA graphs need") as caught:
         losses, _ = train(model, episodes=2)
     assert len([w for w in caught if "model.compile" in str(w.message)]) == 1
-    assert model.rollout_operator() is model.operator
+    assert type(model.rollout_operator()) is Plain and model.rollout_operator().operator is model.operator
     assert all(torch.isfinite(loss) for loss in losses)
 
 
 def test_capture_is_not_attempted_for_a_recurrent_operator_or_under_checkpointing() -> None:
     recurrent = tiny_model("UNET_CONVLSTM").operator
     with pytest.warns(UserWarning, match="carries a memory"):
-        assert fast_operator(recurrent, "reduce-overhead", "cuda") is recurrent
+        stepper = fast_stepper(recurrent, "reduce-overhead", "cuda")
+    assert type(stepper) is Plain and stepper.operator is recurrent
     operator = tiny_model().operator
     with pytest.warns(UserWarning, match="checkpoint_every"):
-        assert fast_operator(operator, "reduce-overhead", "cuda", checkpoint_every=10) is operator
+        stepper = fast_stepper(operator, "reduce-overhead", "cuda", checkpoint_every=10)
+    assert type(stepper) is Runner and stepper.operator is operator  # the plain operator, still checkpointed
 
 
 def test_a_failing_forward_compile_falls_back_to_the_plain_operator_with_one_warning() -> None:
@@ -370,7 +372,7 @@ def test_a_failing_forward_compile_falls_back_to_the_plain_operator_with_one_war
     x = torch.randn(2, 4, 8, 8)
     with pytest.warns(UserWarning, match=r"model\.compile='default' failed \(RuntimeError: capture failed\)") as caught:
         first, second = compiled(x), compiled(x)
-    assert len(caught) == 1 and not compiled.active
+    assert len(caught) == 1 and not compiling(compiled)
     assert torch.equal(first, operator(x)) and torch.equal(second, operator(x))
 
 
@@ -393,7 +395,7 @@ def test_a_failing_backward_compile_falls_back_at_the_probe_before_training_uses
     compiled.compiled = forward_only
     with pytest.warns(UserWarning, match="backward capture failed"):
         compiled.probe(torch.randn(2, 4, 8, 8))
-    assert not compiled.active
+    assert not compiling(compiled)
 
 
 # --- settings ---------------------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from lightning.pytorch.callbacks import Callback
 
 from atheria_lightning.data import EpisodeDataModule
 from atheria_lightning.errors import ConfigError
-from atheria_lightning.models import OPERATORS, build_operator, operator_class
+from atheria_lightning.models import OPERATORS, operator_class
 from atheria_lightning.module import QCAModule
 
 D_STATE, HIDDEN, GRID = 2, 8, 8
@@ -59,7 +59,7 @@ def call(operator: torch.nn.Module, x: torch.Tensor, memory: Any = None) -> tupl
 @pytest.mark.parametrize("name", list(OPERATORS))
 def test_output_has_the_input_shape(name: str) -> None:
     torch.manual_seed(0)
-    operator = build_operator(name, D_STATE, HIDDEN)
+    operator = operator_class(name)(D_STATE, HIDDEN)
     x = torch.randn(3, 2 * D_STATE, GRID, 2 * GRID)  # (B, 2d, H, W), not square on purpose
     out, _ = call(operator, x)
     assert out.shape == x.shape
@@ -68,13 +68,13 @@ def test_output_has_the_input_shape(name: str) -> None:
 @pytest.mark.parametrize("name", list(OPERATORS))
 def test_output_starts_near_zero(name: str) -> None:
     torch.manual_seed(0)
-    out, _ = call(build_operator(name, D_STATE, HIDDEN), torch.ones(1, 2 * D_STATE, GRID, GRID))
+    out, _ = call(operator_class(name)(D_STATE, HIDDEN), torch.ones(1, 2 * D_STATE, GRID, GRID))
     assert 0.0 < out.abs().max().item() < 1e-3
 
 
 def test_convlstm_memory_carries_from_call_to_call() -> None:
     torch.manual_seed(0)
-    operator = build_operator("UNET_CONVLSTM", D_STATE, HIDDEN)
+    operator = operator_class("UNET_CONVLSTM")(D_STATE, HIDDEN)
     x = torch.randn(2, 2 * D_STATE, GRID, GRID)
     first, memory = operator(x)
     fresh, _ = operator(x)
@@ -96,7 +96,7 @@ def test_registry_rejects_unknown_names_listing_the_accepted_ones() -> None:
 
 def test_deep_qca_neighbour_sum_stays_frozen() -> None:
     torch.manual_seed(0)
-    operator = build_operator("DEEP_QCA", D_STATE, HIDDEN)
+    operator = operator_class("DEEP_QCA")(D_STATE, HIDDEN)
     kernel = operator.perceive.weight.detach().clone()
     assert not operator.perceive.weight.requires_grad
     assert kernel[:, :, 1, 1].eq(0).all() and kernel.sum().item() == 8 * kernel.shape[0]

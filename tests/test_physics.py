@@ -12,8 +12,7 @@ from torch.overrides import TorchFunctionMode
 from atheria_lightning.physics import (
     INITIAL_STATES,
     LOSSES,
-    apply_noise,
-    bit_flip,
+    Plain,
     cell_norm,
     combined_metric,
     compute_loss,
@@ -21,10 +20,10 @@ from atheria_lightning.physics import (
     initial_state,
     lindblad_step,
     noise_level,
-    phase_flip,
     rollout,
 )
 from atheria_lightning.physics.losses import complexity, survival, symmetry
+from atheria_lightning.physics.noise import apply_drawn_noise, draw_noise, noise_rates
 
 D_STATE = 2
 
@@ -42,6 +41,28 @@ def assert_about(count: int, cells: int, rate: float) -> None:
     """``count`` is within 5 binomial standard deviations of ``rate * cells``."""
     sigma = math.sqrt(cells * rate * (1 - rate))
     assert abs(count - rate * cells) < 5 * sigma, f"{count} of {cells} cells, expected about {rate * cells:.0f}"
+
+
+def phase_flip(psi: torch.Tensor, rate: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """The original's phase flip, drawn on the spot: each amplitude of about ``rate`` of the cells turned by a random
+    phase ``exp(i*theta)``; |psi| is kept."""
+    cells = torch.rand(psi.shape[:3], generator=generator, device=psi.device).unsqueeze(-1) < rate
+    angle = torch.rand(psi.shape, generator=generator, device=psi.device) * (2 * math.pi)
+    return torch.where(cells, psi * torch.polar(torch.ones_like(angle), angle), psi)
+
+
+def bit_flip(
+    psi: torch.Tensor, rate: float, generator: torch.Generator | None = None, gate: torch.Tensor | bool = True
+) -> torch.Tensor:
+    """The original's bit flip, drawn on the spot: the sign of about ``rate`` of the cells inverted, where ``gate``
+    (a device boolean) is true."""
+    cells = torch.rand(psi.shape[:3], generator=generator, device=psi.device).unsqueeze(-1) < rate
+    return torch.where(cells & gate, -psi, psi)
+
+
+def apply_noise(psi: torch.Tensor, level: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One step of the rollout's noise at ``level``, drawn ahead of it as the rollout draws it."""
+    return apply_drawn_noise(psi, noise_rates(level, psi.device), draw_noise(psi, generator))
 
 
 class ZeroOperator(nn.Module):
@@ -109,9 +130,12 @@ def test_bit_flip_with_gate_closed_flips_nothing(gate) -> None:
     assert torch.equal(bit_flip(psi0, 0.5, torch.Generator().manual_seed(3), gate=gate), psi0)
 
 
-def test_apply_noise_at_level_zero_returns_the_input() -> None:
-    psi0 = random_state()
-    assert apply_noise(psi0, 0.0, torch.Generator().manual_seed(4)) is psi0
+def test_a_rollout_at_noise_level_zero_draws_no_noise() -> None:
+    psi0, generator = random_state(), torch.Generator().manual_seed(4)
+    start = generator.get_state()
+    final = rollout(Plain(ZeroOperator()), psi0, steps=3, gamma=0.2, noise=0.0, generator=generator).final
+    torch.testing.assert_close(final, psi0)
+    assert torch.equal(generator.get_state(), start)
 
 
 @pytest.mark.parametrize("level", [0.5, 0.05, 0.013])
@@ -143,7 +167,7 @@ def test_rollout_with_noise_never_waits_for_the_device() -> None:
     operator = nn.Sequential(nn.Conv2d(2 * D_STATE, 8, 1), nn.ELU(), nn.Conv2d(8, 2 * D_STATE, 1))
     psi0, generator = random_state(), torch.Generator().manual_seed(5)
     with NoHostSync():
-        result = rollout(operator, psi0, steps=5, gamma=0.01, noise=0.5, generator=generator, history_states=2)
+        result = rollout(Plain(operator), psi0, steps=5, gamma=0.01, noise=0.5, generator=generator)
     assert result.final.shape == psi0.shape
 
 

@@ -23,9 +23,4 @@ def operator_class(architecture: str) -> type[QCAOperator]:
     return OPERATORS[architecture]
 
 
-def build_operator(architecture: str, d_state: int, hidden_channels: int) -> QCAOperator:
-    """Instantiate the operator ``architecture`` for ``d_state`` amplitudes per cell."""
-    return operator_class(architecture)(d_state, hidden_channels)
-
-
-__all__ = ["OPERATORS", "QCAOperator", "build_operator", "operator_class"]
+__all__ = ["OPERATORS", "QCAOperator", "operator_class"]

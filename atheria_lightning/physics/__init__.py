@@ -1,25 +1,37 @@
 """The simulated universe in plain torch: states, the Lindblad-Euler step, noise and losses (no Lightning here)."""
 
-from atheria_lightning.physics.engine import RolloutResult, episode_generator, lindblad_step, rollout
+from atheria_lightning.physics.engine import (
+    Plain,
+    RolloutResult,
+    Step,
+    Stepper,
+    episode_generator,
+    evolve,
+    lindblad_step,
+    noisy_step,
+    rollout,
+)
 from atheria_lightning.physics.losses import LOSSES, LossWeights, combined_metric, compute_loss
-from atheria_lightning.physics.noise import apply_noise, bit_flip, noise_level, phase_flip
+from atheria_lightning.physics.noise import noise_level
 from atheria_lightning.physics.state import INITIAL_STATES, cell_norm, initial_state, normalize
 
 __all__ = [
     "INITIAL_STATES",
     "LOSSES",
     "LossWeights",
+    "Plain",
     "RolloutResult",
-    "apply_noise",
-    "bit_flip",
+    "Step",
+    "Stepper",
     "cell_norm",
     "combined_metric",
     "compute_loss",
     "episode_generator",
+    "evolve",
     "initial_state",
     "lindblad_step",
     "noise_level",
+    "noisy_step",
     "normalize",
-    "phase_flip",
     "rollout",
 ]

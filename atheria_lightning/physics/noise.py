@@ -23,11 +23,6 @@ def noise_level(episode: int, max_noise: float = 0.05, ramp_episodes: int = 2000
     return level if level >= NOISE_FLOOR else 0.0
 
 
-def _cell_mask(psi: torch.Tensor, rate: float, generator: torch.Generator | None) -> torch.Tensor:
-    """A boolean ``(B, H, W, 1)`` mask selecting about ``rate`` of the cells."""
-    return torch.rand(psi.shape[:3], generator=generator, device=psi.device).unsqueeze(-1) < rate
-
-
 def _turn_phases(psi: torch.Tensor, cells: torch.Tensor, turns: torch.Tensor) -> torch.Tensor:
     """In the ``cells`` (a ``(B, H, W, 1)`` mask), multiply each amplitude by ``exp(2*pi*i*turns)``.
 
@@ -42,24 +37,8 @@ def _flip_signs(psi: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
     return torch.where(cells, -psi, psi)
 
 
-def phase_flip(psi: torch.Tensor, rate: float, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Multiply each amplitude of about ``rate`` of the cells by a random phase ``exp(i*theta)``; |psi| is kept."""
-    cells = _cell_mask(psi, rate, generator)
-    return _turn_phases(psi, cells, torch.rand(psi.shape, generator=generator, device=psi.device))
-
-
-def bit_flip(
-    psi: torch.Tensor,
-    rate: float,
-    generator: torch.Generator | None = None,
-    gate: torch.Tensor | bool = True,
-) -> torch.Tensor:
-    """Invert the sign of about ``rate`` of the cells, where ``gate`` (a device boolean) is true."""
-    return _flip_signs(psi, _cell_mask(psi, rate, generator) & gate)
-
-
 class NoiseDraws(NamedTuple):
-    """The uniform draws of one noise step, in the order :func:`apply_noise` makes them."""
+    """The uniform draws of one noise step, in the order :func:`draw_noise` makes them."""
 
     phase_cells: torch.Tensor  # (B, H, W): which cells turn their phase
     phase_angles: torch.Tensor  # (B, H, W, d): by how much, as a fraction of a full turn
@@ -76,14 +55,15 @@ class NoiseRates(NamedTuple):
 
 
 def noise_rates(level: float, device: torch.device | str) -> NoiseRates:
-    """The phase-flip rate ``level`` and the bit-flip rate ``0.1 * level``, rounded to float32 as the comparisons
-    of :func:`phase_flip` and :func:`bit_flip` round them."""
+    """The phase-flip rate ``level`` and the bit-flip rate ``0.1 * level``, as float32: the precision of the uniform
+    draws they are compared with."""
     rates = torch.tensor([level, BIT_FLIP_RATE_FACTOR * level], dtype=torch.float32).to(device, non_blocking=True)
     return NoiseRates(rates[0], rates[1])
 
 
 def draw_noise(psi: torch.Tensor, generator: torch.Generator | None = None) -> NoiseDraws:
-    """The random numbers of one noise step on ``psi``'s device: what :func:`apply_noise` draws, in its order."""
+    """The random numbers of one noise step on ``psi``'s device: which cells turn their phase and by how much,
+    whether a bit-flip event happens, which cells flip; drawn in that order."""
     cells, device = psi.shape[:3], psi.device
     return NoiseDraws(
         torch.rand(cells, generator=generator, device=device),
@@ -111,12 +91,3 @@ def apply_drawn_noise_pairs(pairs: torch.Tensor, rates: NoiseRates, draws: Noise
     pairs = torch.where(cells, turned, pairs)
     flips = ((draws.bit_cells < rates.bit) & (draws.bit_gate < BIT_FLIP_PROBABILITY))[..., None, None]
     return torch.where(flips, -pairs, pairs)
-
-
-def apply_noise(psi: torch.Tensor, level: float, generator: torch.Generator | None = None) -> torch.Tensor:
-    """One step of environment noise: a phase flip at ``level``, and with probability 0.2 a bit flip at
-    ``0.1 * level``; the same numbers as :func:`phase_flip` then :func:`bit_flip` gated by a draw, drawn in that
-    order. The 20% draw stays on the device, so the step never waits for the GPU."""
-    if level <= 0.0:  # a Python float from the curriculum, not a tensor: no sync
-        return psi
-    return apply_drawn_noise(psi, noise_rates(level, psi.device), draw_noise(psi, generator))
