@@ -34,6 +34,7 @@ from atheria_lightning.lock import RunLock
 from atheria_lightning.module import EpisodeOutOfMemoryError, NonFiniteTrainingError, QCAModule
 from atheria_lightning.platform import COLAB_DRIVE_ROOT, Platform, default_mirror_url, default_run_root, detect_platform
 from atheria_lightning.scalars import BufferedTensorBoardLogger
+from atheria_lightning.settings import changed_settings, refuse_fixed_changes
 from atheria_lightning.store import META_KEY, Checkpoint, RunStore, UsesRunStore
 
 log = logging.getLogger(__name__)
@@ -262,8 +263,8 @@ class AtheriaCLI(LightningCLI):
         """Refuse what cannot change between sessions, report what did; False when the run is already finished."""
         # Read from the checkpoint itself (weights_only): a manifest on a shared mirror may lie about it.
         header = _peek_checkpoint(point.path)
-        _check_same_operator(header, model)
-        _check_same_seed(header, datamodule)
+        saved, now = _settings_by_key(header, model, datamodule, self.trainer.callbacks)
+        refuse_fixed_changes(saved, now)
         episode = int(header.get(META_KEY, {}).get("episode", 0))
         total = datamodule.total_episodes
         if episode >= total:
@@ -272,7 +273,7 @@ class AtheriaCLI(LightningCLI):
             return False
         print(f"resuming from episode {episode} of {total} ({100.0 * episode / total:.0f}%) "
               f"[{point.source}: {point.path}]", flush=True)  # fmt: skip
-        changes = _changed_settings(header, model, datamodule, self.trainer.callbacks)
+        changes = changed_settings(saved, now)
         if changes:
             print(f"changed since that checkpoint, in effect from now on: {', '.join(changes)}", flush=True)
         return True
@@ -301,45 +302,23 @@ def _peek_checkpoint(path: str) -> dict[str, Any]:
         ) from None
 
 
-#: Settings that shape the operator's weights: a run cannot resume under different ones.
-OPERATOR_SHAPE = ("architecture", "d_state", "hidden_channels")
-
-
-def _check_same_seed(header: dict[str, Any], datamodule: EpisodeDataModule) -> None:
-    saved = (header.get(type(datamodule).__qualname__) or {}).get("seed")
-    if saved is not None and saved != datamodule.seed:
-        raise ConfigError(
-            f"data.seed={datamodule.seed!r} differs from the checkpoint's {saved!r}: the episodes of a run follow "
-            "its seed; keep the setting, or start a new experiment_name"
-        )
-
-
-def _changed_settings(
+def _settings_by_key(
     header: dict[str, Any], model: QCAModule, datamodule: EpisodeDataModule, callbacks: list[Any]
-) -> list[str]:
-    """``name old -> new`` for each setting that differs from the checkpoint's (lr, episodes, budget, noise, ...)."""
-    saved = header.get("hyper_parameters") or {}
-    changes = [f"model.{key} {saved[key]!r} -> {value!r}" for key, value in model.hparams.items()
-               if key in saved and key not in OPERATOR_SHAPE and saved[key] != value]  # fmt: skip
-    episodes = (header.get(type(datamodule).__qualname__) or {}).get("total_episodes")
-    if episodes is not None and episodes != datamodule.total_episodes:
-        changes.append(f"data.total_episodes {episodes!r} -> {datamodule.total_episodes!r}")
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The checkpoint's settings and this session's, keyed as the CLI names them (``model.lr``, ``data.seed``)."""
+    saved = {f"model.{key}": value for key, value in (header.get("hyper_parameters") or {}).items()}
+    now = {f"model.{key}": value for key, value in model.hparams.items()}
+    data = header.get(type(datamodule).__qualname__) or {}
+    for key in ("seed", "total_episodes"):
+        if key in data:
+            saved[f"data.{key}"] = data[key]
+        now[f"data.{key}"] = getattr(datamodule, key)
     for guard in (callback for callback in callbacks if isinstance(callback, TimeLimitGuard)):
         hours = ((header.get("callbacks") or {}).get(guard.state_key) or {}).get("max_hours")
-        if hours is not None and hours != guard.max_hours:
-            changes.append(f"TimeLimitGuard.max_hours {hours!r} -> {guard.max_hours!r}")
-    return changes
-
-
-def _check_same_operator(header: dict[str, Any], model: QCAModule) -> None:
-    saved = header.get("hyper_parameters", {})
-    for name in OPERATOR_SHAPE:
-        if name in saved and saved[name] != model.hparams[name]:
-            raise ConfigError(
-                f"model.{name}={model.hparams[name]!r} differs from the checkpoint's {saved[name]!r}: this run's "
-                "weights have another shape; keep the setting, or start a new experiment_name "
-                "(atheria curriculum's load_from_phase carries matching weights over)"
-            )
+        if hours is not None:
+            saved["TimeLimitGuard.max_hours"] = hours
+        now["TimeLimitGuard.max_hours"] = guard.max_hours
+    return saved, now
 
 
 def run_reporting_errors(run: Callable[[], int]) -> int:

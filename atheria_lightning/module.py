@@ -10,13 +10,8 @@ import lightning.pytorch as pl
 import torch
 from typing_extensions import override
 
-from atheria_lightning.accel import COMPILE_MODES, COMPILE_SCOPES, fast_stepper, weight_cast_cache
-from atheria_lightning.errors import ConfigError, require
-from atheria_lightning.models import operator_class
+from atheria_lightning.accel import fast_stepper, weight_cast_cache
 from atheria_lightning.physics import (
-    INITIAL_STATES,
-    LOSSES,
-    LossWeights,
     combined_metric,
     compute_loss,
     episode_generator,
@@ -26,11 +21,10 @@ from atheria_lightning.physics import (
     rollout,
 )
 from atheria_lightning.scalars import send_to_loggers
+from atheria_lightning.settings import ModelSettings, apply_changed_optimizer_settings
 
 log = logging.getLogger(__name__)
 
-# U-Nets pool twice; below 8 cells their bottleneck is 1x1 and the symmetry score is meaningless.
-MIN_GRID_SIZE = 8
 #: What each validation logs, as ``val/<name>``: the mean over the fixed validation universes.
 VALIDATION_SCORES = ("combined", "survival", "symmetry", "complexity")
 
@@ -75,28 +69,27 @@ class QCAModule(pl.LightningModule):
         lr_factor: Factor applied to the learning rate on a plateau.
         universes_per_episode: Universes rolled out together in one episode (the batch); 1 as the original. On a
             GPU the time of an episode hardly grows with it up to tens of universes: it is the speed lever.
-        history_states: About this many states of each rollout are kept for pictures.
+        history_states: Unused (the rollout keeps no history); accepted so that older presets and checkpoints load.
         max_nonfinite_episodes: Consecutive non-finite episodes after which training stops with an error.
         checkpoint_every: Activation checkpointing, 0 = off: keep only the state every this many steps and
             recompute the steps in between during the backward pass (one more forward pass, without a graph; the
             same numbers at fp32, rounded slightly differently under mixed precision). The memory left is one state
             per segment plus one segment's activations; a state is about a hundred times smaller than one step's
-            U-Net activations, so 1 or 2 uses the least (grid 128 on the CPU: +1.76 GiB for 10 plain steps, +0.34
-            GiB with 1).
+            U-Net activations, so 1 or 2 uses the least (``benchmarks/RESULTS.md``, the grid-128 memory).
         compile: ``off``; ``default`` (``torch.compile`` of the operator); ``reduce-overhead`` (the same, replayed as
             CUDA graphs), which needs a GPU and a non-recurrent operator without ``checkpoint_every``; elsewhere, or
             if compiling fails, the plain operator runs after one warning. The maths is that of ``off``.
         compile_scope: What ``compile`` compiles: ``operator`` (the operator alone; the one measured on a GPU so far)
             or ``step`` (the whole step in real arithmetic: operator, Euler update, normalisation and noise fused,
-            and with ``reduce-overhead`` one CUDA graph per step; the same numbers; on the CPU 1.1-1.6x faster
-            than ``operator``, not yet measured on a GPU).
+            and with ``reduce-overhead`` one CUDA graph per step; the same numbers; faster than ``operator`` on the
+            CPU, not yet measured on a GPU: ``benchmarks/RESULTS.md``, "The compiled step in real arithmetic").
         channels_last: On a GPU, store the operator's weights channels-last so cuDNN runs its NHWC kernels (the
             state already reaches the operator in that layout). Ignored on the CPU.
 
     Logs ``train/loss``, ``train/survival``, ``train/symmetry``, ``train/complexity``, ``train/noise_level``,
     ``train/nonfinite_skipped`` every episode, at the trainer's ``log_every_n_steps`` cadence, straight to the
-    loggers and into ``trainer.callback_metrics``, where the plateau scheduler and the callbacks read them (a
-    ``self.log`` call costs about 0.5 ms on a CPU, and Lightning's per-step reduction as much again). Under DDP the
+    loggers and into ``trainer.callback_metrics``, where the plateau scheduler and the callbacks read them (without
+    ``self.log``'s cost per key: :func:`~atheria_lightning.scalars.send_to_loggers`). Under DDP the
     loss and its parts are means over the ranks, so every rank skips or steps, and lowers the learning rate, at the
     same episodes. Also logs ``val/combined`` (= 10 survival + 5 symmetry, lower is better), ``val/survival``,
     ``val/symmetry``, ``val/complexity`` at each validation.
@@ -131,16 +124,13 @@ class QCAModule(pl.LightningModule):
         channels_last: bool = True,
     ) -> None:
         super().__init__()
-        operator_cls = _check_settings(
-            architecture, d_state, hidden_channels, grid_size, qca_steps, gamma_decay, max_noise,
-            noise_ramp_episodes, initial_state, loss, lr, lr_factor, universes_per_episode, max_nonfinite_episodes,
-        )  # fmt: skip
-        _check_speed_settings(checkpoint_every, compile, compile_scope)
         # Every argument is a plain number or string, so the checkpoint alone rebuilds the model and loads
-        # with weights_only=True.
+        # with weights_only=True; the groups check them (one line naming the flag for a bad value).
         self.save_hyperparameters()
-        self.operator = operator_cls(d_state, hidden_channels)
-        self.loss_weights = LossWeights(survival_weight, symmetry_weight, complexity_weight, target_retention)
+        # (LightningCLI adds its own "_instantiator" entry to the hyper-parameters: not a setting.)
+        self.settings = ModelSettings.from_flat({k: v for k, v in self.hparams.items() if not k.startswith("_")})
+        self.operator = self.settings.operator.operator_class(d_state, hidden_channels)
+        self.loss_weights = self.settings.loss.weights
         self.nonfinite_skipped = 0
         self._consecutive_nonfinite = 0
         self._drop_next_step = False
@@ -156,37 +146,38 @@ class QCAModule(pl.LightningModule):
         self._use_channels_last(self.trainer.strategy.root_device)
 
     def _use_channels_last(self, device: torch.device) -> None:
-        if self.hparams.channels_last and device.type == "cuda":
+        if self.settings.speed.channels_last and device.type == "cuda":
             self.operator.to(memory_format=torch.channels_last)
 
     def rollout_operator(self) -> Any:
         """The callable the rollout steps with: the operator, compiled as ``compile`` asks where possible."""
         if self.device not in self._rollout_operators:
             self._use_channels_last(self.device)  # a no-op after setup(); here for loops without a Trainer
-            hp = self.hparams
-            compiled = fast_stepper(self.operator, hp.compile, self.device, hp.checkpoint_every, hp.compile_scope)
+            speed = self.settings.speed
+            compiled = fast_stepper(self.operator, speed.compile, self.device, speed.checkpoint_every,
+                                    speed.compile_scope)  # fmt: skip
             self._rollout_operators[self.device] = compiled
         return self._rollout_operators[self.device]
 
     @override
     def forward(self, psi: torch.Tensor) -> torch.Tensor:
         """One Lindblad-Euler step of ``psi`` (complex ``(B, H, W, d)``), without noise or memory."""
-        return lindblad_step(self.operator, psi, self.hparams.gamma_decay)[0]
+        return lindblad_step(self.operator, psi, self.settings.rollout.gamma_decay)[0]
 
     def run_episode(self, seed: int, episode: int, noise: float) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Roll out the universes of ``episode`` (a pure function of ``seed``, ``episode`` and the rank)."""
-        hp = self.hparams
+        universe, d_state = self.settings.rollout, self.settings.operator.d_state
         generator = episode_generator(seed, episode, self.device, rank=self.global_rank)
         psi0 = initial_state(
-            hp.initial_state, hp.universes_per_episode, hp.grid_size, hp.d_state, generator, self.device
+            universe.initial_state, universe.universes_per_episode, universe.grid_size, d_state, generator, self.device
         )
         with weight_cast_cache(self.device.type):  # Lightning's mixed precision leaves autocast's weight cache off
-            result = rollout(self.rollout_operator(), psi0, hp.qca_steps, hp.gamma_decay, noise, generator)
-        return compute_loss(hp.loss, result.final, psi0, self.loss_weights), result.final
+            result = rollout(self.rollout_operator(), psi0, universe.qca_steps, universe.gamma_decay, noise, generator)
+        return compute_loss(self.settings.loss.loss, result.final, psi0, self.loss_weights), result.final
 
     def noise_at(self, episode: int) -> float:
         """The curriculum's noise level at ``episode``."""
-        return noise_level(episode, self.hparams.max_noise, self.hparams.noise_ramp_episodes)
+        return noise_level(episode, self.settings.noise.max_noise, self.settings.noise.noise_ramp_episodes)
 
     @override
     def training_step(self, batch: dict[str, int], batch_idx: int) -> torch.Tensor | None:
@@ -239,10 +230,11 @@ class QCAModule(pl.LightningModule):
         try:
             return self.run_episode(seed, episode, noise)
         except torch.cuda.OutOfMemoryError:
-            hp = self.hparams
+            universe = self.settings.rollout
             settings = (
-                f"grid {hp.grid_size}, {hp.universes_per_episode} universes, hidden {hp.hidden_channels}, "
-                f"{hp.qca_steps} steps, precision {self.trainer.precision if self._trainer else 'n/a'}"
+                f"grid {universe.grid_size}, {universe.universes_per_episode} universes, hidden "
+                f"{self.settings.operator.hidden_channels}, {universe.qca_steps} steps, precision "
+                f"{self.trainer.precision if self._trainer else 'n/a'}"
             )
             raise EpisodeOutOfMemoryError(episode, settings) from None
 
@@ -253,7 +245,7 @@ class QCAModule(pl.LightningModule):
         self.trainer.callback_metrics.pop("train/loss", None)
         self._log_scalars({"train/noise_level": noise, "train/nonfinite_skipped": float(self.nonfinite_skipped)})
         log.warning("episode %d: loss is %s, optimizer step skipped", episode, loss.item())
-        if self._consecutive_nonfinite >= self.hparams.max_nonfinite_episodes:
+        if self._consecutive_nonfinite >= self.settings.rollout.max_nonfinite_episodes:
             raise NonFiniteTrainingError(
                 f"{self._consecutive_nonfinite} consecutive episodes had a non-finite loss (last: episode {episode}); "
                 "lower model.lr or model.gamma_decay, or train with trainer.precision=32-true"
@@ -278,7 +270,7 @@ class QCAModule(pl.LightningModule):
 
     @override
     def on_validation_epoch_end(self) -> None:
-        # One self.log per score and validation (each call costs about 0.5 ms on a CPU), not per score and step:
+        # One self.log per score and validation (each call has a cost per key), not per score and step:
         # every step rolls out the same number of universes, so the mean of the steps is the mean of the universes.
         if not self._validation_scores:
             return
@@ -303,9 +295,10 @@ class QCAModule(pl.LightningModule):
     @override
     def configure_optimizers(self) -> dict[str, Any]:
         params = [p for p in self.operator.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        settings = self.settings.optimizer
+        optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
         scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-            optimizer, mode="min", factor=self.hparams.lr_factor, patience=self.hparams.lr_patience
+            optimizer, mode="min", factor=settings.lr_factor, patience=settings.lr_patience
         )
         # Stepped once per episode on the logged training loss; "strict": False because a skipped
         # non-finite episode logs no loss.
@@ -322,86 +315,6 @@ class QCAModule(pl.LightningModule):
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.nonfinite_skipped = int(checkpoint.get("nonfinite_skipped", 0))
-        _apply_changed_optimizer_settings(checkpoint, self.hparams)
+        apply_changed_optimizer_settings(checkpoint, self.settings.optimizer)
         if "final_state" in checkpoint:
             self._snapshot = torch.view_as_complex(checkpoint["final_state"].contiguous())
-
-
-def _apply_changed_optimizer_settings(checkpoint: dict[str, Any], hparams: Any) -> None:
-    """Settings changed since the checkpoint take effect on resume: Lightning restores the optimizer and scheduler
-    states as they were saved, so the new lr, weight decay and plateau settings are written into them first.
-
-    Only settings that differ from the checkpoint's own hyper-parameters: an unchanged ``lr`` keeps whatever the
-    plateau scheduler has lowered it to.
-    """
-    saved = checkpoint.get("hyper_parameters") or {}
-    groups = [group for state in checkpoint.get("optimizer_states") or [] for group in state.get("param_groups", [])]
-    for key, group_key in (("lr", "lr"), ("weight_decay", "weight_decay")):
-        if key in saved and saved[key] != hparams[key]:
-            for group in groups:
-                group[group_key] = hparams[key]
-                if key == "lr" and "initial_lr" in group:
-                    group["initial_lr"] = hparams[key]
-    for scheduler in checkpoint.get("lr_schedulers") or []:
-        if "lr" in saved and saved["lr"] != hparams["lr"] and "_last_lr" in scheduler:
-            scheduler["_last_lr"] = [hparams["lr"]] * len(scheduler["_last_lr"])
-        for key, state_key in (("lr_factor", "factor"), ("lr_patience", "patience")):
-            if key in saved and saved[key] != hparams[key] and state_key in scheduler:
-                scheduler[state_key] = hparams[key]
-
-
-def _check_settings(
-    architecture: str,
-    d_state: int,
-    hidden_channels: int,
-    grid_size: int,
-    qca_steps: int,
-    gamma_decay: float,
-    max_noise: float,
-    noise_ramp_episodes: int,
-    initial_state: str,
-    loss: str,
-    lr: float,
-    lr_factor: float,
-    universes_per_episode: int,
-    max_nonfinite_episodes: int,
-) -> type:
-    """Reject bad settings before anything is built; returns the operator class."""
-    try:
-        operator_cls = operator_class(architecture)
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
-    require(loss in LOSSES, f"model.loss={loss!r} is not one of {', '.join(LOSSES)}")
-    require(
-        initial_state in INITIAL_STATES,
-        f"model.initial_state={initial_state!r} is not one of {', '.join(INITIAL_STATES)}",
-    )
-    for name, value in (
-        ("d_state", d_state),
-        ("hidden_channels", hidden_channels),
-        ("qca_steps", qca_steps),
-        ("universes_per_episode", universes_per_episode),
-        ("max_nonfinite_episodes", max_nonfinite_episodes),
-    ):
-        require(value > 0, f"model.{name}={value} must be a positive integer")
-    multiple = operator_cls.grid_multiple
-    require(
-        grid_size >= MIN_GRID_SIZE and grid_size % multiple == 0,
-        f"model.grid_size={grid_size} must be at least {MIN_GRID_SIZE}"
-        + (f" and divisible by {multiple} for {architecture}" if multiple > 1 else ""),
-    )
-    require(0.0 <= gamma_decay < 1.0, f"model.gamma_decay={gamma_decay} must be in [0, 1)")
-    require(0.0 <= max_noise < 1.0, f"model.max_noise={max_noise} must be in [0, 1)")
-    require(noise_ramp_episodes >= 0, f"model.noise_ramp_episodes={noise_ramp_episodes} must be >= 0")
-    require(lr > 0.0, f"model.lr={lr} must be > 0")
-    require(0.0 < lr_factor < 1.0, f"model.lr_factor={lr_factor} must be in (0, 1)")
-    return operator_cls
-
-
-def _check_speed_settings(checkpoint_every: int, compile: str, compile_scope: str) -> None:
-    require(checkpoint_every >= 0, f"model.checkpoint_every={checkpoint_every} must be >= 0 (0 = off)")
-    require(compile in COMPILE_MODES, f"model.compile={compile!r} is not one of {', '.join(COMPILE_MODES)}")
-    require(
-        compile_scope in COMPILE_SCOPES,
-        f"model.compile_scope={compile_scope!r} is not one of {', '.join(COMPILE_SCOPES)}",
-    )
