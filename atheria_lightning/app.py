@@ -21,18 +21,22 @@ from typing_extensions import override
 
 from atheria_lightning.callbacks import (
     EpisodeProgressBar,
+    LivePlot,
     MirrorSync,
     RunSummary,
     SmartCheckpoint,
     StopOnSignal,
     TimeLimitGuard,
+    TrainingLog,
 )
 from atheria_lightning.data import EpisodeDataModule
 from atheria_lightning.errors import ConfigError, require
+from atheria_lightning.export import export_best
 from atheria_lightning.interrupts import StopRequested, signals_stop_the_command, stopped_line
 from atheria_lightning.lock import RunLock
 from atheria_lightning.module import EpisodeOutOfMemoryError, NonFiniteTrainingError, QCAModule
 from atheria_lightning.platform import COLAB_DRIVE_ROOT, Platform, default_mirror_url, default_run_root, detect_platform
+from atheria_lightning.report import write_report
 from atheria_lightning.scalars import BufferedTensorBoardLogger
 from atheria_lightning.settings import changed_settings, refuse_fixed_changes
 from atheria_lightning.store import META_KEY, Checkpoint, RunStore, UsesRunStore
@@ -80,6 +84,7 @@ class AtheriaCLI(LightningCLI):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         # Set first: LightningCLI runs the whole command inside __init__.
         self.store: RunStore | None = None
+        self.training_log: TrainingLog | None = None
         self.exit_code = 0
         kwargs.setdefault("model_class", QCAModule)
         kwargs.setdefault("datamodule_class", EpisodeDataModule)
@@ -166,12 +171,20 @@ class AtheriaCLI(LightningCLI):
         kwargs.setdefault("default_root_dir", self.run_dir)
         configured = self.configured_callbacks(list(trainer_config.get("callbacks") or []))
         progress_bar = trainer_config.get("enable_progress_bar") in (None, True)
+        # The run's log first (the config's; a new one when only a LivePlot is listed): a plot draws what it holds.
+        self.training_log = next((cb for cb in configured if isinstance(cb, TrainingLog)), None)
+        if self.training_log is None and any(isinstance(cb, LivePlot) for cb in configured):
+            self.training_log = TrainingLog()
+        if self.training_log is not None:
+            configured = [self.training_log, *(cb for cb in configured if cb is not self.training_log)]
         kwargs["callbacks"] = configured + self.default_callbacks(configured, progress_bar)
         # One store owns the run folder; the callbacks that act on its files get it, and Lightning's saves reach it.
         self.store = RunStore(self.run_dir)
         for callback in kwargs["callbacks"]:
             if isinstance(callback, UsesRunStore):
                 callback.use_store(self.store)
+            if isinstance(callback, LivePlot) and self.training_log is not None:
+                callback.use_log(self.training_log)
         plugins = trainer_config.get("plugins") or []
         kwargs["plugins"] = [*(plugins if isinstance(plugins, list) else [plugins]), self.store.checkpoint_io]
         return super().instantiate_trainer(**kwargs)
@@ -245,19 +258,38 @@ class AtheriaCLI(LightningCLI):
 
     def _fit(self, model: QCAModule, datamodule: EpisodeDataModule, ckpt_path: str | None, **kwargs: Any) -> None:
         assert self.store is not None
+        trained = False
         try:
             point = self.resolve_checkpoint(ckpt_path)
             os.environ[RESUME_ENV] = point.path if point else ""
             if point is None or self._check_resume(point, model, datamodule):
                 kwargs["weights_only"] = True
+                trained = True
                 self.trainer.fit(model, datamodule=datamodule, ckpt_path=point.path if point else None, **kwargs)
         finally:
+            if trained:  # also after a failed fit (exit 3): the model of the best sound checkpoint, and the report
+                self._write_exports()
             # The final flush, finished run or not: a mirror left behind by an earlier session catches up here.
             status = self.store.close() if self.trainer.is_global_zero else None
         if status is not None:
             print(status.line(), flush=True)
             if status.behind:
                 self.exit_code = EXIT_MIRROR_BEHIND
+
+    def _write_exports(self) -> None:
+        """After fit, on rank 0, for a run with a ``TrainingLog``: the best checkpoint to ``exports/model.ts``, then
+        ``summary.png`` and ``report.md`` from ``training_log.json``, before the final flush sends them to the mirror.
+        A failure here is one warning: the checkpoints, not the report, are what a run must keep."""
+        if self.training_log is None or not self.trainer.is_global_zero:
+            return
+        assert self.store is not None
+        try:
+            exported = export_best(self.store, os.path.join(self.run_dir, "exports"))
+            report = write_report(self.run_dir, exported_model=exported)
+        except Exception as err:  # a report must never turn a finished training into a failure
+            log.warning("the report of %s was not written: %s", self.run_dir, err)
+            return
+        print(f"report: {report} (summary.png, training_log.json{', model.ts' if exported else ''})", flush=True)
 
     def _check_resume(self, point: Checkpoint, model: QCAModule, datamodule: EpisodeDataModule) -> bool:
         """Refuse what cannot change between sessions, report what did; False when the run is already finished."""

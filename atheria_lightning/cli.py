@@ -1,4 +1,4 @@
-"""The ``atheria`` command: ``fit`` and ``validate`` (AtheriaCLI), ``curriculum``, ``export``; errors as one line."""
+"""The ``atheria`` command: fit, validate (AtheriaCLI), curriculum, export and report; errors as one line."""
 
 from __future__ import annotations
 
@@ -25,6 +25,10 @@ def main(args: list[str] | None = None) -> int:
         from atheria_lightning.export import main as export_main
 
         return export_main(argv[1:])
+    if argv[:1] == ["report"]:
+        from atheria_lightning.report import main as report_main
+
+        return report_main(argv[1:])
     return run_reporting_errors(lambda: AtheriaCLI(args=args).exit_code)
 
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from fsspec.implementations.local import LocalFileSystem
@@ -19,10 +20,14 @@ from atheria_lightning.errors import ConfigError
 from atheria_lightning.files import atomic_write
 from atheria_lightning.physics import initial_state, lindblad_step
 
+if TYPE_CHECKING:
+    from atheria_lightning.store import RunStore
+
 log = logging.getLogger(__name__)
 
 __all__ = [
     "METADATA_FILE",
+    "export_best",
     "export_checkpoint",
     "load",
     "load_metadata",
@@ -39,6 +44,10 @@ METADATA_VERSION = 1
 HPARAM_KEYS = ("architecture", "d_state", "hidden_channels", "grid_size", "gamma_decay", "qca_steps")
 # Longest underlying error text quoted in a one-line ConfigError.
 MAX_REASON_CHARS = 200
+#: The file ``export_best`` writes in the run's ``exports/``.
+MODEL_FILE = "model.ts"
+# Bounded wait for the queued checkpoint writes before choosing the best: a dying session must not hang on it.
+CHECKPOINT_WAIT_S = 120.0
 
 
 def export_checkpoint(ckpt_path: str | os.PathLike, output: str | os.PathLike) -> Path:
@@ -62,6 +71,42 @@ def export_checkpoint(ckpt_path: str | os.PathLike, output: str | os.PathLike) -
     extra_files = {METADATA_FILE: json.dumps(metadata, indent=1, sort_keys=True)}
     atomic_write(LocalFileSystem(), str(output), lambda handle: torch.jit.save(exported, handle, extra_files))
     return output
+
+
+def export_best(
+    store: RunStore, exports_dir: str | os.PathLike, wait_s: float = CHECKPOINT_WAIT_S
+) -> dict[str, Any] | None:
+    """Export the checkpoint the run's store calls best to ``<exports_dir>/model.ts``, after training.
+
+    The best is :meth:`RunStore.best`'s choice: the lowest finite metric among the kept best files, else the newest
+    checkpoint, never one with non-finite weights. It is chosen once the queued checkpoint writes are done (or
+    ``wait_s`` passed). Call it on global rank 0, before the store's final flush, so that the mirror gets the file.
+
+    Returns:
+        What ``training_log.json`` records of the export (``exported_model``; hand it to
+        :func:`atheria_lightning.report.write_report`): ``file``, ``from_checkpoint``, ``episode``, ``metric`` and
+        ``method`` (``script`` or ``trace``). None, after a warning, when the run has no sound checkpoint or its
+        operator cannot be exported: a failed export never fails a finished training.
+    """
+    if not store.wait(timeout=wait_s):
+        log.warning("checkpoint writes still pending after %.0f s: exporting the best listed so far", wait_s)
+    chosen = store.best()
+    if chosen is None:
+        log.warning("no sound checkpoint in %s: %s not exported", store.checkpoint_dir, MODEL_FILE)
+        return None
+    try:
+        output = export_checkpoint(chosen.path, os.path.join(exports_dir, MODEL_FILE))
+    except ConfigError as err:
+        log.warning("%s not exported: %s", MODEL_FILE, err)
+        return None
+    metric = chosen.metric if chosen.metric is not None and math.isfinite(chosen.metric) else None
+    return {
+        "file": output.name,
+        "from_checkpoint": chosen.name,
+        "episode": chosen.episode,
+        "metric": metric,
+        "method": load_metadata(output)["export_method"],
+    }
 
 
 def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> torch.jit.ScriptModule:

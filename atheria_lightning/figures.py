@@ -1,9 +1,9 @@
 """The run's figures, drawn from plain data (no torch), and the process that draws the live plot beside training.
 
-``loss_figure`` and ``summary_figure`` take the columns ``TrainingReport`` records (or a ``training_log.json``), so a
-notebook can redraw them after the run. :class:`PlotProcess` draws the live loss plot in a child Python process that
-imports only numpy and matplotlib: matplotlib holds Python's interpreter lock while it draws, so a thread of the
-training process would take that time from training.
+``loss_figure`` and ``summary_figure`` take the columns ``TrainingLog`` records (or a ``training_log.json``), so a
+notebook or ``atheria report`` can redraw them after the run. :class:`PlotProcess` draws the live loss plot in a
+child Python process that imports only numpy and matplotlib: matplotlib holds Python's interpreter lock while it
+draws, so a thread of the training process would take that time from training.
 """
 
 from __future__ import annotations
@@ -48,7 +48,8 @@ def loss_figure(
     """The live plot: ``train/loss`` per episode, its moving average and ``val/combined``, on one axes.
 
     Fixed margins rather than a layout engine: the plot is redrawn every few seconds, and constrained layout
-    measured every label again (a fifth of the redraw)."""
+    measured every label again at each redraw (benchmarks/HISTORY.md, "Earlier: after the logging, progress-bar
+    and validation-logging changes")."""
     figure = Figure(figsize=(8, 4))
     figure.subplots_adjust(left=0.09, right=0.98, bottom=0.12, top=0.92)
     axes = figure.add_subplot()
@@ -86,7 +87,7 @@ def summary_figure(training_log: dict[str, Any]) -> Figure:
 
 # ----- helpers -----
 def empty_columns(keys: tuple[str, ...]) -> dict[str, list[float]]:
-    """``{"episode": [], key: [] ...}``: the columns ``TrainingReport`` records, empty."""
+    """``{"episode": [], key: [] ...}``: the columns ``TrainingLog`` records, empty."""
     return {"episode": [], **{key: [] for key in keys}}
 
 
@@ -101,15 +102,17 @@ def _columns_of(rows: list[dict[str, Any]], keys: tuple[str, ...]) -> dict[str, 
 
 def png_bytes(figure: Figure) -> bytes:
     """``figure`` as PNG bytes, on an Agg canvas of its own (no pyplot: no window, no global state, any thread)."""
-    # zlib level 1 instead of 6: the live plot's encoding takes 16 ms less for a file about a fifth larger.
+    # zlib level 1 instead of 6: a faster encoding of the live plot for a slightly larger file (benchmarks/HISTORY.md,
+    # "Earlier: after the logging, progress-bar and validation-logging changes").
     FigureCanvasAgg(figure)
     buffer = BytesIO()
     figure.savefig(buffer, format="png", dpi=100, pil_kwargs={"compress_level": 1})
     return buffer.getvalue()
 
 
-#: A loss curve of more episodes is drawn as the range and mean of bins (the figure is ~800 pixels wide): a redraw
-#: of 100 000 episodes took 0.8 s of CPU.
+#: A loss curve of more episodes is drawn as the range and mean of bins (the figure is ~800 pixels wide): drawn
+#: point by point, a long run's redraw grew with it (benchmarks/HISTORY.md, "Earlier: after the logging,
+#: progress-bar and validation-logging changes").
 MAX_PLOTTED_POINTS = 2000
 
 
@@ -202,15 +205,14 @@ class PlotProcessError(RuntimeError):
 class PlotProcess:
     """Draws live loss plots in a child Python process, so that drawing takes almost no time from training.
 
-    A redraw of the CPU demo's live plot holds Python's interpreter lock for about 65 ms of CPU. In a background
-    thread of the training process much of that time was taken from training (the episode of the demo's first
-    redraw: 43 ms slower than its like, 16 ms with this process; least times over 5 rounds). In a child process it
-    runs on another core. The child imports numpy and matplotlib only (no torch: about 80 MB, under a
-    second to start on another core), starts at the first plot, runs at a lower priority than training, and ends
-    when :meth:`close` closes its input, or when the training process dies (it reads the end of its input).
+    Matplotlib holds Python's interpreter lock while it draws: in a background thread of the training process much
+    of a redraw's time was taken from training; in a child process it runs on another core (benchmarks/HISTORY.md,
+    "Earlier: plot process, checkpoint serialization, one TensorBoard event"). The child imports numpy and
+    matplotlib only (no torch), starts at the first plot, runs at a lower priority than training, and ends when
+    :meth:`close` closes its input, or when the training process dies (it reads the end of its input).
 
     Each call sends the four columns the plot needs as raw float64 bytes and reads the PNG back; it blocks the
-    calling thread (``TrainingReport`` calls it from its background thread) without holding the interpreter lock.
+    calling thread (``LivePlot`` calls it from its background thread) without holding the interpreter lock.
     Where the child cannot start or fails, the plot is drawn in the calling thread instead, from then on, after
     one warning: a live plot is never worth a failed training.
 

@@ -363,6 +363,7 @@ class RunStore:
         self._request: _SaveRequest | None = None
         self._held: tuple[_SaveRequest, memoryview] | None = None
         self._state_write: Future | None = None  # the newest serialized state queued for writing
+        self._last_queued: int | None = None  # the episode of the newest last.ckpt queued (written or on its way)
         self._mirror: _Mirror | None = None
         self._flush_deadline: float | None = None
 
@@ -444,6 +445,8 @@ class RunStore:
                 changed = True
         changed |= _adopt_unlisted(manifest, _LocalSide(folder))
         self._manifest = manifest
+        if LAST in manifest.files:
+            self._last_queued = manifest.files[LAST].episode
         if changed:
             self._write_manifest()
 
@@ -543,9 +546,8 @@ class RunStore:
         if sound:
             self._submit_state(request, data)
             return
-        kept = self._manifest_copy().files.get(LAST)
         log.warning("the state of episode %d led to a non-finite loss: not saved; last.ckpt keeps episode %s",
-                    request.episode, kept.episode if kept else "none")  # fmt: skip
+                    request.episode, self._last_queued if self._last_queued is not None else "none")  # fmt: skip
 
     def wait(self, timeout: float | None = None) -> bool:
         """Wait (at most ``timeout``) for the queued writes; True when every one is on disk and listed."""
@@ -649,6 +651,8 @@ class RunStore:
         if self._state_write is not None:
             self._state_write.result()
         self._state_write = self._submit(self._write, request, data)
+        if request.name == LAST:
+            self._last_queued = request.episode
 
     def _submit(self, fn: Callable[..., None], *args: Any) -> Future | None:
         """Run ``fn`` in the writer thread, after what is queued (at once, on this thread, without async_write)."""

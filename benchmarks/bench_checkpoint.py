@@ -1,6 +1,6 @@
 """What one checkpoint save costs as a run grows long: JSON lines, one per history length and format.
 
-A 24-hour run records tens of thousands of episodes, and ``TrainingReport`` keeps every one of them in the
+A 24-hour run records tens of thousands of episodes, and ``TrainingLog`` keeps every one of them in the
 checkpoint so that a resumed run keeps its whole history. This measures, on the demo preset with every callback (as
 ``atheria fit --config configs/demo.yaml`` runs it), a save of ``last.ckpt`` after a history of N episodes:
 
@@ -39,7 +39,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning_utilities.core.apply_func import apply_to_collection
 
-from atheria_lightning.callbacks import TrainingReport
+from atheria_lightning.callbacks import TrainingLog
 from atheria_lightning.cli import AtheriaCLI
 from atheria_lightning.store import RunStore
 
@@ -57,7 +57,7 @@ class SaveProbe(Callback):
         self.rows: list[dict[str, Any]] = []
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
-        report = next(c for c in trainer.callbacks if isinstance(c, TrainingReport))
+        report = next(c for c in trainer.callbacks if isinstance(c, TrainingLog))
         store = self.store
         last = os.path.join(store.checkpoint_dir, "last.ckpt")
         as_tensors = report.state_dict
@@ -83,7 +83,7 @@ class SaveProbe(Callback):
         trainer.should_stop = True
 
 
-def fill(report: TrainingReport, episodes: int) -> None:
+def fill(report: TrainingLog, episodes: int) -> None:
     """A history of ``episodes`` episodes, a validation and a save every 10, in place of the real one."""
     report.episodes = {
         "episode": list(range(episodes)),

@@ -94,8 +94,7 @@ def fit_args(workdir: Path, every: int, mirror: str | None, total: int = 1_000_0
       init_args: {{every_n_episodes: {every}, max_retries: 1, backoff_s: 0.05, flush_timeout_s: 30}}
     - class_path: atheria_lightning.callbacks.ResourceMonitor
       init_args: {{every_n_episodes: 1}}
-    - class_path: atheria_lightning.callbacks.TrainingReport
-      init_args: {{plot_every_n_episodes: 1000000, export_model: false}}
+    - class_path: atheria_lightning.callbacks.TrainingLog
 """)
     return [
         "fit", "--config", str(REPO / "configs" / "demo.yaml"), "--config", str(callbacks),

@@ -17,12 +17,13 @@ from lightning.pytorch.loggers import Logger
 
 from atheria_lightning.callbacks import (
     EpisodeProgressBar,
+    LivePlot,
     MirrorSync,
     ResourceMonitor,
     RunSummary,
     SmartCheckpoint,
     TimeLimitGuard,
-    TrainingReport,
+    TrainingLog,
 )
 from atheria_lightning.cli import AtheriaCLI, main
 from atheria_lightning.data import EpisodeDataModule
@@ -39,7 +40,8 @@ CALLBACKS = [
     (ResourceMonitor, {"every_n_episodes": 2}),
     (EpisodeProgressBar, {}),
     (RunSummary, {"run_dir": "runs/x"}),
-    (TrainingReport, {"plot_every_n_episodes": 2}),
+    (TrainingLog, {"phase": "Fase1_Vacuum_Stability"}),
+    (LivePlot, {"plot_every_n_episodes": 2}),
 ]
 
 
@@ -57,6 +59,9 @@ def _tiny_fit(callback: Callback, root: Path, episodes: int = 4) -> Trainer:
     """A plain Trainer in ``root``, with a run store of ``root`` for the callbacks that act on the run's files."""
     store = RunStore(root)
     callbacks = [callback] if isinstance(callback, SmartCheckpoint) else [callback, SmartCheckpoint(every_n_episodes=2)]
+    if isinstance(callback, LivePlot):  # it draws what the run's log records, handed over as the CLI does
+        callbacks.insert(0, TrainingLog())
+        callback.use_log(callbacks[0])
     for each in callbacks:
         if isinstance(each, UsesRunStore):
             each.use_store(store)

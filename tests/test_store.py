@@ -202,8 +202,7 @@ def test_top_k_holds_across_a_copied_folder_and_a_mirror_only_resume_and_unliste
       init_args: {top_k: 2, every_n_episodes: 2}
     - class_path: atheria_lightning.callbacks.MirrorSync
       init_args: {every_n_episodes: 2}
-    - class_path: atheria_lightning.callbacks.TrainingReport
-      init_args: {export_model: false}
+    - class_path: atheria_lightning.callbacks.TrainingLog
 """)
 
     def fit(root: str, steps: int) -> None:

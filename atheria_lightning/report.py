@@ -1,0 +1,191 @@
+"""``atheria report RUN``: a run's summary.png and report.md, drawn from its exports/training_log.json alone."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from fsspec import AbstractFileSystem
+from fsspec.core import url_to_fs
+from fsspec.implementations.local import LocalFileSystem
+
+from atheria_lightning.errors import ConfigError
+from atheria_lightning.figures import png_bytes, summary_figure
+from atheria_lightning.files import atomic_write, join
+
+__all__ = ["FILE_NOTES", "main", "read_training_log", "report_markdown", "write_report"]
+
+#: The run folder's subfolder of exports, and the log in it that the report is drawn from.
+EXPORTS = "exports"
+LOG_FILE = "training_log.json"
+#: The files of ``exports/`` that the report lists, with what each holds (only those present are listed).
+FILE_NOTES = {
+    "live_loss.png": "loss so far, redrawn every plot_every_n_episodes episodes",
+    "summary.png": "loss, survival, checkpoint timeline, loss distribution",
+    "training_log.json": "every episode's metrics over all sessions, validations, checkpoints, config, time",
+    "report.md": "this report",
+    "model.ts": "TorchScript of the best operator: atheria_lightning.export.load()",
+}
+
+
+#: What :func:`write_report` writes.
+WRITTEN = ("summary.png", "report.md")
+
+
+def read_training_log(run_dir: str) -> dict[str, Any]:
+    """``<run_dir>/exports/training_log.json`` as a dict; ``run_dir`` is a folder or an fsspec URL.
+
+    Raises:
+        ConfigError: The file is missing, unreadable, or not a training log.
+    """
+    fs, root = url_to_fs(run_dir)
+    path = join(join(root, EXPORTS), LOG_FILE)
+    try:
+        training_log = json.loads(fs.cat_file(path))
+    except FileNotFoundError:
+        raise ConfigError(
+            f"RUN_DIR={run_dir!r} has no {EXPORTS}/{LOG_FILE}: give a run folder (<run_root>/<experiment_name>) or "
+            "its mirror copy, after a fit with TrainingLog (every preset lists it)"
+        ) from None
+    except (OSError, ValueError) as err:  # unreadable, or not JSON (json's errors are ValueErrors)
+        raise ConfigError(f"RUN_DIR={run_dir!r}: {EXPORTS}/{LOG_FILE} cannot be read: {err}") from None
+    if not isinstance(training_log, dict) or not isinstance(training_log.get("episodes"), list):
+        raise ConfigError(f"RUN_DIR={run_dir!r}: {EXPORTS}/{LOG_FILE} is not a training log (no list of episodes)")
+    return training_log
+
+
+def write_report(run_dir: str, exported_model: dict[str, Any] | None = None, output_dir: str | None = None) -> str:
+    """Draw ``summary.png`` and write ``report.md`` from the run's ``training_log.json``; returns report.md's path.
+
+    Args:
+        run_dir: The run folder or its copy on the mirror: a folder or an fsspec URL.
+        exported_model: What :func:`atheria_lightning.export.export_best` returned after training; when given, it
+            is recorded in ``training_log.json`` first (as ``exported_model``), so that a later redraw shows it too.
+        output_dir: Where the two files go; ``<run_dir>/exports`` by default.
+
+    Raises:
+        ConfigError: ``training_log.json`` is missing or unreadable, or a file cannot be written.
+    """
+    training_log = read_training_log(run_dir)
+    fs, root = url_to_fs(run_dir)
+    exports = join(root, EXPORTS)
+    if exported_model is not None:
+        training_log["exported_model"] = exported_model
+        _write(fs, join(exports, LOG_FILE), json.dumps(training_log, indent=1).encode(), f"RUN_DIR={run_dir!r}")
+    files = [name for name in FILE_NOTES if name in WRITTEN or fs.exists(join(exports, name))]
+    summary = png_bytes(summary_figure(training_log))
+    text = report_markdown(training_log, files)
+    if output_dir is None:
+        out_fs, out_root, setting = fs, exports, f"RUN_DIR={run_dir!r}"
+    else:
+        (out_fs, out_root), setting = url_to_fs(output_dir), f"--output={output_dir!r}"
+    _write(out_fs, join(out_root, "summary.png"), summary, setting)
+    _write(out_fs, join(out_root, "report.md"), text.encode(), setting)
+    report = join(out_root, "report.md")
+    return report if isinstance(out_fs, LocalFileSystem) else out_fs.unstrip_protocol(report)
+
+
+def _write(fs: AbstractFileSystem, path: str, data: bytes, setting: str) -> None:
+    """``data`` as the whole file ``path``, atomically; a failed write is a one-line error naming ``setting``."""
+    try:
+        atomic_write(fs, path, lambda handle: handle.write(data))
+    except OSError as err:
+        raise ConfigError(f"{setting}: cannot write {path}: {err}") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``atheria report RUN_DIR [--output FOLDER]``: a missing or unreadable log prints one line and returns 2."""
+    parser = argparse.ArgumentParser(
+        prog="atheria report",
+        description="Draw summary.png and report.md of a run from its exports/training_log.json, e.g. from the "
+        "mirror after the session that trained it has gone.",
+    )
+    parser.add_argument(
+        "run_dir", metavar="RUN_DIR", help="A run folder (<run_root>/<experiment_name>), its mirror copy, or a URL."
+    )
+    parser.add_argument(
+        "--output", default=None, help="Folder for summary.png and report.md (default: RUN_DIR/exports)."
+    )
+    args = parser.parse_args(argv)
+    try:
+        written = write_report(args.run_dir, output_dir=args.output)
+    except ConfigError as err:
+        print(f"atheria: error: {err}", file=sys.stderr)
+        return 2
+    print(f"report: {written} (summary.png beside it)")
+    return 0
+
+
+def report_markdown(training_log: dict[str, Any], files: list[str]) -> str:
+    """``report.md``: progress, time, best metrics, checkpoints, config and files of a ``training_log`` dict."""
+    lines = [f"# Atheria training report: {training_log.get('experiment')}", ""]
+    if training_log.get("phase"):
+        lines += [f"Phase: **{training_log['phase']}**", ""]
+    lines += [f"Written {training_log.get('written_at')} in `{training_log.get('run_dir')}`.", ""]
+    lines += _progress_section(training_log) + _best_section(training_log) + _checkpoint_section(training_log)
+    lines += _config_section(training_log.get("config", {}))
+    lines += ["## Files", "", "| file | what |", "|---|---|"]
+    lines += [f"| `exports/{name}` | {FILE_NOTES.get(name, '')} |" for name in files]
+    lines += ["| `checkpoints/` | last.ckpt, best-eNNNNNN.ckpt (top-k by val/combined), MANIFEST.json |",
+              "| `logs/` | TensorBoard events (`tensorboard --logdir logs`), config.yaml |", ""]  # fmt: skip
+    return "\n".join(lines)
+
+
+def _progress_section(training_log: dict[str, Any]) -> list[str]:
+    done, total = training_log.get("episodes_done", 0), training_log.get("total_episodes")
+    share = f" ({100.0 * done / total:.0f}%)" if total else ""
+    time_used = training_log.get("time", {})
+    speed = time_used.get("episodes_per_second")
+    lines = ["## Progress", "", "| | |", "|---|---|",
+             f"| episodes | {done}" + (f" of {total}" if total else "") + f"{share} |",
+             f"| sessions | {time_used.get('sessions', 0)} |",
+             f"| training time | {time_used.get('total_training_hours', 0.0):.3f} h |",
+             f"| episodes per second | {_fmt(speed, '.3f')} (over all sessions) |", "",
+             "| session | episodes | first - last | training time | episodes/s |", "|---|---|---|---|---|"]  # fmt: skip
+    for session in training_log.get("sessions", []):
+        seconds, count = session["training_seconds"], session["episodes"]
+        rate = _fmt(count / seconds if seconds else None, ".3f")
+        lines.append(f"| {session['session']} | {count} | {session['first_episode']} - {session['last_episode']} "
+                     f"| {seconds / 3600.0:.3f} h ({seconds:.1f} s) | {rate} |")  # fmt: skip
+    return lines + [""]
+
+
+def _best_section(training_log: dict[str, Any]) -> list[str]:
+    best = training_log.get("best", {})
+    lines = ["## Best metrics", "", "| | value | episode |", "|---|---|---|",
+             f"| best val/combined (lower is better) | {_fmt(best.get('val_combined'))} "
+             f"| {_fmt(best.get('val_combined_episode'), 'd')} |",
+             f"| lowest train/loss | {_fmt(best.get('train_loss'))} | {_fmt(best.get('train_loss_episode'), 'd')} |",
+             f"| last train/loss | {_fmt(best.get('last_train_loss'))} | {_fmt(best.get('last_episode'), 'd')} |",
+             f"| last train/survival | {_fmt(best.get('last_train_survival'))} "
+             f"| {_fmt(best.get('last_episode'), 'd')} |"]  # fmt: skip
+    exported = training_log.get("exported_model")
+    if exported:
+        lines.append(f"| exported model `exports/{exported['file']}` | from {exported['from_checkpoint']} "
+                     f"(val/combined {_fmt(exported.get('metric'))}, torch.jit.{exported['method']}) "
+                     f"| {exported['episode']} |")  # fmt: skip
+    return lines + [""]
+
+
+def _checkpoint_section(training_log: dict[str, Any]) -> list[str]:
+    lines = ["## Checkpoints (MANIFEST.json)", "", "| file | kind | episode | val/combined | size |",
+             "|---|---|---|---|---|"]  # fmt: skip
+    for entry in training_log.get("checkpoints", []):
+        lines.append(f"| {entry['file']} | {entry['kind']} | {entry['episode']} | {_fmt(entry.get('metric'))} "
+                     f"| {entry['size'] / 1e6:.2f} MB |")  # fmt: skip
+    return lines + [""]
+
+
+def _config_section(config: dict[str, Any]) -> list[str]:
+    lines = ["## Config", ""]
+    for part in ("model", "data", "trainer"):
+        settings = config.get(part) or {}
+        lines += [f"### {part}", "", "| key | value |", "|---|---|"]
+        lines += [f"| `{key}` | `{value}` |" for key, value in settings.items()] + [""]
+    return lines
+
+
+def _fmt(value: Any, spec: str = ".4g") -> str:
+    return "n/a" if value is None else format(value, spec)
