@@ -43,6 +43,7 @@ from atheria_lightning.callbacks import MirrorSync, SmartCheckpoint, TimeLimitGu
 from atheria_lightning.data import EpisodeDataModule, episodes_done
 from atheria_lightning.module import QCAModule
 from atheria_lightning.store import RunStore, serialized
+from atheria_lightning.testing import EpisodeClock
 
 #: configs/colab_free.yaml's model; qca_steps only sets the rollout length, not the size of the saved state.
 COLAB_FREE_MODEL = {
@@ -504,20 +505,6 @@ def measure_mirror_overhead(root: str, episodes: int, repetitions: int, warmup: 
 
 
 # ----- 3. time-guard stop slack --------------------------------------------------------------------------------
-
-
-class EpisodeClock(Callback):
-    """A fake clock that advances a fixed number of seconds at the start of each episode."""
-
-    def __init__(self, seconds_per_episode: float) -> None:
-        self.now = 0.0
-        self.seconds_per_episode = seconds_per_episode
-
-    def __call__(self) -> float:
-        return self.now
-
-    def on_train_batch_start(self, *args: object) -> None:
-        self.now += self.seconds_per_episode
 
 
 def run_guard(root: str, seconds_per_episode: float, max_hours: float, emergency_fraction: float) -> dict[str, Any]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -12,16 +11,14 @@ import pytest
 import torch
 from lightning_utilities.core.apply_func import apply_to_collection
 
+from atheria_lightning.testing import EpisodeClock as FakeEpisodeClock  # noqa: F401 (re-exported to the tests)
+
 # Tiny models on 2 cores: intra-op threads only contend (a grid-8 forward took ~1 s with 2 threads on a loaded
 # machine, ~1 ms with one).
 torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
-
-# The fake session clock of the survival benchmark (moves a fixed number of seconds on at each episode's start).
-sys.path.insert(0, str(REPO / "benchmarks"))
-from bench_survival import EpisodeClock as FakeEpisodeClock  # noqa: E402, F401 (re-exported to the tests)
 
 #: Overrides that shrink the demo preset to a few seconds on 2 CPU cores.
 TINY = [

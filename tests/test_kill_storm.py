@@ -3,23 +3,38 @@ from a sound checkpoint, and the run ends with the losses of an uninterrupted on
 
 from __future__ import annotations
 
+import json
+import subprocess
 import sys
 from pathlib import Path
 
-from conftest import REPO
+import pytest
+from conftest import REPO, env_without_warnings
 
-sys.path.insert(0, str(REPO / "scripts"))
-import chaos  # noqa: E402
+pytestmark = pytest.mark.slow  # trains in subprocesses or over several sessions: out of the quick loop
+
+CHAOS = REPO / "scripts" / "chaos.py"
+
+
+def run_storm(workdir: Path, *options: str) -> tuple[dict, subprocess.CompletedProcess]:
+    """``scripts/chaos.py`` as the soak run starts it; returns its report (its JSON line) and the finished process."""
+    command = [sys.executable, str(CHAOS), "--workdir", str(workdir), *options]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env_without_warnings(), timeout=1800)
+    lines = [line for line in done.stdout.splitlines() if line.startswith('{"storm"')]
+    assert lines, f"chaos.py printed no report (exit {done.returncode}): {done.stdout[-2000:]}{done.stderr[-3000:]}"
+    return json.loads(lines[-1])["storm"], done
 
 
 def test_sigkill_storm_aimed_at_the_stores_writes_loses_nothing_saved(tmp_path: Path) -> None:
-    report = chaos.storm(tmp_path / "storm", kills=10, every=10, seed=1, episodes=120)
-    assert report.failures == []
-    assert report.kills == 10 and sum(report.aimed_kills.values()) >= 6
-    assert set(report.aimed_kills) == {"checkpoint", "manifest", "upload", "mirror-manifest"}
-    assert report.resumes == 10, "every rerun resumed from a sound checkpoint"
-    assert report.max_episodes_lost <= 2 * 10 + 1
-    assert report.listings_checked > 0 and report.most_best_files <= 5
-    assert report.losses_equal_uninterrupted and report.final_episode == report.total_episodes >= 120
-    assert report.mirror_complete_at_end
-    assert chaos.tmp_files(tmp_path / "storm") == [], "temporary files left by kills are removed at the next start"
+    report, done = run_storm(tmp_path, "--kills", "10", "--every", "10", "--episodes", "120", "--seed", "1")
+    assert report["failures"] == []
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert report["kills"] == 10 and sum(report["aimed_kills"].values()) >= 6
+    assert set(report["aimed_kills"]) == {"checkpoint", "manifest", "upload", "mirror-manifest"}
+    assert report["resumes"] == 10, "every rerun resumed from a sound checkpoint"
+    assert report["max_episodes_lost"] <= 2 * 10 + 1
+    assert report["listings_checked"] > 0 and report["most_best_files"] <= 5
+    assert report["losses_equal_uninterrupted"] and report["final_episode"] == report["total_episodes"] >= 120
+    assert report["mirror_complete_at_end"]
+    left = [path for path in (tmp_path / "storm" / "runs").rglob("*") if ".tmp-" in path.name]
+    assert left == [], "temporary files left by kills are removed at the next start"
