@@ -10,9 +10,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from any_module_run import fit
 from conftest import REPO, env_without_warnings, wait_for
+
+pytestmark = pytest.mark.slow  # trains in subprocesses or over several sessions: out of the quick loop
 
 RUN = str(Path(__file__).resolve().parent / "any_module_run.py")
 

@@ -94,6 +94,7 @@ def test_colab_without_drive_mounted_refuses_the_default_mirror(
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.slow
 def test_resuming_with_another_operator_shape_fails_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(demo_args(tmp_path, "--trainer.max_steps", "2", episodes=6, val_every=3)) == 0
     capsys.readouterr()

@@ -41,7 +41,7 @@ CALLBACKS = [
     (EpisodeProgressBar, {}),
     (RunSummary, {"run_dir": "runs/x"}),
     (TrainingLog, {"phase": "Fase1_Vacuum_Stability"}),
-    (LivePlot, {"plot_every_n_episodes": 2}),
+    pytest.param(LivePlot, {"plot_every_n_episodes": 2}, marks=pytest.mark.slow, id="LivePlot"),  # a plot process
 ]
 
 
@@ -76,7 +76,7 @@ def _tiny_fit(callback: Callback, root: Path, episodes: int = 4) -> Trainer:
     return trainer
 
 
-@pytest.mark.parametrize(("cls", "init_args"), CALLBACKS, ids=[c.__name__ for c, _ in CALLBACKS])
+@pytest.mark.parametrize(("cls", "init_args"), CALLBACKS, ids=[getattr(c[0], "__name__", None) for c in CALLBACKS])
 def test_callback_contract(cls: type, init_args: dict, tmp_path: Path) -> None:
     # 1. constructible from a YAML preset, through the real CLI
     args = ["--config", str(CONFIGS / "demo.yaml"), "--config", _yaml(tmp_path, cls, init_args),

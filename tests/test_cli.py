@@ -68,6 +68,7 @@ def test_demo_trains_logs_and_writes_a_loadable_checkpoint(tmp_path: Path, capsy
     assert scalars(tmp_path / "mirror" / "demo" / "logs", "train/loss") == losses
 
 
+@pytest.mark.slow
 def test_a_finished_run_says_so_and_exits_zero(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(demo_args(tmp_path, episodes=3)) == 0
     capsys.readouterr()
@@ -75,6 +76,7 @@ def test_a_finished_run_says_so_and_exits_zero(tmp_path: Path, capsys: pytest.Ca
     assert "run finished: episode 3 of 3" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_a_finished_run_continues_when_given_more_episodes(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(demo_args(tmp_path, episodes=3)) == 0
     capsys.readouterr()
@@ -91,6 +93,7 @@ def test_unknown_yaml_key_is_rejected_by_the_cli(tmp_path: Path, capsys: pytest.
     assert "hiden_channels" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_console_script_reports_bad_input_without_traceback(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "atheria_lightning.cli", *demo_args(tmp_path, "--model.architecture", "FOO")],

@@ -19,6 +19,8 @@ from atheria_lightning.callbacks import TimeLimitGuard, time_guard
 from atheria_lightning.curriculum import PHASE_DONE, PhaseCLI, load_curriculum, main
 from atheria_lightning.module import QCAModule
 
+pytestmark = pytest.mark.slow  # trains in subprocesses or over several sessions: out of the quick loop
+
 TINY_MODEL = "{architecture: UNET, d_state: 2, hidden_channels: 4, grid_size: 8, qca_steps: 2, lr: 0.01}"
 TWO_PHASES = """
   - name: small

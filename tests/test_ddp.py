@@ -12,7 +12,10 @@ from pathlib import Path
 import pytest
 from conftest import REPO, callbacks_config, demo_args, env_without_warnings, run_dir, wait_for_first_checkpoint
 
-pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="DDP on CPU is exercised on Linux")
+pytestmark = [
+    pytest.mark.skipif(sys.platform != "linux", reason="DDP on CPU is exercised on Linux"),
+    pytest.mark.slow,  # two training processes per test: out of the quick loop
+]
 
 
 def _ddp_fit(tmp_path: Path, guard_hours: float, episodes: int) -> subprocess.CompletedProcess:

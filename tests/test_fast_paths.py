@@ -255,6 +255,7 @@ def test_batched_universes_train_like_the_same_universes_one_at_a_time() -> None
 # --- torch.compile ----------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("cc") is None and shutil.which("g++") is None, reason="inductor needs a C compiler")
 def test_compiled_operator_trains_like_the_plain_one_checkpointed_or_not() -> None:
     # The MLP: inductor compiles it in seconds on two cores, where the U-Net takes a minute and a half.
@@ -296,6 +297,7 @@ def test_the_step_in_real_pairs_computes_the_complex_step(architecture: str) -> 
         torch.testing.assert_close(got, want, rtol=0, atol=GRADIENT_TOLERANCE)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("cc") is None and shutil.which("g++") is None, reason="inductor needs a C compiler")
 @pytest.mark.parametrize("architecture", ["MLP", "UNET_CONVLSTM", "UNET_UNITARY"])  # a memory; a complex product
 def test_compiled_whole_step_trains_like_the_plain_one_checkpointed_or_not(architecture: str) -> None:
@@ -321,6 +323,7 @@ def test_compiled_whole_step_trains_like_the_plain_one_checkpointed_or_not(archi
     ("reduce-overhead", {}), ("default", {}),
 ], ids=["off-checkpoint", "reduce-overhead-step", "default-step-checkpoint", "default-checkpoint", "reduce-overhead",
         "default"])  # fmt: skip
+@pytest.mark.slow
 def test_fast_paths_train_like_the_plain_one_on_cuda(
     mode: str, settings: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -361,6 +364,7 @@ def test_capture_is_not_attempted_for_a_recurrent_operator_or_under_checkpointin
     assert type(stepper) is Runner and stepper.operator is operator  # the plain operator, still checkpointed
 
 
+@pytest.mark.slow
 def test_a_failing_forward_compile_falls_back_to_the_plain_operator_with_one_warning() -> None:
     operator = tiny_model().operator
     compiled = CompiledOperator(operator, "default")

@@ -34,6 +34,7 @@ def state(value: float, size: int = 3) -> dict:
     return {"state_dict": {"w": torch.full((size,), value)}}
 
 
+@pytest.mark.slow
 def test_disk_full_during_a_save_is_loud_and_keeps_the_previous_checkpoint(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
@@ -84,6 +85,7 @@ def _plant(folder: Path, name: str, sentinel: Path, episode: int) -> None:
     (folder / "MANIFEST.json").write_text(json.dumps(manifest))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where", ["local", "mirror"])
 def test_a_planted_checkpoint_is_refused_set_aside_and_never_runs_code(
     where: str, tmp_path: Path, capsys: pytest.CaptureFixture, caplog: pytest.LogCaptureFixture
@@ -103,6 +105,7 @@ def test_a_planted_checkpoint_is_refused_set_aside_and_never_runs_code(
     assert not sentinel.exists(), "the planted code must never run"
 
 
+@pytest.mark.slow
 def test_a_planted_checkpoint_given_as_ckpt_path_is_refused_in_one_line(
     tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
@@ -148,6 +151,7 @@ def s3_server(monkeypatch: pytest.MonkeyPatch):
     server.stop()
 
 
+@pytest.mark.slow
 def test_mirror_to_a_real_s3_peer_and_resume_from_it(
     s3_server: str, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
@@ -211,6 +215,7 @@ def _fit_with_oom(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, times: int) -
     return main(demo_args(tmp_path, episodes=8, val_every=4, mirror=False))
 
 
+@pytest.mark.slow
 def test_out_of_memory_once_is_retried_after_freeing_the_cache(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -219,6 +224,7 @@ def test_out_of_memory_once_is_retried_after_freeing_the_cache(
     assert listed(run_dir(tmp_path) / "checkpoints")["last.ckpt"]["episode"] == 8
 
 
+@pytest.mark.slow
 def test_out_of_memory_twice_saves_the_last_finished_episode_and_suggests_smaller_settings(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:

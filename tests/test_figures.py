@@ -70,6 +70,7 @@ def test_a_plot_process_that_cannot_start_leaves_the_plot_to_this_process(caplog
     assert len(warnings) == 1 and "the live-plot process failed" in warnings[0], "one warning, not one per plot"
 
 
+@pytest.mark.slow
 def test_a_killed_plot_process_is_started_again_at_the_next_plot() -> None:
     plotter = PlotProcess()
     try:
@@ -84,6 +85,7 @@ def test_a_killed_plot_process_is_started_again_at_the_next_plot() -> None:
     assert png.startswith(b"\x89PNG") and plotter.drawn_by not in (first, os.getpid()) and not plotter.failed
 
 
+@pytest.mark.slow
 def test_the_plot_process_ends_when_the_training_process_is_killed(tmp_path: Path) -> None:
     # A platform kills the training without warning: no plot process may stay behind holding memory.
     script = textwrap.dedent("""

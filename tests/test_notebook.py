@@ -16,6 +16,8 @@ pytest.importorskip("ipykernel")
 
 from conftest import REPO  # noqa: E402
 
+pytestmark = pytest.mark.slow  # trains in subprocesses or over several sessions: out of the quick loop
+
 NOTEBOOK = REPO / "notebooks" / "Atheria_Progressive_Training.ipynb"
 CELL_TIMEOUT_S = 300
 EXPORTS = ("live_loss.png", "summary.png", "report.md", "training_log.json", "model.ts", "psi_rollout.png")

@@ -50,6 +50,7 @@ def _read_log(exports: Path) -> dict[str, Any]:
     return json.loads((exports / "training_log.json").read_text())
 
 
+@pytest.mark.slow
 def test_the_log_covers_every_episode_across_a_resume_and_the_report_is_complete(tmp_path: Path) -> None:
     config = tmp_path / "report.yaml"
     config.write_text(REPORT_CALLBACKS)
@@ -127,6 +128,7 @@ class FakeNotebook:
         return types.SimpleNamespace(update=self.updates.append)
 
 
+@pytest.mark.slow
 def test_an_emergency_stop_writes_the_log_and_its_checkpoint_holds_every_episode(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -256,6 +258,7 @@ def test_atheria_report_without_a_readable_log_is_a_one_line_error(
     assert not (run / "exports" / "report.md").exists()
 
 
+@pytest.mark.slow
 def test_the_callbacks_import_neither_the_module_nor_the_export() -> None:
     # Exporting the model is the CLI's job after training: a callback talks to the module through Lightning only.
     code = "import sys, atheria_lightning.callbacks; print(sorted(m for m in sys.modules if m.startswith("

@@ -14,6 +14,8 @@ from conftest import REPO, demo_args, env_without_warnings, run_dir, wait_for_fi
 
 from atheria_lightning.cli import main
 
+pytestmark = pytest.mark.slow  # trains in subprocesses or over several sessions: out of the quick loop
+
 
 def _start_long_run(tmp_path: Path) -> subprocess.Popen:
     command = [sys.executable, "-u", "-m", "atheria_lightning.cli", *demo_args(tmp_path, episodes=5000, val_every=50)]

@@ -58,6 +58,7 @@ def logged(caplog: pytest.LogCaptureFixture) -> str:
 
 
 # ----- 1. a damaged manifest never costs the run -----
+@pytest.mark.slow
 @pytest.mark.parametrize("how", list(CORRUPTIONS))
 def test_a_damaged_local_manifest_is_rebuilt_and_the_run_resumes_from_the_newest(
     how: str, tmp_path: Path, capsys: pytest.CaptureFixture, caplog: pytest.LogCaptureFixture
@@ -77,6 +78,7 @@ def test_a_damaged_local_manifest_is_rebuilt_and_the_run_resumes_from_the_newest
     assert manifest(folder)["last.ckpt"]["episode"] == 12
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["deleted", "garbage", "wrong_shape"])
 def test_a_damaged_mirror_manifest_on_a_new_machine_is_rebuilt_and_no_mirror_file_is_lost(
     how: str, tmp_path: Path, capsys: pytest.CaptureFixture, caplog: pytest.LogCaptureFixture
@@ -154,6 +156,7 @@ def test_a_mirror_that_fails_near_the_end_is_reported_and_caught_up_by_the_next_
 
 
 # ----- 3. nothing from a mirror's manifest lands outside the run folder -----
+@pytest.mark.slow
 def test_a_forged_mirror_manifest_cannot_write_outside_the_run_folder(
     tmp_path: Path, capsys: pytest.CaptureFixture, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -192,6 +195,7 @@ def test_a_forged_mirror_manifest_cannot_write_outside_the_run_folder(
 
 
 # ----- 4. top-k holds however the folder moved -----
+@pytest.mark.slow
 def test_top_k_holds_across_a_copied_folder_and_a_mirror_only_resume_and_unlisted_files_are_set_aside(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -233,6 +237,7 @@ def test_top_k_holds_across_a_copied_folder_and_a_mirror_only_resume_and_unliste
 
 
 # ----- 5. a diverged run keeps its last sound state, and a lower lr resumes from it -----
+@pytest.mark.slow
 def test_a_diverged_run_never_keeps_or_exports_its_state_and_a_lower_lr_resumes_from_the_last_sound_one(
     tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
@@ -258,6 +263,7 @@ def test_a_diverged_run_never_keeps_or_exports_its_state_and_a_lower_lr_resumes_
 
 
 # ----- 6. a stop signal before training ends the command cleanly -----
+@pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 @pytest.mark.parametrize("moment", ["importing", "building", "starting"])
 def test_a_stop_signal_during_start_up_exits_zero_with_one_line(signum: int, moment: str, tmp_path: Path) -> None:
@@ -296,6 +302,7 @@ def test_a_stop_signal_during_start_up_exits_zero_with_one_line(signum: int, mom
     assert "episode 1/" not in out and "[episode" not in out, "no episode ran"
 
 
+@pytest.mark.slow
 def test_a_mirror_entry_that_lies_about_its_episode_is_not_downloaded(
     tmp_path: Path, capsys: pytest.CaptureFixture, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -33,6 +33,8 @@ from test_cli import scalars
 from atheria_lightning.callbacks import time_guard
 from atheria_lightning.cli import AtheriaCLI, main
 
+pytestmark = pytest.mark.slow  # trains in subprocesses or over several sessions: out of the quick loop
+
 
 def manifest_of(folder: Path) -> dict:
     return json.loads((folder / "MANIFEST.json").read_text())["files"]
