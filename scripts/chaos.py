@@ -112,19 +112,21 @@ def fit_command(workdir: Path, every: int, mirror: str | None, total: int = 1_00
 
 def child(argv: list[str]) -> None:
     """Run ``atheria`` with every atomic write of the run store traced: a line and a pause before and after."""
-    from atheria_lightning import store
+    from atheria_lightning import files
     from atheria_lightning.console import console_main
+    from atheria_lightning.store import manifest, mirror, run_store
 
-    mirror = os.path.abspath(argv[argv.index("--mirror_url") + 1]) if "--mirror_url" in argv else None
-    real = store.atomic_write
+    mirror_root = os.path.abspath(argv[argv.index("--mirror_url") + 1]) if "--mirror_url" in argv else None
+    real = files.atomic_write
 
     def traced(fs: Any, path: str, write: Any, before_replace: Any = None) -> None:
-        target = _target_of(str(path), mirror)
+        target = _target_of(str(path), mirror_root)
         _mark(target, "before")
         real(fs, path, write, before_replace)
         _mark(target, "after")
 
-    store.atomic_write = traced
+    for module in (manifest, mirror, run_store):  # each imported atomic_write by name
+        module.atomic_write = traced
     sys.argv = ["atheria", *argv]
     console_main()
 

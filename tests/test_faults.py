@@ -14,10 +14,12 @@ import pytest
 import torch
 from conftest import demo_args, run_dir
 
-from atheria_lightning import store as store_module
 from atheria_lightning.cli import main
+from atheria_lightning.errors import ConfigError
 from atheria_lightning.module import QCAModule
 from atheria_lightning.store import RunStore
+from atheria_lightning.store import mirror as mirror_module
+from atheria_lightning.store import run_store as store_module
 
 
 def listed(folder: Path) -> dict[str, dict]:
@@ -307,7 +309,7 @@ def test_a_mirror_killed_between_moving_last_ckpt_and_listing_it_still_serves_a_
     assert store.flush(10)
     store.write_checkpoint(state(1.0), "last", 20)
     # After the journal and the move, the mirror dies before its final manifest.
-    _die_at_manifest_write(monkeypatch, store_module._Mirror, 2, OSError(errno.EIO, "connection lost"))
+    _die_at_manifest_write(monkeypatch, mirror_module.Mirror, 2, OSError(errno.EIO, "connection lost"))
     assert not store.flush(10)
     monkeypatch.undo()
     store.close()
@@ -384,15 +386,15 @@ def test_a_newer_mirror_checkpoint_that_cannot_be_read_stops_the_start_in_one_li
     assert source.flush(10)
     source.close()
     RunStore(run, async_write=False).write_checkpoint(state(0.0), "last", 10)  # an older local copy
-    real_open = store_module._Mirror._download_once
+    real_open = mirror_module.Mirror._download_once
 
     def unreadable(self, name, *args):
         raise ConnectionError("Drive went away")
 
-    monkeypatch.setattr(store_module._Mirror, "_download_once", unreadable)
+    monkeypatch.setattr(mirror_module.Mirror, "_download_once", unreadable)
     stale = RunStore(run)
     stale.set_mirror(str(tmp_path / "mirror"), max_retries=1, sleep=lambda seconds: None)
-    with pytest.raises(store_module.ConfigError, match="could not be downloaded .*nothing was trained"):
+    with pytest.raises(ConfigError, match="could not be downloaded .*nothing was trained"):
         stale.start()
-    monkeypatch.setattr(store_module._Mirror, "_download_once", real_open)
+    monkeypatch.setattr(mirror_module.Mirror, "_download_once", real_open)
     assert listed(tmp_path / "mirror" / "run" / "checkpoints")["last.ckpt"]["episode"] == 20

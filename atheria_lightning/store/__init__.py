@@ -1,0 +1,36 @@
+"""The run store: the one owner of a run folder's checkpoints, ``MANIFEST.json``, retention, mirror and choices.
+
+Callbacks decide *when* (episode cadence, validation, time budget, signals); the store does *how*:
+
+- every checkpoint write (atomic, hashed while written, journalled in ``MANIFEST.json`` before its rename, in a
+  background thread): :mod:`~atheria_lightning.store.run_store`;
+- every read or write of a ``MANIFEST.json``, local or mirrored, and the rules of its entries:
+  :mod:`~atheria_lightning.store.manifest`, the only module that touches one;
+- retention: ``last.ckpt`` plus the ``top_k`` best files by their metric, decided from the manifest itself, so it
+  holds across kills, resumes and a changed folder;
+- the mirror (:mod:`~atheria_lightning.store.mirror`): each write tells its queue what to send; a sync sends what is
+  queued, writes the mirror's manifest, then removes what retention dropped; a flush waits for that with a bound;
+- the start of every session: a damaged manifest is rebuilt from the files, the mirror and the local folder are
+  compared, what the mirror has newer is downloaded (verified), what it lacks is queued for upload;
+- the choices: the checkpoint to resume from (newest) and the one to export or hand to the next phase (best).
+"""
+
+from atheria_lightning.store.manifest import META_KEY, Entry, best_name, is_checkpoint_name, unsound
+from atheria_lightning.store.mirror import MirrorStatus, check_mirror_url, remote_run_dir
+from atheria_lightning.store.run_store import Checkpoint, RunStore, StoreCheckpointIO, UsesRunStore, serialized
+
+__all__ = [
+    "META_KEY",
+    "Checkpoint",
+    "Entry",
+    "MirrorStatus",
+    "RunStore",
+    "StoreCheckpointIO",
+    "UsesRunStore",
+    "best_name",
+    "check_mirror_url",
+    "is_checkpoint_name",
+    "remote_run_dir",
+    "serialized",
+    "unsound",
+]

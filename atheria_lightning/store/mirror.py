@@ -1,0 +1,459 @@
+"""The run's copy on a mirror (a Drive folder, a bucket): its queue of uploads, the thread that sends them, and its
+manifest as this process last wrote it."""
+
+from __future__ import annotations
+
+import logging
+import os
+import posixpath
+import random
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import IO, Any
+
+import fsspec
+from fsspec import AbstractFileSystem
+from fsspec.core import url_to_fs
+from fsspec.implementations.local import LocalFileSystem
+from fsspec.registry import known_implementations
+from fsspec.utils import get_protocol
+
+from atheria_lightning.errors import ConfigError, require
+from atheria_lightning.files import TMP_MARKER, atomic_write, copy_measured, join, tmp_path_for, verify
+from atheria_lightning.store.manifest import (
+    CHECKPOINTS,
+    QUARANTINE,
+    Entry,
+    Manifest,
+    Side,
+    adopt_unlisted,
+    episode_in,
+    read_or_rebuild,
+    same,
+    settle,
+    write_manifest,
+)
+
+log = logging.getLogger(__name__)
+
+#: Folders copied to the mirror file by file when their size or mtime changed; checkpoints go through the queue.
+PLAIN_FOLDERS = ("logs", "exports")
+#: Protocols named in the error for an unknown one: the ones this app is used with.
+COMMON_PROTOCOLS = ("a plain folder", "file://", "memory://", "s3://", "gs://", "gcs://", "sftp://")
+#: Optional dependency groups of atheria_lightning that provide a protocol's filesystem.
+EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs"}
+#: Marks "not queued" apart from ``None`` (queued for removal) in the mirror's queue.
+_NOTHING = object()
+#: After a bounded flush the mirror worker is idle or stuck in a hung upload; waiting longer would not help.
+JOIN_TIMEOUT_S = 5.0
+
+
+@dataclass(frozen=True)
+class MirrorStatus:
+    """Where the mirror stands against the local folder."""
+
+    remote: str
+    local_episode: int
+    mirror_episode: int
+    behind: bool
+    failures: int
+
+    def line(self) -> str:
+        if self.behind:
+            return (f"mirror behind: episode {max(self.mirror_episode, 0)} of {self.local_episode} "
+                    f"({self.remote}) — run the same command again to retry")  # fmt: skip
+        return f"mirror: up to date at episode {self.local_episode} ({self.remote})"
+
+
+def check_mirror_url(url: str) -> None:
+    """Raise :class:`ConfigError` unless every protocol of ``url`` is known to fsspec (or registered) and importable.
+
+    Nothing is contacted: this only checks that the URL could be opened, so it is cheap enough for ``__init__``.
+    """
+    require(isinstance(url, str) and bool(url.strip()), f"mirror_url={url!r} must be a folder path or an fsspec URL")
+    for part in url.split("::"):  # chained URLs such as simplecache::s3://bucket/x
+        protocol = get_protocol(part)
+        require(
+            protocol in fsspec.registry or protocol in known_implementations,
+            f"mirror_url={url!r} has an unknown protocol {protocol!r}; use one of {', '.join(COMMON_PROTOCOLS)}",
+        )
+        try:
+            fsspec.get_filesystem_class(protocol)
+        except ImportError as err:
+            extra = EXTRAS.get(protocol)
+            hint = f'pip install "atheria_lightning[{extra}]"' if extra else f"install the package it needs ({err})"
+            raise ConfigError(f"mirror_url={url!r} needs an optional package for {protocol}://: {hint}") from err
+
+
+def remote_run_dir(
+    url: str, experiment_name: str, storage_options: dict[str, Any] | None = None
+) -> tuple[AbstractFileSystem, str]:
+    """The filesystem and path of the mirror's copy of run ``experiment_name``: ``<url>/<experiment_name>``.
+
+    Raises:
+        ConfigError: When the URL's protocol is unknown or its package is missing, or the filesystem cannot be built
+            from ``storage_options``. Nothing is read or written.
+    """
+    check_mirror_url(url)
+    if get_protocol(url) == "file" and "://" not in url:
+        url = os.path.expanduser(url)  # fsspec leaves "~" alone; a shell would have expanded it
+    try:
+        fs, root = url_to_fs(url, **(storage_options or {}))
+    except Exception as err:  # each backend raises its own types for bad options or credentials
+        # Only the option names: their values are often credentials.
+        options = sorted(storage_options or {})
+        raise ConfigError(f"mirror_url={url!r} cannot be opened with storage_options keys {options}: {err}") from err
+    return fs, join(root, experiment_name)
+
+
+class _LocalFileChanged(Exception):
+    """The local file no longer matches the entry it was queued with (replaced or removed since)."""
+
+
+class Mirror:
+    """The run's copy on a mirror: a queue of what to send, a worker thread that sends it, and the mirror's manifest.
+
+    What the mirror holds is known from its manifest, read once at the start and then kept by this object, the
+    only writer; each local write or removal is queued here by name, the newest entry winning.
+
+    Args:
+        run_dir: The local run folder (its ``checkpoints/``, ``logs/`` and ``exports/`` are sent).
+        wait_for_writes: Waits (bounded) for the local writes already queued, so that their entries are queued here.
+        top_k: How many best checkpoints the mirror keeps (asked at each sync: the run's setting may come later).
+        url: ``mirror_url``, for messages; ``fs`` and ``root`` are its filesystem and the run's folder there.
+    """
+
+    def __init__(
+        self,
+        run_dir: str,
+        wait_for_writes: Callable[[float], bool],
+        top_k: Callable[[], int],
+        url: str,
+        fs: AbstractFileSystem,
+        root: str,
+        flush_timeout_s: float,
+        max_retries: int,
+        backoff_s: float,
+        clock: Callable[[], float],
+        sleep: Callable[[float], Any],
+    ) -> None:
+        self.run_dir, self.wait_for_writes, self.top_k = run_dir, wait_for_writes, top_k
+        self.url, self.fs, self.root = url, fs, root.rstrip("/")
+        self.flush_timeout_s, self.max_retries, self.backoff_s = flush_timeout_s, max_retries, backoff_s
+        self.clock, self.sleep = clock, sleep
+        self.side = Side(fs, join(self.root, CHECKPOINTS), "mirror")
+        self.remote: Manifest | None = None  # the mirror's manifest as last read or written
+        self.queue: dict[str, Entry | None] = {}  # name -> entry to upload, or None to remove
+        self.failures = 0
+        self.syncs_ended = 0
+        self.last_sync_seconds = 0.0
+        self._connected = False
+        self._plain_stamps: dict[str, tuple[int, float | None]] = {}
+        self._made_dirs: set[str] = set()
+        # Progress a failed attempt keeps for the retry: files sent and verified but not yet listed, and the
+        # replacements journalled in the mirror's manifest.
+        self._verified: dict[str, Entry] = {}
+        self._journalled: dict[str, Entry] = {}
+        self._queue_lock = threading.Lock()
+        self._sync_lock = threading.Lock()
+        self._cond = threading.Condition()
+        self._pending = False
+        self._started = 0
+        self._finished = 0
+        self._last_ok = True
+        self._worker: threading.Thread | None = None
+        self._stop: threading.Event | None = None
+
+    # -- start --
+    def connect(self) -> None:
+        """Prove the mirror writable, or raise :class:`ConfigError` (before any training)."""
+        if self._connected:
+            return
+        try:
+            self._retrying(self._probe)
+        except Exception as err:
+            raise ConfigError(f"mirror_url={self.url!r} is not reachable: cannot write {self.root} ({err})") from err
+        self._connected = True
+
+    def _probe(self) -> None:
+        self.fs.makedirs(self.root, exist_ok=True)
+        probe = join(self.root, f".mirror-probe{TMP_MARKER}{os.getpid()}")
+        self.fs.pipe_file(probe, b"ok")
+        self.fs.rm(probe)
+
+    def open(self) -> Manifest:
+        """Read the mirror's manifest (rebuilt from its files when damaged; unlisted files adopted), once."""
+        if self.remote is None:
+            remote, changed = self._retrying(lambda: read_or_rebuild(self.side))
+            sizes = self.side.sizes()
+            # A pending entry is a replacement the mirror was killed in: whichever entry the file matches wins.
+            changed |= settle(remote, lambda name, entry: sizes.get(name) == entry.size
+                             and verify(self.fs, join(self.side.folder, name), entry.size, entry.sha256))  # fmt: skip
+            for name, entry in list(remote.files.items()):
+                if sizes.get(name) != entry.size:
+                    log.warning("mirror %s/%s is missing or not the size MANIFEST.json says: not trusted",
+                                self.side.folder, name)  # fmt: skip
+                    del remote.files[name]
+            changed |= adopt_unlisted(remote, self.side)
+            self.remote = remote
+            if changed:
+                self._write_manifest(remote)
+        return Manifest(dict(self.remote.files))
+
+    def reconcile(self, local: dict[str, Entry]) -> None:
+        """Queue every local checkpoint the mirror lacks (or holds older), then ask for a sync at once."""
+        assert self.remote is not None
+        with self._queue_lock:
+            for name, entry in local.items():
+                theirs = self.remote.files.get(name)
+                if not same(theirs, entry):
+                    self.queue[name] = entry
+        self.request()
+
+    def download(self, name: str, entry: Entry, local_path: str, journal: Callable[[str, Entry], None]) -> bool:
+        """Copy a mirror checkpoint beside its local target, check size and sha256, then move it into place.
+
+        Returns False when the bytes do not match the entry (the mirror's file is then moved to its ``corrupt/``
+        and unlisted). Raises ``ConfigError`` when the mirror cannot be read (after the retries): training from an
+        older local state would later replace the mirror's newer file.
+        """
+        try:
+            matched = self._retrying(lambda: self._download_once(name, entry, local_path, journal))
+        except Exception as err:  # each backend raises its own types for a lost connection or a denied read
+            raise ConfigError(
+                f"mirror_url={self.url!r} holds {name} of episode {entry.episode}, which could not be downloaded "
+                f"({err}); nothing was trained: run the same command again when the mirror is reachable, or set "
+                "mirror_url to null to train from the local checkpoints"
+            ) from err
+        if not matched:
+            log.warning("mirror %s/%s does not match its MANIFEST.json entry (bytes or episode): not downloaded, "
+                        "moved to the mirror's %s/", self.side.folder, name, QUARANTINE)  # fmt: skip
+            assert self.remote is not None
+            self.remote.files.pop(name, None)
+            self._write_manifest(self.remote)
+            self.side.quarantine(name)
+        return matched
+
+    def _download_once(self, name: str, entry: Entry, local_path: str, journal: Callable[[str, Entry], None]) -> bool:
+        os.makedirs(os.path.dirname(local_path), exist_ok=True)
+        tmp = tmp_path_for(local_path)
+        try:
+            with self.fs.open(join(self.side.folder, name), "rb") as source, open(tmp, "wb") as target:
+                copied = copy_measured(source, target)
+                target.flush()
+                os.fsync(target.fileno())
+            if not copied.matches(entry.size, entry.sha256) or episode_in(tmp, name) != entry.episode:
+                return False  # the bytes, or the episode the manifest claims for them, are not what it lists
+            journal(name, entry)
+            os.replace(tmp, local_path)
+            return True
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+    # -- queue and worker --
+    def enqueue(self, name: str, entry: Entry | None) -> None:
+        with self._queue_lock:
+            self.queue[name] = entry
+
+    def request(self) -> None:
+        self._start_worker()
+        with self._cond:
+            self._pending = True
+            self._cond.notify_all()
+
+    def flush(self, timeout_s: float | None) -> bool:
+        """Request a sync and wait (at most ``timeout_s``) for one that started after this call; True when it
+        completed and nothing is left in the queue."""
+        if not self._connected:
+            return False  # never reached: nothing was sent, and trying again here would only wait
+        timeout_s = self.flush_timeout_s if timeout_s is None else timeout_s
+        self._start_worker()
+        with self._cond:
+            target = self._started + 1
+            self._pending = True
+            self._cond.notify_all()
+            done = self._cond.wait_for(lambda: self._finished >= target, timeout=timeout_s)
+            return done and self._last_ok and not self.queue
+
+    def stop(self) -> None:
+        worker, stop = self._worker, self._stop
+        self._worker = self._stop = None
+        if worker is None or stop is None:
+            return
+        with self._cond:
+            stop.set()
+            self._cond.notify_all()
+        worker.join(JOIN_TIMEOUT_S)
+
+    def status(self, local_episode: int) -> MirrorStatus:
+        remote = self.remote.newest_episode() if self.remote is not None else -1
+        behind = bool(self.queue) or not self._last_ok or remote < local_episode
+        return MirrorStatus(join(self.root, ""), local_episode, remote, behind, self.failures)
+
+    def _start_worker(self) -> None:
+        if self._worker is not None:
+            return
+        self._stop = threading.Event()
+        self._worker = threading.Thread(target=self._work, args=(self._stop,), name="atheria-mirror", daemon=True)
+        self._worker.start()
+
+    def _work(self, stop: threading.Event) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._pending or stop.is_set())
+                if stop.is_set():
+                    return
+                self._pending = False
+                self._started += 1
+            try:
+                ok = self._sync()
+            except Exception:  # a bug here must not kill the thread and leave flush waiting on nothing
+                log.exception("mirror: unexpected error in the sync thread")
+                ok = False
+            with self._cond:
+                self._finished += 1
+                self._last_ok = ok
+                self._cond.notify_all()
+
+    # -- one sync --
+    def _sync(self) -> bool:
+        self.wait_for_writes(self.flush_timeout_s)  # the writes already queued first, so their entries are queued
+        with self._sync_lock:
+            started = self.clock()
+            try:
+                self.connect()
+                self._retrying(self._sync_attempt)
+            except Exception as err:  # whatever the backend raises, training must go on
+                self.failures += 1
+                self.syncs_ended += 1
+                log.warning("mirror sync to %s failed after %d retries (%d failures so far): %s",
+                            self.root, self.max_retries, self.failures, err)  # fmt: skip
+                return False
+            self.last_sync_seconds = self.clock() - started
+            self.syncs_ended += 1
+            return True
+
+    def _sync_attempt(self) -> None:
+        if self.remote is None:
+            self.open()
+        self._sync_checkpoints()
+        for folder in PLAIN_FOLDERS:
+            self._sync_plain_folder(folder)
+
+    def _sync_checkpoints(self) -> None:
+        assert self.remote is not None
+        with self._queue_lock:
+            batch = dict(self.queue)
+        uploads = {name: entry for name, entry in batch.items()
+                   if entry is not None and not same(self.remote.files.get(name), entry)}  # fmt: skip
+        replacing = {name: entry for name, entry in uploads.items() if name in self.remote.files}
+        if replacing and replacing != self._journalled:  # a retry finds its journal already written
+            # Before a listed file is overwritten: its new entry is journalled, so a kill after the move still
+            # leaves a file that verifies against one of the two.
+            self._write_manifest(Manifest(dict(self.remote.files), replacing))
+            self._journalled = replacing
+        changed = []
+        for name, entry in uploads.items():
+            if same(self._verified.get(name), entry):
+                continue  # sent and verified by an earlier attempt of this sync
+            self._verified.pop(name, None)  # from the move into place until verified, its content is unknown
+            if self._upload_checkpoint(name, entry):
+                self._verified[name] = entry
+            else:
+                changed.append(name)
+        listed = dict(self.remote.files)
+        listed.update({name: entry for name, entry in uploads.items() if name not in changed})
+        removed = [name for name, entry in batch.items() if entry is None and listed.pop(name, None) is not None]
+        kept = Manifest(listed)
+        for name, _ in kept.ranked_best()[self.top_k() :]:  # the mirror keeps top_k too, whatever it held
+            del kept.files[name]
+            removed.append(name)
+        if kept.files != self.remote.files or self._journalled:
+            self._write_manifest(kept)
+        self.remote, self._journalled = kept, {}
+        for name in kept.files:
+            self._verified.pop(name, None)
+        for name in removed:  # only after the manifest that no longer lists them
+            try:
+                self.fs.rm(join(self.side.folder, name))
+            except FileNotFoundError:
+                pass
+        with self._queue_lock:  # done with, unless a newer write queued the name again meanwhile
+            for name, entry in batch.items():
+                if name not in changed and self.queue.get(name, _NOTHING) == entry:
+                    del self.queue[name]
+
+    def _upload_checkpoint(self, name: str, entry: Entry) -> bool:
+        """Upload and verify one checkpoint; False when the local file no longer matches the queued entry."""
+        target = join(self.side.folder, name)
+        try:
+            self._upload(os.path.join(self.run_dir, CHECKPOINTS, name), target, entry)
+        except _LocalFileChanged as err:
+            log.debug("mirror: %s changed locally since it was queued; its newer entry follows (%s)", name, err)
+            return False
+        if not verify(self.fs, target, entry.size, entry.sha256):
+            raise OSError(f"{target}: size or sha256 differs from MANIFEST.json after upload")
+        return True
+
+    def _sync_plain_folder(self, folder: str) -> None:
+        local_fs, local_dir = LocalFileSystem(), os.path.join(self.run_dir, folder)
+        try:
+            infos = local_fs.find(local_dir, detail=True)
+        except FileNotFoundError:
+            return
+        for path, info in sorted(infos.items()):
+            relative = posixpath.relpath(path, local_dir)
+            if info.get("type") != "file" or TMP_MARKER in posixpath.basename(path):
+                continue
+            key = f"{folder}/{relative}"
+            stamp = (int(info["size"]), info.get("mtime"))  # taken before reading: a later append is copied next time
+            if self._plain_stamps.get(key) == stamp:
+                continue
+            try:
+                self._upload(path, join(self.root, key), expected=None)
+            except _LocalFileChanged:
+                continue  # removed locally meanwhile
+            self._plain_stamps[key] = stamp
+
+    def _upload(self, local_path: str, remote_path: str, expected: Entry | None) -> None:
+        """Stream ``local_path`` to ``remote_path`` atomically; with ``expected``, abort unless the bytes match it."""
+        try:
+            source = open(local_path, "rb")
+        except FileNotFoundError as err:
+            raise _LocalFileChanged(f"{local_path} was removed") from err
+        with source:
+            self._ensure_parent(remote_path)
+            atomic_write(self.fs, remote_path, lambda target: _copy_checked(source, target, expected))
+
+    def _ensure_parent(self, remote_path: str) -> None:
+        # Local folders get theirs from atomic_write; object stores have none; others (sftp, webdav) need them.
+        parent = posixpath.dirname(remote_path)
+        if isinstance(self.fs, LocalFileSystem) or parent in self._made_dirs:
+            return
+        self.fs.makedirs(parent, exist_ok=True)
+        self._made_dirs.add(parent)
+
+    def _write_manifest(self, manifest: Manifest) -> None:
+        write_manifest(self.side, manifest)
+
+    def _retrying(self, attempt: Callable[[], Any]) -> Any:
+        for retry in range(self.max_retries + 1):
+            try:
+                return attempt()
+            except Exception as err:
+                if retry == self.max_retries:
+                    raise
+                # Jitter, so that runs sharing a bucket or a Drive account do not retry in step.
+                delay = self.backoff_s * 2**retry * random.uniform(0.5, 1.5)
+                log.debug("mirror attempt %d failed (%s), retrying in %.1f s", retry + 1, err, delay)
+                self.sleep(delay)
+        return None
+
+
+def _copy_checked(source: IO[bytes], target: IO[bytes], expected: Entry | None) -> None:
+    copied = copy_measured(source, target)
+    if expected is not None and not copied.matches(expected.size, expected.sha256):
+        digest = copied.hexdigest()[:12]
+        raise _LocalFileChanged(f"read {copied.size} bytes with sha256 {digest}..., the queued entry says otherwise")
