@@ -513,9 +513,7 @@ class RunStore:
         LocalSide(self.checkpoint_dir).quarantine(name)
 
     def _write_manifest(self) -> None:
-        with self._lock:
-            manifest = self._manifest_copy()
-        write_manifest(LocalSide(self.checkpoint_dir), manifest)
+        write_manifest(LocalSide(self.checkpoint_dir), self._manifest_copy())
 
     # -- small helpers --
     def _matches(self, name: str, entry: Entry) -> bool:
