@@ -13,7 +13,7 @@ from atheria_lightning import export
 from atheria_lightning.errors import ConfigError
 from atheria_lightning.models import OPERATORS
 from atheria_lightning.module import QCAModule
-from atheria_lightning.physics import Plain, initial_state, rollout
+from atheria_lightning.physics import Stepper, initial_state, rollout
 
 TINY_MODEL = {"d_state": 2, "hidden_channels": 4, "grid_size": 8, "qca_steps": 2}
 
@@ -81,7 +81,7 @@ def test_inference_rollout_matches_the_training_engine_without_noise(
     psi = export.rollout_scripted(export.load(output), export.load_metadata(output), steps=3, seed=3, universes=2)
     psi0 = initial_state("random", 2, 8, 2, torch.Generator().manual_seed(3))
     with torch.no_grad():
-        expected = rollout(Plain(_operator(checkpoints[architecture])), psi0, steps=3, gamma=0.01).final
+        expected = rollout(Stepper(_operator(checkpoints[architecture])), psi0, steps=3, gamma=0.01).final
     assert psi.shape == (2, 8, 8, 2) and psi.dtype == torch.complex64
     torch.testing.assert_close(psi, expected, rtol=1e-5, atol=1e-6)
 
@@ -105,7 +105,7 @@ def test_trace_is_the_fallback_when_scripting_fails(
     psi = export.rollout_scripted(export.load(output), metadata, steps=2, seed=1)
     psi0 = initial_state("random", 1, 8, 2, torch.Generator().manual_seed(1))
     with torch.no_grad():
-        expected = rollout(Plain(_operator(checkpoints[architecture])), psi0, steps=2, gamma=0.01).final
+        expected = rollout(Stepper(_operator(checkpoints[architecture])), psi0, steps=2, gamma=0.01).final
     torch.testing.assert_close(psi, expected, rtol=1e-5, atol=1e-6)
 
 

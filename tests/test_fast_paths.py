@@ -19,7 +19,7 @@ from atheria_lightning.accel import COMPILE_MODES, CompiledOperator, CompiledSte
 from atheria_lightning.data import EpisodeDataModule
 from atheria_lightning.errors import ConfigError
 from atheria_lightning.module import QCAModule
-from atheria_lightning.physics import Plain, compute_loss, episode_generator, initial_state, rollout
+from atheria_lightning.physics import Stepper, compute_loss, episode_generator, initial_state, rollout
 from atheria_lightning.physics.engine import noisy_step, noisy_step_pairs
 from atheria_lightning.physics.noise import draw_noise, noise_rates
 
@@ -235,10 +235,10 @@ def test_batched_universes_train_like_the_same_universes_one_at_a_time() -> None
     for episode in range(EPISODES):
         generator = episode_generator(3, episode)
         psi0 = initial_state("random", universes, 8, 2, generator)  # (2, 8, 8, 2)
-        final = rollout(Plain(models[0].operator), psi0, steps, 0.01).final
+        final = rollout(Stepper(models[0].operator), psi0, steps, 0.01).final
         batched = compute_loss("evolutionary", final, psi0)["loss"]
         one_at_a_time = torch.stack([
-            compute_loss("evolutionary", rollout(Plain(models[1].operator), psi, steps, 0.01).final, psi)["loss"]
+            compute_loss("evolutionary", rollout(Stepper(models[1].operator), psi, steps, 0.01).final, psi)["loss"]
             for psi in psi0.split(1)
         ]).mean()  # fmt: skip
         torch.testing.assert_close(one_at_a_time, batched, rtol=0, atol=LOSS_TOLERANCE)
@@ -349,7 +349,7 @@ def test_cuda_graph_modes_fall_back_on_the_cpu_with_one_warning(mode: str) -> No
     with pytest.warns(UserWarning, match=rf"model\.compile='{mode}' is not possible here \(CUDA graphs need") as caught:
         losses, _ = train(model, episodes=2)
     assert len([w for w in caught if "model.compile" in str(w.message)]) == 1
-    assert type(model.rollout_operator()) is Plain and model.rollout_operator().operator is model.operator
+    assert type(model.rollout_operator()) is Stepper and model.rollout_operator().operator is model.operator
     assert all(torch.isfinite(loss) for loss in losses)
 
 
@@ -357,7 +357,7 @@ def test_capture_is_not_attempted_for_a_recurrent_operator_or_under_checkpointin
     recurrent = tiny_model("UNET_CONVLSTM").operator
     with pytest.warns(UserWarning, match="carries a memory"):
         stepper = fast_stepper(recurrent, "reduce-overhead", "cuda")
-    assert type(stepper) is Plain and stepper.operator is recurrent
+    assert type(stepper) is Stepper and stepper.operator is recurrent
     operator = tiny_model().operator
     with pytest.warns(UserWarning, match="checkpoint_every"):
         stepper = fast_stepper(operator, "reduce-overhead", "cuda", checkpoint_every=10)

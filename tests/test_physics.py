@@ -12,7 +12,7 @@ from torch.overrides import TorchFunctionMode
 from atheria_lightning.physics import (
     INITIAL_STATES,
     LOSSES,
-    Plain,
+    Stepper,
     cell_norm,
     combined_metric,
     compute_loss,
@@ -133,7 +133,7 @@ def test_bit_flip_with_gate_closed_flips_nothing(gate) -> None:
 def test_a_rollout_at_noise_level_zero_draws_no_noise() -> None:
     psi0, generator = random_state(), torch.Generator().manual_seed(4)
     start = generator.get_state()
-    final = rollout(Plain(ZeroOperator()), psi0, steps=3, gamma=0.2, noise=0.0, generator=generator).final
+    final = rollout(Stepper(ZeroOperator()), psi0, steps=3, gamma=0.2, noise=0.0, generator=generator).final
     torch.testing.assert_close(final, psi0)
     assert torch.equal(generator.get_state(), start)
 
@@ -167,7 +167,7 @@ def test_rollout_with_noise_never_waits_for_the_device() -> None:
     operator = nn.Sequential(nn.Conv2d(2 * D_STATE, 8, 1), nn.ELU(), nn.Conv2d(8, 2 * D_STATE, 1))
     psi0, generator = random_state(), torch.Generator().manual_seed(5)
     with NoHostSync():
-        result = rollout(Plain(operator), psi0, steps=5, gamma=0.01, noise=0.5, generator=generator)
+        result = rollout(Stepper(operator), psi0, steps=5, gamma=0.01, noise=0.5, generator=generator)
     assert result.final.shape == psi0.shape
 
 

@@ -16,7 +16,7 @@ from atheria_lightning.accel.compile import (
     CompiledStep,
 )
 from atheria_lightning.accel.precision import weight_cast_cache
-from atheria_lightning.physics.engine import Plain
+from atheria_lightning.physics.engine import Stepper
 
 __all__ = [
     "CAPTURE_MODES",
@@ -32,10 +32,10 @@ __all__ = [
 
 def fast_stepper(
     operator: nn.Module, mode: str, device: torch.device | str, checkpoint_every: int = 0, scope: str = "operator"
-) -> Plain:
+) -> Stepper:
     """What :func:`~atheria_lightning.physics.engine.rollout` should step with, as ``model.compile = mode``,
     ``model.compile_scope = scope`` and ``model.checkpoint_every`` ask: the plain steps
-    (:class:`~atheria_lightning.physics.engine.Plain`) when none of them applies, else a :class:`Runner` (compiled
+    (:class:`~atheria_lightning.physics.engine.Stepper`) when none of them applies, else a :class:`Runner` (compiled
     when ``mode`` is not ``off``).
 
     ``scope`` says what is compiled: the operator alone (:class:`CompiledOperator`) or the whole step
@@ -57,7 +57,7 @@ def fast_stepper(
             mode = "off"
     if mode != "off":
         return (CompiledStep if scope == "step" else CompiledOperator)(operator, mode, checkpoint_every)
-    return Runner(operator, checkpoint_every) if checkpoint_every > 0 else Plain(operator)
+    return Runner(operator, checkpoint_every) if checkpoint_every > 0 else Stepper(operator)
 
 
 def _why_not_capture(operator: nn.Module, device: torch.device, checkpoint_every: int) -> str | None:

@@ -12,11 +12,11 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from atheria_lightning.accel.precision import autocast_state
-from atheria_lightning.physics.engine import Plain, evolve, noisy_step
-from atheria_lightning.physics.noise import NoiseDraws, NoiseRates
+from atheria_lightning.physics.engine import Stepper, evolve
+from atheria_lightning.physics.noise import NoiseRates
 
 
-class Runner(Plain):
+class Runner(Stepper):
     """Runs a rollout's steps (a :class:`~atheria_lightning.physics.engine.Stepper`), in activation-checkpointed
     segments of ``checkpoint_every`` steps when gradients are on.
 
@@ -41,12 +41,6 @@ class Runner(Plain):
             raise TypeError(f"checkpoint_every needs the operator as an nn.Module, not {type(operator).__name__}")
         super().__init__(operator)
         self.checkpoint_every = checkpoint_every
-
-    def step(
-        self, psi: torch.Tensor, memory: Any, gamma: float, rates: NoiseRates | None, draws: NoiseDraws | None
-    ) -> tuple[torch.Tensor, Any]:
-        """One step of the rollout: :func:`~atheria_lightning.physics.engine.noisy_step` of the operator."""
-        return noisy_step(self.operator, psi, memory, gamma, rates, draws)
 
     def prepare(self, psi0: torch.Tensor, gamma: float, rates: NoiseRates | None) -> None:
         """Called once per rollout before its first step, outside any checkpointed segment (whose recompute would not

@@ -1,7 +1,6 @@
 """The simulated universe in plain torch: states, the Lindblad-Euler step, noise and losses (no Lightning here)."""
 
 from atheria_lightning.physics.engine import (
-    Plain,
     RolloutResult,
     Step,
     Stepper,
@@ -19,7 +18,6 @@ __all__ = [
     "INITIAL_STATES",
     "LOSSES",
     "LossWeights",
-    "Plain",
     "RolloutResult",
     "Step",
     "Stepper",

@@ -5,8 +5,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from torch import nn
@@ -152,34 +151,23 @@ def evolve(
     return psi, memory
 
 
-class Stepper(Protocol):
-    """Runs the steps of a rollout its own way (compiled, captured or checkpointed: ``atheria_lightning.accel``).
+class Stepper:
+    """Runs the steps of a rollout; this base runs them as the maths has them: :func:`noisy_step` of ``operator``,
+    one after the other.
 
-    :meth:`advance` must give what :func:`evolve` gives with :func:`noisy_step` of the same operator, and leave
-    ``generator`` where :func:`evolve` leaves it.
-    """
-
-    def advance(
-        self,
-        psi: torch.Tensor,
-        memory: Any,
-        generator: torch.Generator | None,
-        *,
-        steps: int,
-        gamma: float,
-        rates: NoiseRates | None,
-    ) -> tuple[torch.Tensor, Any]: ...
-
-
-class Plain:
-    """A rollout's steps as the maths has them: :func:`noisy_step` of ``operator``, one after the other.
-
-    The :class:`Stepper` to give :func:`rollout` when nothing faster is wanted (``atheria_lightning.accel`` has the
-    compiled, captured and checkpointed ones, built on this one).
+    ``atheria_lightning.accel`` builds its compiled, captured and checkpointed runners on it: one changes how a step
+    runs (:meth:`step`), another how the steps are strung together (:meth:`advance`). Each must give what this one
+    gives, and leave ``generator`` where :func:`evolve` leaves it.
     """
 
     def __init__(self, operator: Callable[..., Any]) -> None:
         self.operator = operator
+
+    def step(
+        self, psi: torch.Tensor, memory: Any, gamma: float, rates: NoiseRates | None, draws: NoiseDraws | None
+    ) -> tuple[torch.Tensor, Any]:
+        """One step of the rollout: :func:`noisy_step` of the operator."""
+        return noisy_step(self.operator, psi, memory, gamma, rates, draws)
 
     def advance(
         self,
@@ -191,8 +179,8 @@ class Plain:
         gamma: float,
         rates: NoiseRates | None,
     ) -> tuple[torch.Tensor, Any]:
-        return evolve(partial(noisy_step, self.operator), psi, memory, generator, steps=steps, gamma=gamma,
-                      rates=rates)  # fmt: skip
+        """``steps`` steps on from ``psi`` and the operator's ``memory``: the state and the memory after them."""
+        return evolve(self.step, psi, memory, generator, steps=steps, gamma=gamma, rates=rates)
 
 
 @dataclass
@@ -212,8 +200,9 @@ def rollout(
 ) -> RolloutResult:
     """Evolve ``psi0`` for ``steps`` steps with noise at level ``noise`` after each step.
 
-    ``stepper`` runs the steps: :class:`Plain` for an operator as the maths has it, or one of
-    ``atheria_lightning.accel``'s. The recurrent memory starts empty, so it never leaks from one episode into the next.
+    ``stepper`` runs the steps: ``Stepper(operator)`` as the maths has it, or one of
+    ``atheria_lightning.accel``'s. The recurrent memory starts empty, so it never leaks from one
+    episode into the next.
     """
     rates = noise_rates(noise, psi0.device) if noise > 0.0 else None  # once per rollout: one host-to-device copy
     psi, _ = stepper.advance(psi0, None, generator, steps=steps, gamma=gamma, rates=rates)
