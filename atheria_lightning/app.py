@@ -51,6 +51,8 @@ EXIT_DISK_FULL = 1
 EXIT_BAD_SETTINGS = 2
 EXIT_CANNOT_TRAIN = 3
 EXIT_MIRROR_BEHIND = 4
+#: What every checkpoint was ranked by before the store recorded the monitor in each file.
+LEGACY_MONITOR = "val/combined"
 
 
 def run_dir_of(run_root: str, experiment_name: str) -> str:
@@ -294,8 +296,9 @@ class AtheriaCLI(LightningCLI):
     def _check_resume(self, point: Checkpoint, model: QCAModule, datamodule: EpisodeDataModule) -> bool:
         """Refuse what cannot change between sessions, report what did; False when the run is already finished."""
         # Read from the checkpoint itself (weights_only): a manifest on a shared mirror may lie about it.
+        assert self.store is not None
         header = _peek_checkpoint(point.path)
-        saved, now = _settings_by_key(header, model, datamodule, self.trainer.callbacks)
+        saved, now = _settings_by_key(header, model, datamodule, self.trainer.callbacks, self.store.monitor)
         refuse_fixed_changes(saved, now)
         episode = int(header.get(META_KEY, {}).get("episode", 0))
         total = datamodule.total_episodes
@@ -335,8 +338,9 @@ def _peek_checkpoint(path: str) -> dict[str, Any]:
 
 
 def _settings_by_key(
-    header: dict[str, Any], model: QCAModule, datamodule: EpisodeDataModule, callbacks: list[Any]
-) -> tuple[dict[str, Any], dict[str, Any]]:
+    header: dict[str, Any], model: QCAModule, datamodule: EpisodeDataModule, callbacks: list[Any],
+    monitor: str | None,
+) -> tuple[dict[str, Any], dict[str, Any]]:  # fmt: skip
     """The checkpoint's settings and this session's, keyed as the CLI names them (``model.lr``, ``data.seed``)."""
     saved = {f"model.{key}": value for key, value in (header.get("hyper_parameters") or {}).items()}
     now = {f"model.{key}": value for key, value in model.hparams.items()}
@@ -345,6 +349,11 @@ def _settings_by_key(
         if key in data:
             saved[f"data.{key}"] = data[key]
         now[f"data.{key}"] = getattr(datamodule, key)
+    meta = header.get(META_KEY)
+    if isinstance(meta, dict) and monitor is not None:
+        # Checkpoints written before the monitor was recorded were all ranked by val/combined, the only one then.
+        saved["SmartCheckpoint.monitor"] = meta.get("monitor") or LEGACY_MONITOR
+        now["SmartCheckpoint.monitor"] = monitor
     for guard in (callback for callback in callbacks if isinstance(callback, TimeLimitGuard)):
         hours = ((header.get("callbacks") or {}).get(guard.state_key) or {}).get("max_hours")
         if hours is not None:

@@ -329,7 +329,7 @@ def _describe_skip(name: str, before: torch.Tensor | None, now: torch.Tensor | N
 
 
 def _transfer_report(phase: str, source: SourceCheckpoint, transfer: WeightTransfer) -> str:
-    metric = "" if source.metric is None else f", val/combined {source.metric:.4f}"
+    metric = "" if source.metric is None else f", monitored metric {source.metric:.4f}"
     head = (f"phase {phase}: initialised from phase {source.phase} {os.path.basename(source.path)} "
             f"(episode {source.episode}{metric}): copied {len(transfer.copied)} of {transfer.model_tensors} tensors "
             f"(name and shape match), skipped {len(transfer.skipped)}:")  # fmt: skip
@@ -424,7 +424,7 @@ def _run_phase(curriculum: Curriculum, phase: Phase, cli: PhaseCLI) -> tuple[boo
     finished = done is not None and done["episodes"] >= total
     if finished and curriculum.mirror_url is None:
         metric = done.get("best_metric") if done else None
-        best = f", best val/combined {metric:.4f}" if isinstance(metric, (int, float)) else ""
+        best = f", best monitored metric {metric:.4f}" if isinstance(metric, (int, float)) else ""
         print(f"{label}: done ({done['episodes'] if done else 0} episodes{best}), skipped", flush=True)
         return True, 0
     guard = next((callback for callback in cli.trainer.callbacks if isinstance(callback, TimeLimitGuard)), None)

@@ -100,11 +100,20 @@ def export_best(
         log.warning("%s not exported: %s", MODEL_FILE, err)
         return None
     metric = chosen.metric if chosen.metric is not None and math.isfinite(chosen.metric) else None
+    monitor = store.monitor or "the monitored metric"
+    kinds = {name: entry.kind for name, entry in store.entries().items()}
+    if metric is not None and kinds.get(chosen.name) == "best":
+        kept = sum(kind == "best" for kind in kinds.values())
+        reason = f"the lowest {monitor} ({metric:.4g}) of the {kept} best checkpoint(s) kept"
+    else:
+        reason = f"no kept checkpoint has a finite {monitor}: the newest sound checkpoint"
     return {
         "file": output.name,
         "from_checkpoint": chosen.name,
         "episode": chosen.episode,
         "metric": metric,
+        "monitor": store.monitor,
+        "reason": reason,
         "method": load_metadata(output)["export_method"],
     }
 

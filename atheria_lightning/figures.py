@@ -38,14 +38,17 @@ __all__ = [
 #: Per-episode values, read from ``train/<key>`` in ``trainer.callback_metrics``.
 EPISODE_KEYS = ("loss", "survival", "symmetry", "complexity", "noise_level")
 #: Validation values, read from ``val/<key>``.
-VALIDATION_KEYS = ("combined", "survival", "symmetry", "complexity")
+VALIDATION_KEYS = ("loss", "combined", "survival", "symmetry", "complexity")
+#: A series whose finite values spread less than this, relative to their size, is drawn as the constant it is: an
+#: autoscaled axis would magnify float rounding into a curve (survival is held at 0.2 by the renormalisation).
+CONSTANT_SPREAD = 1e-6
 
 
 def loss_figure(
     episodes: dict[str, list[float]], validations: dict[str, list[float]], total: int | None = None,
     phase: str | None = None,
 ) -> Figure:  # fmt: skip
-    """The live plot: ``train/loss`` per episode, its moving average and ``val/combined``, on one axes.
+    """The live plot: ``train/loss`` per episode, its moving average and ``val/loss`` (the same formula), on one axes.
 
     Fixed margins rather than a layout engine: the plot is redrawn every few seconds, and constrained layout
     measured every label again at each redraw (benchmarks/HISTORY.md, "Earlier: after the logging, progress-bar
@@ -70,8 +73,11 @@ def summary_figure(training_log: dict[str, Any]) -> Figure:
     loss_axes, survival_axes, timeline_axes, histogram_axes = figure.subplots(2, 2).flat
     _plot_loss(loss_axes, episodes, validations)
     loss_axes.set(title="Loss", xlabel="episode", ylabel="loss")
-    _plot_series(survival_axes, episodes["episode"], episodes["survival"], "train/survival", "tab:green")
-    survival_axes.set(title="Survival (energy kept vs target; lower is better)", xlabel="episode", ylabel="survival")
+    constant = _plot_series(survival_axes, episodes["episode"], episodes["survival"], "train/survival", "tab:green")
+    title = "Survival (energy kept vs target; lower is better)"
+    if constant is not None:
+        title = f"Survival: constant at {constant:.4g} over the run (no signal)"
+    survival_axes.set(title=title, xlabel="episode", ylabel="survival")
     for axes in (loss_axes, survival_axes):
         _mark_sessions(axes, training_log.get("sessions", []))
         if episodes["episode"]:
@@ -123,23 +129,30 @@ def _moving_average(values: np.ndarray) -> np.ndarray:
 
 
 def _plot_loss(axes: Any, episodes: dict[str, list[float]], validations: dict[str, list[float]]) -> None:
-    """``train/loss`` with its moving average, and ``val/combined`` as dots."""
+    """``train/loss`` with its moving average, and ``val/loss`` (the same objective on the validation universes)."""
     _plot_series(axes, episodes["episode"], episodes["loss"], "train/loss", "tab:blue")
     if validations["episode"]:
-        axes.plot(validations["episode"], validations["combined"], "o", color="tab:red", ms=4, label="val/combined")
+        axes.plot(validations["episode"], validations["loss"], "o", color="tab:red", ms=4, label="val/loss")
 
 
-def _plot_series(axes: Any, episodes: list[float], values: list[float], label: str, color: str) -> None:
+def _plot_series(axes: Any, episodes: list[float], values: list[float], label: str, color: str) -> float | None:
+    """Draw a per-episode series with its moving average; returns its value when it is constant (drawn flat)."""
+    axes.ticklabel_format(axis="y", useOffset=False)  # absolute values on the axis, never "1e-7 + 2e-1"
     x, y = np.asarray(episodes, dtype=float), np.asarray(values, dtype=float)
     finite = np.isfinite(y)
     if not finite.any():
         axes.text(0.5, 0.5, "no episodes yet", ha="center", va="center", transform=axes.transAxes)
-        return
+        return None
     x, y = x[finite], y[finite]
+    middle = float(np.median(y))
+    if float(np.ptp(y)) <= CONSTANT_SPREAD * max(1.0, abs(middle)):
+        axes.plot(x, np.full_like(y, middle), color=color, lw=1.5, label=f"{label} (constant {middle:.4g})")
+        axes.set_ylim(middle - max(1.0, abs(middle)) * 0.5, middle + max(1.0, abs(middle)) * 0.5)
+        return middle
     average = _moving_average(y)
     if len(average) == len(y):  # too few episodes to average: one plain line
         axes.plot(x, y, color=color, lw=1.5, label=label)
-        return
+        return None
     x_average = x[len(x) - len(average) :]
     if len(x) <= MAX_PLOTTED_POINTS:
         axes.plot(x, y, color=color, alpha=0.35, lw=0.8, label=label)
@@ -151,6 +164,7 @@ def _plot_series(axes: Any, episodes: list[float], values: list[float], label: s
         counts = np.diff(np.append(starts, len(average)))
         x_average, average = x_average[starts + counts // 2], np.add.reduceat(average, starts) / counts
     axes.plot(x_average, average, color=color, lw=1.8, label=f"{label} (moving average)")
+    return None
 
 
 def _bin_starts(length: int) -> np.ndarray:
@@ -180,7 +194,7 @@ def _plot_timeline(axes: Any, training_log: dict[str, Any]) -> None:
         axes.legend(loc="upper left", fontsize=8)
     axes.set_yticks(list(rows.values()), list(rows))
     axes.set_ylim(-0.7, 3.0)
-    axes.set(title="Checkpoint timeline (top-k by val/combined)", xlabel="episode")
+    axes.set(title=f"Checkpoint timeline (top-k by {training_log.get('monitor') or 'val/combined'})", xlabel="episode")
     if training_log.get("total_episodes"):
         axes.set_xlim(-0.5, training_log["total_episodes"] + 0.5)
 
@@ -230,7 +244,7 @@ class PlotProcess:
         self, episodes: dict[str, list[float]], validations: dict[str, list[float]], total: int | None = None,
         phase: str | None = None,
     ) -> bytes:  # fmt: skip
-        """:func:`loss_figure` of these columns (``episode`` and ``loss``; ``episode`` and ``combined``) as PNG."""
+        """:func:`loss_figure` of these columns (``episode`` and ``loss``, for training and validation) as PNG."""
         if not self.failed:
             try:
                 return self._draw_in_child(episodes, validations, total, phase)
@@ -266,7 +280,7 @@ class PlotProcess:
             child = self._child = subprocess.Popen(
                 self.command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=_child_environment()
             )
-        columns = [episodes["episode"], episodes["loss"], validations["episode"], validations["combined"]]
+        columns = [episodes["episode"], episodes["loss"], validations["episode"], validations["loss"]]
         arrays = [np.asarray(column, dtype=np.float64) for column in columns]
         header = {"total": total, "phase": phase, "sizes": [len(array) for array in arrays]}
         child.stdin.write(json.dumps(header).encode() + b"\n" + b"".join(array.tobytes() for array in arrays))
@@ -304,7 +318,7 @@ def serve() -> None:
         arrays = [np.frombuffer(_read_exactly(requests, 8 * size), dtype=np.float64) for size in header["sizes"]]
         try:
             episodes = {"episode": arrays[0].tolist(), "loss": arrays[1].tolist()}
-            validations = {"episode": arrays[2].tolist(), "combined": arrays[3].tolist()}
+            validations = {"episode": arrays[2].tolist(), "loss": arrays[3].tolist()}
             png = png_bytes(loss_figure(episodes, validations, total=header["total"], phase=header["phase"]))
         except Exception as err:  # reported to the training process, which draws the plot itself
             replies.write(json.dumps({"error": f"{type(err).__name__}: {err}"}).encode() + b"\n")

@@ -128,7 +128,7 @@ def report_markdown(training_log: dict[str, Any], files: list[str]) -> str:
     lines += _config_section(training_log.get("config", {}))
     lines += ["## Files", "", "| file | what |", "|---|---|"]
     lines += [f"| `exports/{name}` | {FILE_NOTES.get(name, '')} |" for name in files]
-    lines += ["| `checkpoints/` | last.ckpt, best-eNNNNNN.ckpt (top-k by val/combined), MANIFEST.json |",
+    lines += [f"| `checkpoints/` | last.ckpt, best-eNNNNNN.ckpt (top-k by {_monitor(training_log)}), MANIFEST.json |",
               "| `logs/` | TensorBoard events (`tensorboard --logdir logs`), config.yaml |", ""]  # fmt: skip
     return "\n".join(lines)
 
@@ -154,8 +154,14 @@ def _progress_section(training_log: dict[str, Any]) -> list[str]:
 
 def _best_section(training_log: dict[str, Any]) -> list[str]:
     best = training_log.get("best", {})
-    lines = ["## Best metrics", "", "| | value | episode |", "|---|---|---|",
-             f"| best val/combined (lower is better) | {_fmt(best.get('val_combined'))} "
+    monitor = _monitor(training_log)
+    lines = ["## Best metrics", "",
+             f"Checkpoints are ranked by `{monitor}` (lower is better): the best ones kept, and the exported model, "
+             "are those with its lowest values.", "",
+             "| | value | episode |", "|---|---|---|",
+             f"| best val/loss (the training objective on the validation universes) | {_fmt(best.get('val_loss'))} "
+             f"| {_fmt(best.get('val_loss_episode'), 'd')} |",
+             f"| best val/combined (the original's score; lower is better) | {_fmt(best.get('val_combined'))} "
              f"| {_fmt(best.get('val_combined_episode'), 'd')} |",
              f"| lowest train/loss | {_fmt(best.get('train_loss'))} | {_fmt(best.get('train_loss_episode'), 'd')} |",
              f"| last train/loss | {_fmt(best.get('last_train_loss'))} | {_fmt(best.get('last_episode'), 'd')} |",
@@ -164,13 +170,16 @@ def _best_section(training_log: dict[str, Any]) -> list[str]:
     exported = training_log.get("exported_model")
     if exported:
         lines.append(f"| exported model `exports/{exported['file']}` | from {exported['from_checkpoint']} "
-                     f"(val/combined {_fmt(exported.get('metric'))}, torch.jit.{exported['method']}) "
-                     f"| {exported['episode']} |")  # fmt: skip
+                     f"({exported.get('monitor') or monitor} {_fmt(exported.get('metric'))}, "
+                     f"torch.jit.{exported['method']}) | {exported['episode']} |")  # fmt: skip
+        if exported.get("reason"):
+            lines += ["", f"The exported model is {exported['from_checkpoint']} (episode {exported['episode']}): "
+                          f"{exported['reason']}."]  # fmt: skip
     return lines + [""]
 
 
 def _checkpoint_section(training_log: dict[str, Any]) -> list[str]:
-    lines = ["## Checkpoints (MANIFEST.json)", "", "| file | kind | episode | val/combined | size |",
+    lines = ["## Checkpoints (MANIFEST.json)", "", f"| file | kind | episode | {_monitor(training_log)} | size |",
              "|---|---|---|---|---|"]  # fmt: skip
     for entry in training_log.get("checkpoints", []):
         lines.append(f"| {entry['file']} | {entry['kind']} | {entry['episode']} | {_fmt(entry.get('metric'))} "
@@ -185,6 +194,11 @@ def _config_section(config: dict[str, Any]) -> list[str]:
         lines += [f"### {part}", "", "| key | value |", "|---|---|"]
         lines += [f"| `{key}` | `{value}` |" for key, value in settings.items()] + [""]
     return lines
+
+
+def _monitor(training_log: dict[str, Any]) -> str:
+    """The metric the run ranked its checkpoints by (logs written before it was recorded: val/combined)."""
+    return training_log.get("monitor") or "val/combined"
 
 
 def _fmt(value: Any, spec: str = ".4g") -> str:

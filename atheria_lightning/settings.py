@@ -195,7 +195,14 @@ _GROUPS: dict[str, type] = {
 FIXED_ON_RESUME = (
     *(f"model.{field.name}" for field in fields(OperatorSettings)),
     "data.seed",
+    "SmartCheckpoint.monitor",
 )
+#: Why each kind of fixed setting cannot change, by the key's first part.
+_WHY_FIXED = {
+    "model": "this run's weights have another shape",
+    "data": "this run's episodes follow another seed",
+    "SmartCheckpoint": "this run's best checkpoints are ranked by the checkpoint's metric",
+}
 
 
 def refuse_fixed_changes(saved: dict[str, Any], now: dict[str, Any]) -> None:
@@ -205,11 +212,10 @@ def refuse_fixed_changes(saved: dict[str, Any], now: dict[str, Any]) -> None:
     """
     for key in FIXED_ON_RESUME:
         if key in saved and key in now and saved[key] != now[key]:
-            weights = key.startswith("model.")
-            what = "weights have another shape" if weights else "episodes follow another seed"
-            hint = " (atheria curriculum's load_from_phase carries matching weights over)" if weights else ""
+            part = key.split(".")[0]
+            hint = " (atheria curriculum's load_from_phase carries matching weights over)" if part == "model" else ""
             raise ConfigError(
-                f"{key}={now[key]!r} differs from the checkpoint's {saved[key]!r}: this run's {what}; keep the "
+                f"{key}={now[key]!r} differs from the checkpoint's {saved[key]!r}: {_WHY_FIXED[part]}; keep the "
                 f"setting, or start a new experiment_name{hint}"
             )
 

@@ -203,7 +203,7 @@ def test_a_non_finite_validation_is_never_kept_as_a_best_checkpoint(tmp_path: Pa
 
     real_metric = module.combined_metric
     monkeypatch.setattr(module, "combined_metric", lambda p: real_metric(p) * (float("nan") if poisoned["on"] else 1))
-    checkpoint = SmartCheckpoint(top_k=5, every_n_episodes=2)
+    checkpoint = SmartCheckpoint(top_k=5, every_n_episodes=2, monitor="val/combined")
     trainer = Trainer(max_epochs=-1, logger=False, enable_progress_bar=False, default_root_dir=str(tmp_path),
                       val_check_interval=2, check_val_every_n_epoch=None, num_sanity_val_steps=0,
                       callbacks=[NaNValidation(), checkpoint])  # fmt: skip
@@ -239,7 +239,7 @@ def test_last_checkpoint_is_written_once_per_episode_and_copies_a_new_best(tmp_p
     falling = iter(range(1000, 0, -1))
     real_metric = module.combined_metric
     monkeypatch.setattr(module, "combined_metric", lambda parts: real_metric(parts) * 0 + next(falling))
-    checkpoint = SmartCheckpoint(top_k=5, every_n_episodes=2)
+    checkpoint = SmartCheckpoint(top_k=5, every_n_episodes=2, monitor="val/combined")
     trainer = Trainer(max_epochs=-1, logger=False, enable_progress_bar=False, default_root_dir=str(tmp_path),
                       val_check_interval=4, check_val_every_n_epoch=None, num_sanity_val_steps=0,
                       callbacks=[checkpoint])  # fmt: skip
@@ -257,7 +257,7 @@ def test_last_checkpoint_is_written_once_per_episode_and_copies_a_new_best(tmp_p
     assert files["last.ckpt"]["sha256"] == files["best-e000008.ckpt"]["sha256"]
     assert files["best-e000008.ckpt"]["metric"] == files["last.ckpt"]["metric"] is not None
     state = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
-    assert state["atheria"] == {"episode": 8, "metric": files["last.ckpt"]["metric"]}
+    assert state["atheria"] == {"episode": 8, "metric": files["last.ckpt"]["metric"], "monitor": "val/combined"}
     for name, value in model.state_dict().items():
         assert torch.equal(state["state_dict"][name], value.cpu()), name
 

@@ -17,7 +17,7 @@ from atheria_lightning.figures import PlotProcess, loss_figure, png_bytes
 
 REPO = Path(__file__).resolve().parents[1]
 EPISODES = {"episode": list(range(120)), "loss": [1.0 / (1 + episode) for episode in range(120)]}
-VALIDATIONS = {"episode": [10, 20, 30], "combined": [0.5, 0.25, float("nan")]}
+VALIDATIONS = {"episode": [10, 20, 30], "loss": [0.5, 0.25, float("nan")]}
 
 
 def _alive(pid: int) -> bool:
@@ -92,7 +92,7 @@ def test_the_plot_process_ends_when_the_training_process_is_killed(tmp_path: Pat
         import os, sys, time
         from atheria_lightning.figures import PlotProcess
         plotter = PlotProcess()
-        plotter.loss_png({"episode": [0, 1], "loss": [1.0, 0.5]}, {"episode": [], "combined": []})
+        plotter.loss_png({"episode": [0, 1], "loss": [1.0, 0.5]}, {"episode": [], "loss": []})
         print(plotter.drawn_by, flush=True)
         time.sleep(60)
     """)

@@ -80,14 +80,17 @@ def test_the_log_covers_every_episode_across_a_resume_and_the_report_is_complete
 
     best = log["best"]
     text = (exports / "report.md").read_text()
-    assert (
-        f"| best val/combined (lower is better) | {best['val_combined']:.4g} | {best['val_combined_episode']} |" in text
-    )
+    assert log["monitor"] == "val/loss" and "Checkpoints are ranked by `val/loss`" in text
+    assert f"| {best['val_loss']:.4g} | {best['val_loss_episode']} |" in text
+    assert f"| {best['val_combined']:.4g} | {best['val_combined_episode']} |" in text
     assert "Phase: **Fase1_Vacuum_Stability**" in text and "episodes per second" in text
 
     exported = log["exported_model"]
     best_file = min((e for e in log["checkpoints"] if e["kind"] == "best"), key=lambda entry: entry["metric"])
     assert exported["from_checkpoint"] == best_file["file"] and exported["method"] == "script"
+    # The best file is the one with the lowest val/loss the run validated, and the report says why it was chosen.
+    assert best_file["metric"] == min(v["loss"] for v in log["validations"] if v["episode"] in {2, 4, 6})
+    assert f"The exported model is {best_file['file']} (episode {best_file['episode']}): the lowest val/loss" in text
     metadata = export.load_metadata(exports / "model.ts")
     assert (metadata["architecture"], metadata["hidden_channels"]) == ("UNET", 4)
 
@@ -170,14 +173,16 @@ def test_an_emergency_stop_writes_the_log_and_its_checkpoint_holds_every_episode
     # After training, as atheria fit does it: the store's best checkpoint to model.ts, then summary.png and report.md.
     exported = export.export_best(store, tmp_path / "exports")
     store.close()
-    # The validation after episode 2 made the only best checkpoint; last.ckpt (episode 3) has no metric to rank.
-    assert exported is not None and (exported["from_checkpoint"], exported["episode"]) == ("best-e000002.ckpt", 2)
+    # The validations after episodes 2 and 3 (the stop) made best checkpoints: the lower val/loss is exported.
+    bests = {name: entry.metric for name, entry in store.entries().items() if entry.kind == "best"}
+    assert exported is not None and exported["from_checkpoint"] == min(bests, key=bests.__getitem__)
     assert export.load_metadata(tmp_path / "exports" / "model.ts")["architecture"] == "MLP"
     written = report.write_report(str(tmp_path), exported_model=exported)
     assert written == str(tmp_path / "exports" / "report.md")
     assert _read_log(tmp_path / "exports")["exported_model"] == exported, "recorded in the log for later redraws"
     text = (tmp_path / "exports" / "report.md").read_text()
-    assert "| exported model `exports/model.ts` | from best-e000002.ckpt" in text and "| `exports/model.ts` |" in text
+    assert f"| exported model `exports/model.ts` | from {exported['from_checkpoint']}" in text
+    assert "| `exports/model.ts` |" in text
     assert (tmp_path / "exports" / "summary.png").read_bytes().startswith(b"\x89PNG")
 
 
@@ -218,7 +223,10 @@ def test_atheria_report_redraws_summary_and_report_from_the_log_alone(
     assert report.main([str(mirror)]) == 0
     assert capsys.readouterr().out.strip() == f"report: {mirror / 'exports' / 'report.md'} (summary.png beside it)"
     text = (mirror / "exports" / "report.md").read_text()
-    assert "# Atheria training report: demo" in text and "| best val/combined (lower is better) | 2.5 | 2 |" in text
+    assert "# Atheria training report: demo" in text
+    # A log written before the monitor was recorded: its checkpoints were ranked by val/combined.
+    assert "| best val/combined (the original's score; lower is better) | 2.5 | 2 |" in text
+    assert "Checkpoints are ranked by `val/combined`" in text
     assert "| episodes | 2 of 4 (50%) |" in text and "| last.ckpt | last | 2 | 2.5 | 1.00 MB |" in text
     assert "| `exports/summary.png` |" in text and "| `exports/training_log.json` |" in text
     assert "live_loss.png" not in text and "model.ts" not in text, "only the files there are listed"
@@ -283,7 +291,7 @@ def test_the_checkpointed_history_costs_the_same_to_save_after_10_or_10000_episo
         for episode in range(episodes):
             _append(training_log.episodes, episode, [0.5] * 5)
             if episode % 10 == 0:
-                _append(training_log.validations, episode, [0.5] * 4)
+                _append(training_log.validations, episode, [0.5] * 5)
                 training_log.saved_episodes.append(episode)
         visited = []
         apply_to_collection(training_log.state_dict(), (int, float, str, torch.Tensor), visited.append)
@@ -332,7 +340,7 @@ def test_a_long_run_plots_a_bounded_number_of_points_and_keeps_its_spikes() -> N
     episodes = 100_000
     loss = [1.0 + 0.1 * (index % 7) for index in range(episodes)]
     loss[54_321] = 50.0  # one bad episode must stay visible
-    figure = loss_figure({"episode": list(range(episodes)), "loss": loss}, {"episode": [], "combined": []})
+    figure = loss_figure({"episode": list(range(episodes)), "loss": loss}, {"episode": [], "loss": []})
     (axes,) = figure.axes
     band = axes.collections[0].get_paths()[0].vertices
     assert len(band) <= 3 * MAX_PLOTTED_POINTS and band[:, 1].max() == 50.0 and band[:, 1].min() == 1.0

@@ -43,12 +43,13 @@ class SmartCheckpoint(UsesRunStore, Checkpoint):
     Args:
         top_k: How many best checkpoints to keep (at least 1).
         every_n_episodes: Save ``last.ckpt`` every this many episodes.
-        monitor: The validation metric ranking checkpoints; lower is better.
+        monitor: The validation metric ranking checkpoints; lower is better. ``val/loss`` is ``QCAModule``'s
+            training objective on the fixed validation universes. Fixed for a run: its best files are ranked by it.
         async_write: Write files in a background thread, for a store this callback makes itself (plain
             ``Trainer`` without :meth:`use_store`); ``AtheriaCLI`` hands it the run's store.
 
     Raises:
-        ConfigError: ``top_k < 1`` or ``every_n_episodes < 1``.
+        ConfigError: ``top_k < 1``, ``every_n_episodes < 1`` or an empty ``monitor``.
 
     Example::
 
@@ -57,13 +58,15 @@ class SmartCheckpoint(UsesRunStore, Checkpoint):
     """
 
     def __init__(
-        self, top_k: int = 5, every_n_episodes: int = 10, monitor: str = "val/combined", async_write: bool = True
+        self, top_k: int = 5, every_n_episodes: int = 10, monitor: str = "val/loss", async_write: bool = True
     ) -> None:
         require(isinstance(top_k, int) and top_k >= 1, f"SmartCheckpoint.top_k={top_k!r} must be an integer >= 1")
         require(
             isinstance(every_n_episodes, int) and every_n_episodes >= 1,
             f"SmartCheckpoint.every_n_episodes={every_n_episodes!r} must be a positive integer",
         )
+        require(isinstance(monitor, str) and bool(monitor), f"SmartCheckpoint.monitor={monitor!r} must name a logged "
+                "metric, e.g. val/loss")  # fmt: skip
         self.top_k = top_k
         self.every_n_episodes = every_n_episodes
         self.monitor = monitor
@@ -75,7 +78,7 @@ class SmartCheckpoint(UsesRunStore, Checkpoint):
 
     @override
     def use_store(self, store: RunStore) -> Self:
-        store.keep_best(self.top_k)
+        store.keep_best(self.top_k, self.monitor)
         return super().use_store(store)
 
     @override

@@ -34,7 +34,7 @@ class LivePlot(Callback):
     """Redraws the loss so far while training: ``exports/live_loss.png`` and, in a notebook, the cell's picture.
 
     On global rank 0 only. Every ``plot_every_n_episodes`` episodes, and no sooner than ``min_plot_interval_s``
-    after the previous redraw, it draws ``train/loss`` per episode (with its moving average) and ``val/combined``
+    after the previous redraw, it draws ``train/loss`` per episode (with its moving average) and ``val/loss``
     as recorded by the run's :class:`~atheria_lightning.callbacks.TrainingLog`: every episode of the run, earlier
     sessions included. In a Jupyter/Colab/Kaggle notebook the same picture appears in the cell's output, updated in
     place. A background thread hands a copy of the plotted columns to a plot process

@@ -199,12 +199,12 @@ class TrainingLog(UsesRunStore, Callback):
         return self.episodes["episode"][-1] if self.episodes["episode"] else None
 
     def loss_columns(self) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
-        """Copies of the columns the loss plot shows: ``episode`` and ``loss``; ``episode`` and ``combined``.
+        """Copies of the columns the loss plot shows: ``episode`` and ``loss``, of the episodes and the validations.
 
         Copies, so that a background thread can draw them while this callback records the next episodes.
         """
         episodes = {"episode": list(self.episodes["episode"]), "loss": list(self.episodes["loss"])}
-        validations = {"episode": list(self.validations["episode"]), "combined": list(self.validations["combined"])}
+        validations = {"episode": list(self.validations["episode"]), "loss": list(self.validations["loss"])}
         return episodes, validations
 
     def truncate(self, start: int) -> None:
@@ -254,6 +254,7 @@ class TrainingLog(UsesRunStore, Callback):
                 "episodes_per_second": recorded / total_seconds if total_seconds > 0 else None,
             },
             "sessions": sessions,
+            "monitor": self.store.monitor if self.store is not None else None,
             "best": _best(self.episodes, self.validations),
             "checkpoints": checkpoints,
             "saved_episodes": self.saved_episodes,
@@ -347,11 +348,10 @@ def _rows(columns: dict[str, list[float]]) -> list[dict[str, Any]]:
 
 def _best(episodes: dict[str, list[float]], validations: dict[str, list[float]]) -> dict[str, Any]:
     best: dict[str, Any] = {}
-    val_index = _argmin(validations["combined"])
-    if val_index is not None:
-        best.update(
-            val_combined=validations["combined"][val_index], val_combined_episode=validations["episode"][val_index]
-        )
+    for key in ("loss", "combined"):
+        index = _argmin(validations[key])
+        if index is not None:
+            best.update({f"val_{key}": validations[key][index], f"val_{key}_episode": validations["episode"][index]})
     loss_index = _argmin(episodes["loss"])
     if loss_index is not None:
         best.update(train_loss=episodes["loss"][loss_index], train_loss_episode=episodes["episode"][loss_index])

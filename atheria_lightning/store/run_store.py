@@ -102,6 +102,7 @@ class RunStore:
         self.checkpoint_dir = os.path.join(self.run_dir, CHECKPOINTS)
         self.async_write = async_write
         self.top_k = 5
+        self.monitor: str | None = None
         self.checkpoint_io = StoreCheckpointIO(self)
         self.max_write_seconds = 0.0
         self._local = LocalFileSystem()
@@ -119,9 +120,11 @@ class RunStore:
         self._flush_deadline: float | None = None
 
     # -- configuration (by the callbacks, before training) --
-    def keep_best(self, top_k: int) -> None:
-        """Keep the ``top_k`` best checkpoints (and ``last.ckpt``); applied at the next write and at start."""
+    def keep_best(self, top_k: int, monitor: str | None = None) -> None:
+        """Keep the ``top_k`` best checkpoints by ``monitor`` (and ``last.ckpt``); applied at the next write and at
+        start. Every checkpoint written records ``monitor``, so a resume can refuse to rank by another metric."""
         self.top_k = top_k
+        self.monitor = monitor
 
     def set_mirror(
         self,
@@ -390,7 +393,7 @@ class RunStore:
         self._queue(_SaveRequest(name, episode, metric, hold=False), checkpoint)
 
     def _queue(self, request: _SaveRequest, checkpoint: dict[str, Any]) -> None:
-        checkpoint[META_KEY] = {"episode": request.episode, "metric": request.metric}
+        checkpoint[META_KEY] = {"episode": request.episode, "metric": request.metric, "monitor": self.monitor}
         data = serialized(checkpoint)
         if request.hold:
             self._held = (request, data)
