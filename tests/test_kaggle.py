@@ -7,7 +7,6 @@ import argparse
 import hashlib
 import json
 import logging
-import os
 import shutil
 import stat
 from pathlib import Path
@@ -15,7 +14,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import demo_args
+from conftest import demo_args, make_read_only, snapshot
 
 from atheria_lightning.cli import main
 from atheria_lightning.platform import KAGGLE_INPUT_ENV, KAGGLE_INPUT_ROOT, Platform, kaggle_input_root
@@ -50,29 +49,6 @@ def attach(run: Path, input_root: Path, *where: str) -> Path:
     target = input_root.joinpath(*where, "demo")
     shutil.copytree(run, target)
     return target
-
-
-def make_read_only(root: Path) -> None:
-    """chmod a-w, as Kaggle mounts its inputs (root ignores the modes: :func:`snapshot` is the real check)."""
-    for folder, _, names in os.walk(root):
-        for name in names:
-            if not os.path.islink(os.path.join(folder, name)):
-                os.chmod(os.path.join(folder, name), 0o444)
-        os.chmod(folder, 0o555)
-
-
-def snapshot(root: Path, leave_out: Path | None = None) -> dict[str, Any]:
-    """Every path under ``root`` (but ``leave_out``) with its kind, mode, size, mtime and content hash."""
-    seen: dict[str, Any] = {}
-    for folder, folders, names in os.walk(root):
-        folders[:] = [name for name in folders if Path(folder) / name != leave_out]
-        for name in folders + names:
-            path = Path(folder) / name
-            info = path.lstat()
-            digest = hashlib.sha256(path.read_bytes()).hexdigest() if stat.S_ISREG(info.st_mode) else None
-            seen[str(path.relative_to(root))] = (stat.S_IFMT(info.st_mode), info.st_mode, info.st_size,
-                                                 info.st_mtime_ns, digest)  # fmt: skip
-    return seen
 
 
 def new_version(tmp_path: Path, *extra: str, episodes: int = 6) -> list[str]:
