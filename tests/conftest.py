@@ -35,7 +35,7 @@ def _quiet_and_isolated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None
     # Runs must never write into the repository (./runs) when a test forgets --run_root.
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("PYTHONWARNINGS", "ignore")
-    for var in ("COLAB_RELEASE_TAG", "KAGGLE_KERNEL_RUN_TYPE"):
+    for var in ("COLAB_RELEASE_TAG", "KAGGLE_KERNEL_RUN_TYPE", "ATHERIA_KAGGLE_INPUT"):
         monkeypatch.delenv(var, raising=False)
 
 

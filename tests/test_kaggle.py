@@ -27,11 +27,14 @@ def previous(tmp_path_factory: pytest.TempPathFactory) -> dict[int, Path]:
     """A previous version's run folder of the demo experiment after 2 and after 4 episodes (kept apart)."""
     root = tmp_path_factory.mktemp("previous")
     snapshots = {}
-    for episodes in (2, EPISODES):
-        args = demo_args(root, "--trainer.max_steps", str(episodes), episodes=EPISODES, val_every=2, mirror=False)
-        assert main(args) == 0
-        snapshots[episodes] = root / f"demo-{episodes}"
-        shutil.copytree(root / "runs" / "demo", snapshots[episodes])
+    with pytest.MonkeyPatch.context() as patch:  # set up before each test's own isolation: an input must not leak in
+        for var in ("KAGGLE_KERNEL_RUN_TYPE", KAGGLE_INPUT_ENV):
+            patch.delenv(var, raising=False)
+        for episodes in (2, EPISODES):
+            args = demo_args(root, "--trainer.max_steps", str(episodes), episodes=EPISODES, val_every=2, mirror=False)
+            assert main(args) == 0
+            snapshots[episodes] = root / f"demo-{episodes}"
+            shutil.copytree(root / "runs" / "demo", snapshots[episodes])
     return snapshots
 
 
