@@ -35,7 +35,14 @@ from atheria_lightning.export import export_best
 from atheria_lightning.interrupts import StopRequested, signals_stop_the_command, stopped_line
 from atheria_lightning.lock import RunLock
 from atheria_lightning.module import EpisodeOutOfMemoryError, NonFiniteTrainingError, QCAModule
-from atheria_lightning.platform import COLAB_DRIVE_ROOT, Platform, default_mirror_url, default_run_root, detect_platform
+from atheria_lightning.platform import (
+    COLAB_DRIVE_ROOT,
+    Platform,
+    default_mirror_url,
+    default_run_root,
+    detect_platform,
+    kaggle_input_root,
+)
 from atheria_lightning.report import write_report
 from atheria_lightning.scalars import BufferedTensorBoardLogger
 from atheria_lightning.settings import changed_settings, refuse_fixed_changes
@@ -182,6 +189,9 @@ class AtheriaCLI(LightningCLI):
         kwargs["callbacks"] = configured + self.default_callbacks(configured, progress_bar)
         # One store owns the run folder; the callbacks that act on its files get it, and Lightning's saves reach it.
         self.store = RunStore(self.run_dir)
+        input_root = kaggle_input_root()
+        if input_root is not None:  # a new Kaggle version starts empty; the previous one's output is an input
+            self.store.look_in_previous_versions(input_root, label="kaggle input")
         for callback in kwargs["callbacks"]:
             if isinstance(callback, UsesRunStore):
                 callback.use_store(self.store)
@@ -227,7 +237,8 @@ class AtheriaCLI(LightningCLI):
         """Reconcile the run folder (and its mirror) through the store, then choose what to resume from.
 
         An explicit ``ckpt_path`` wins; else ``resume``: a path, ``never`` (refused when the run already has
-        checkpoints: they would be overwritten), or ``auto`` (the newest sound checkpoint, local or mirrored).
+        checkpoints: they would be overwritten), or ``auto`` (the newest sound checkpoint, local or mirrored; on
+        Kaggle, when there is none, a previous version's, copied from ``/kaggle/input``).
         Under DDP only rank 0 looks (it may rebuild, quarantine or download files); the processes it launches
         inherit its choice through the environment.
         """
@@ -235,8 +246,8 @@ class AtheriaCLI(LightningCLI):
             chosen = os.environ[RESUME_ENV]
             return Checkpoint(chosen, os.path.basename(chosen), -1, None, "rank 0") if chosen else None
         assert self.store is not None
-        point = self.store.start(with_mirror=with_mirror)
         resume = ckpt_path or self.run_settings["resume"]
+        point = self.store.start(with_mirror=with_mirror, with_previous=with_mirror and resume == "auto")
         if resume == "auto":
             return point
         if resume == "never":

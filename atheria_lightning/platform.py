@@ -31,6 +31,22 @@ COLAB_DRIVE_ROOT = "/content/drive/MyDrive"
 DEFAULT_MIRRORS = {Platform.COLAB: "/content/drive/MyDrive/Atheria", Platform.KAGGLE: None, Platform.LOCAL: None}
 
 
+#: Where Kaggle attaches a notebook's inputs, read-only: datasets, and notebook outputs such as a previous version's
+#: ``/kaggle/working``.
+KAGGLE_INPUT_ROOT = "/kaggle/input"
+#: Another folder to search for a previous version's run instead (a test, a copy of an input), on any platform.
+KAGGLE_INPUT_ENV = "ATHERIA_KAGGLE_INPUT"
+
+
+def kaggle_input_root(platform: Platform | None = None) -> str | None:
+    """Where to look for a previous version's run folder: ``$ATHERIA_KAGGLE_INPUT`` when set, ``/kaggle/input`` on
+    Kaggle, else nowhere (None)."""
+    override = os.environ.get(KAGGLE_INPUT_ENV)
+    if override:
+        return override
+    return KAGGLE_INPUT_ROOT if (platform or detect_platform()) is Platform.KAGGLE else None
+
+
 def default_run_root(platform: Platform | None = None) -> str:
     return DEFAULT_RUN_ROOTS[platform or detect_platform()]
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
+import stat
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -32,7 +35,7 @@ def _quiet_and_isolated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None
     # Runs must never write into the repository (./runs) when a test forgets --run_root.
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("PYTHONWARNINGS", "ignore")
-    for var in ("COLAB_RELEASE_TAG", "KAGGLE_KERNEL_RUN_TYPE"):
+    for var in ("COLAB_RELEASE_TAG", "KAGGLE_KERNEL_RUN_TYPE", "ATHERIA_KAGGLE_INPUT"):
         monkeypatch.delenv(var, raising=False)
 
 
@@ -102,3 +105,26 @@ def wait_for_first_checkpoint(run: Path, timeout: float = 180) -> Path:
     if not wait_for(lambda: manifest.exists() and "last.ckpt" in manifest.read_text(), timeout):
         raise AssertionError(f"no checkpoint appeared in {manifest.parent} within {timeout} s")
     return manifest
+
+
+def make_read_only(root: Path) -> None:
+    """chmod a-w, as Kaggle mounts its inputs (root ignores the modes: :func:`snapshot` is the real check)."""
+    for folder, _, names in os.walk(root):
+        for name in names:
+            if not os.path.islink(os.path.join(folder, name)):
+                os.chmod(os.path.join(folder, name), 0o444)
+        os.chmod(folder, 0o555)
+
+
+def snapshot(root: Path, leave_out: Path | None = None) -> dict[str, Any]:
+    """Every path under ``root`` (but ``leave_out``) with its kind, mode, size, mtime and content hash."""
+    seen: dict[str, Any] = {}
+    for folder, folders, names in os.walk(root):
+        folders[:] = [name for name in folders if Path(folder) / name != leave_out]
+        for name in folders + names:
+            path = Path(folder) / name
+            info = path.lstat()
+            digest = hashlib.sha256(path.read_bytes()).hexdigest() if stat.S_ISREG(info.st_mode) else None
+            seen[str(path.relative_to(root))] = (stat.S_IFMT(info.st_mode), info.st_mode, info.st_size,
+                                                 info.st_mtime_ns, digest)  # fmt: skip
+    return seen

@@ -1,8 +1,10 @@
-"""The real notebook, executed headless top to bottom in its CI mode, twice: it trains, exports and then continues."""
+"""The real notebook, executed headless top to bottom in its CI mode: twice locally (it trains, exports and then
+continues), and once on the Kaggle path (it continues a previous version's run from a read-only input)."""
 
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -14,7 +16,7 @@ nbclient = pytest.importorskip("nbclient")
 nbformat = pytest.importorskip("nbformat")
 pytest.importorskip("ipykernel")
 
-from conftest import REPO  # noqa: E402
+from conftest import REPO, make_read_only, snapshot  # noqa: E402
 
 pytestmark = pytest.mark.slow  # trains in subprocesses or over several sessions: out of the quick loop
 
@@ -89,3 +91,52 @@ def test_notebook_runs_top_to_bottom_then_continues(tmp_path: Path, monkeypatch:
     assert log["time"]["sessions"] == 2
     assert "atheria fit ended with exit code" not in text
     print(f"first notebook run: {first_run_s:.1f} s")
+
+
+def _ci_settings(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    """The notebook's settings in CI mode: its first code cell, run here with ``env``."""
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    notebook = nbformat.read(NOTEBOOK, as_version=4)
+    settings: dict[str, Any] = {}
+    exec(next(cell for cell in notebook.cells if cell.cell_type == "code").source, settings)
+    return settings
+
+
+def test_notebook_on_kaggle_continues_the_previous_versions_output(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from atheria_lightning.cli import main
+
+    # The previous version: the notebook's own CI settings trained 4 episodes, its /kaggle/working now an input.
+    previous = _ci_settings({"ATHERIA_NOTEBOOK_CI": "1", "ATHERIA_NOTEBOOK_EPISODES": "4"}, monkeypatch)
+    experiment = "demo"  # the demo preset's experiment_name, which the notebook uses in CI mode
+    previous_root = tmp_path / "previous_working" / "atheria_runs"
+    args = ["fit", "--config", str(REPO / "configs" / f"{previous['PRESET']}.yaml"), "--run_root", str(previous_root),
+            "--mirror_url", "null", "--data.total_episodes", "4", "--trainer.enable_progress_bar", "false",
+            *previous["OVERRIDES"]]  # fmt: skip
+    assert main(args) == 0
+    input_root = tmp_path / "input"
+    attached = input_root / "atheria-notebook" / "atheria_runs" / experiment
+    shutil.copytree(previous_root / experiment, attached)
+    make_read_only(input_root)
+    before = snapshot(input_root)
+
+    run_root = tmp_path / "working" / "atheria_runs"
+    env = {"ATHERIA_NOTEBOOK_CI": "1", "ATHERIA_NOTEBOOK_RUN_ROOT": str(run_root), "ATHERIA_NOTEBOOK_EPISODES": "6",
+           "OMP_NUM_THREADS": "1", "KAGGLE_KERNEL_RUN_TYPE": "Interactive",
+           "ATHERIA_KAGGLE_INPUT": str(input_root)}  # fmt: skip
+    notebook, text = _execute(env, monkeypatch)
+
+    assert "platform: kaggle" in text
+    last = attached / "checkpoints" / "last.ckpt"
+    assert f"resuming from episode 4 of 6 (67%) [kaggle input: {last}, copied to: " in text
+    tensorboard_cell = next(cell for cell in notebook.cells if "load_ext" in cell.source)
+    outputs = tensorboard_cell.get("outputs", [])
+    assert [output.get("output_type") for output in outputs] == ["stream"], "no %tensorboard panel on Kaggle"
+    assert "TensorBoard does not render on Kaggle" in outputs[0]["text"]
+    assert f"{run_root / experiment / 'logs'}" in outputs[0]["text"]
+    assert snapshot(input_root) == before, "the input is never written"
+    log = json.loads((run_root / experiment / "exports" / "training_log.json").read_text())
+    assert [row["episode"] for row in log["episodes"]] == list(range(6)), "the previous version's history came along"
+    assert "atheria fit ended with exit code" not in text

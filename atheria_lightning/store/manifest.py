@@ -287,6 +287,19 @@ def read_or_rebuild(side: Side) -> tuple[Manifest, bool]:
     return manifest, True
 
 
+def read_as_is(side: Side) -> Manifest:
+    """The folder's manifest exactly as written, for a folder this process must never write (a previous version's
+    read-only output): nothing is rebuilt, adopted, settled or moved; entries with names the store does not write
+    are refused as always.
+
+    Raises:
+        DamagedManifest: Not a manifest this store writes. ``OSError`` (``FileNotFoundError``) when unreadable.
+    """
+    where = join(side.folder, MANIFEST_NAME)
+    with side.fs.open(where, "rb") as handle:
+        return _parse_manifest(handle.read(), where)
+
+
 def adopt_unlisted(manifest: Manifest, side: Side) -> bool:
     """Checkpoint-named files the manifest does not list: moved to ``unlisted/`` (never trusted, never deleted),
     unless the manifest lists nothing that verifies; then they are listed from their own content, as for a damaged

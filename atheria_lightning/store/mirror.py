@@ -236,21 +236,7 @@ class Mirror:
         return matched
 
     def _download_once(self, name: str, entry: Entry, local_path: str, journal: Callable[[str, Entry], None]) -> bool:
-        os.makedirs(os.path.dirname(local_path), exist_ok=True)
-        tmp = tmp_path_for(local_path)
-        try:
-            with self.fs.open(join(self.side.folder, name), "rb") as source, open(tmp, "wb") as target:
-                copied = copy_measured(source, target)
-                target.flush()
-                os.fsync(target.fileno())
-            if not copied.matches(entry.size, entry.sha256) or episode_in(tmp, name) != entry.episode:
-                return False  # the bytes, or the episode the manifest claims for them, are not what it lists
-            journal(name, entry)
-            os.replace(tmp, local_path)
-            return True
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        return download_verified(self.side, name, entry, local_path, journal)
 
     # -- queue and worker --
     def enqueue(self, name: str, entry: Entry | None) -> None:
@@ -450,6 +436,28 @@ class Mirror:
                 log.debug("mirror attempt %d failed (%s), retrying in %.1f s", retry + 1, err, delay)
                 self.sleep(delay)
         return None
+
+
+def download_verified(
+    side: Side, name: str, entry: Entry, local_path: str, journal: Callable[[str, Entry], None]
+) -> bool:
+    """Copy ``side``'s checkpoint ``name`` beside ``local_path``, check its size, sha256 and episode against
+    ``entry``, then journal it and move it into place; False (nothing moved, ``side`` untouched) when they differ."""
+    os.makedirs(os.path.dirname(local_path), exist_ok=True)
+    tmp = tmp_path_for(local_path)
+    try:
+        with side.fs.open(join(side.folder, name), "rb") as source, open(tmp, "wb") as target:
+            copied = copy_measured(source, target)
+            target.flush()
+            os.fsync(target.fileno())
+        if not copied.matches(entry.size, entry.sha256) or episode_in(tmp, name) != entry.episode:
+            return False  # the bytes, or the episode the manifest claims for them, are not what it lists
+        journal(name, entry)
+        os.replace(tmp, local_path)
+        return True
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def _copy_checked(source: IO[bytes], target: IO[bytes], expected: Entry | None) -> None:

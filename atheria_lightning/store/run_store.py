@@ -42,7 +42,8 @@ from atheria_lightning.store.manifest import (
     unsound,
     write_manifest,
 )
-from atheria_lightning.store.mirror import Mirror, MirrorStatus, remote_run_dir
+from atheria_lightning.store.mirror import Mirror, MirrorStatus, download_verified, remote_run_dir
+from atheria_lightning.store.previous import copy_plain_folders, examine, find_run_folders, newest_first
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,8 @@ class Checkpoint:
     name: str
     episode: int
     metric: float | None
-    source: str = "local"  # "local", "mirror" (downloaded at this start) or "explicit"
+    #: "local", "mirror" (downloaded at this start), "explicit", or where a previous version's copy came from
+    source: str = "local"
 
 
 @dataclass
@@ -117,6 +119,7 @@ class RunStore:
         self._state_write: Future | None = None  # the newest serialized state queued for writing
         self._last_queued: int | None = None  # the episode of the newest last.ckpt queued (written or on its way)
         self._mirror: Mirror | None = None
+        self._previous: tuple[str, str] | None = None  # (root, label) searched for a previous version's run
         self._flush_deadline: float | None = None
 
     # -- configuration (by the callbacks, before training) --
@@ -145,27 +148,41 @@ class RunStore:
     def has_mirror(self) -> bool:
         return self._mirror is not None
 
+    def look_in_previous_versions(self, root: str, label: str = "previous version") -> None:
+        """When a start finds no checkpoint (local or mirrored), copy the run from a previous version's read-only
+        output under ``root`` (Kaggle's ``/kaggle/input``): see :mod:`~atheria_lightning.store.previous`.
+        ``label`` names that origin in the resume line."""
+        self._previous = (root, label)
+
     # -- start of a session --
-    def start(self, with_mirror: bool = True) -> Checkpoint | None:
+    def start(self, with_mirror: bool = True, with_previous: bool = True) -> Checkpoint | None:
         """Reconcile the run folder (and the mirror), then return the checkpoint to resume from, if any.
 
         Local: temporary files of killed writes are removed, a damaged manifest is rebuilt from the files, listed
         files that fail verification and files that do not load go to ``checkpoints/corrupt/``. Mirror: reached
         (``ConfigError`` when not), its manifest read (rebuilt when damaged), every checkpoint it has newer than
-        the local one downloaded and verified, and whatever it lacks queued for upload at once. Retention is
-        applied. The resume point is the newest verified checkpoint whose weights are finite.
+        the local one downloaded and verified, and whatever it lacks queued for upload at once. Previous version
+        (``with_previous``, after :meth:`look_in_previous_versions`): only when neither has a checkpoint, the run
+        is copied from it, verified. Retention is applied. The resume point is the newest verified checkpoint
+        whose weights are finite.
         """
         self.open()
         downloaded: set[str] = set()
         if with_mirror and self._mirror is not None:
             self._mirror.connect()
             downloaded = self._download_newer(self._mirror.open())
+        copied: dict[str, str] = {}
+        root, label = self._previous or ("", "")
+        if with_previous and root and not self._entries():
+            copied = self._copy_previous(root, label)
         self._retain()
         if with_mirror and self._mirror is not None:
             self._mirror.reconcile(self._entries())
         point = self.resume_point()
         if point is not None and point.name in downloaded:
             point = replace(point, source="mirror")
+        elif point is not None and point.name in copied:
+            point = replace(point, source=f"{label}: {copied[point.name]}, copied to")
         return point
 
     def start_mirror(self) -> None:
@@ -217,6 +234,36 @@ class RunStore:
                 self._list(name, entry)
                 downloaded.add(name)
         return downloaded
+
+    def _copy_previous(self, root: str, label: str) -> dict[str, str]:
+        """Copy the run from the previous version under ``root`` with the newest sound checkpoint: its listed
+        checkpoints (verified again as they are copied) and its ``logs/`` and ``exports/``. Nothing is written
+        under ``root``. Returns the names copied -> where each came from."""
+        folders = find_run_folders(root, os.path.basename(self.run_dir), skip=self.run_dir)
+        candidates = [run for run in map(examine, folders) if run is not None]
+        if not candidates:
+            if folders:
+                print(f"{label}: no sound checkpoint in {', '.join(folders)}: starting a new run", flush=True)
+            return {}
+        for chosen in newest_first(candidates):
+            copied = {}
+            for name, entry in chosen.manifest.newest_first():
+                if download_verified(chosen.side, name, entry, self._path(name), self._journal):
+                    self._list(name, entry)
+                    copied[name] = os.path.join(chosen.side.folder, name)
+                else:
+                    log.warning("%s/%s no longer matches what was checked: not copied", chosen.side.folder, name)
+            if copied:
+                break
+        else:
+            return {}
+        files = copy_plain_folders(chosen.run_dir, self.run_dir)
+        others = [run.describe() for run in candidates if run is not chosen]
+        print(f"{label}: copied the run of {chosen.describe()} into {self.run_dir} ({len(copied)} checkpoint(s), "
+              f"{files} file(s) of logs/ and exports/)"
+              + (f"; the newest of {len(candidates)} found, not taken: {', '.join(others)}" if others else ""),
+              flush=True)  # fmt: skip
+        return copied
 
     def resume_point(self) -> Checkpoint | None:
         """The newest listed checkpoint that is sound (see :func:`unsound`; one that is not moves to ``corrupt/``)."""
