@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import math
 import os
 import pickle
 import sys
@@ -77,7 +78,8 @@ class AtheriaCLI(LightningCLI):
 
     Run settings (top level of a preset): ``experiment_name``, ``run_root`` (fast local folder, platform default
     when null), ``mirror_url`` (persistent copy: ``auto`` = the platform default, null = none, or a folder/URL),
-    ``resume`` (``auto``, ``never`` or a checkpoint path).
+    ``resume`` (``auto``, ``never`` or a checkpoint path), ``max_hours`` (this session's time budget, overriding
+    the preset's ``TimeLimitGuard.max_hours``).
 
     Every run gets, unless its config lists its own: :class:`SmartCheckpoint` in ``<run>/checkpoints``,
     :class:`MirrorSync` when a mirror is set, the episode progress bar and the end-of-run summary. One
@@ -131,6 +133,13 @@ class AtheriaCLI(LightningCLI):
             default="auto",
             help="auto (newest verified checkpoint, local or mirror), never, or a checkpoint path.",
         )
+        parser.add_argument(
+            "--max_hours",
+            type=float | None,
+            default=None,
+            help="This session's budget in hours for TimeLimitGuard (stop with a checkpoint at its "
+            "emergency_fraction), overriding the preset's; null = the preset's.",
+        )
         # One validation (and best-checkpoint decision) every data.val_every_episodes episodes.
         parser.link_arguments("data.val_every_episodes", "trainer.val_check_interval")
         # The operator's initial weights follow data.seed too, so one seed reproduces the whole run.
@@ -168,6 +177,9 @@ class AtheriaCLI(LightningCLI):
             resume in RESUME_MODES or Path(resume).is_file(),
             f"resume={resume!r} must be one of {', '.join(RESUME_MODES)} or an existing checkpoint file",
         )
+        max_hours = self.run_settings["max_hours"]
+        require(max_hours is None or (math.isfinite(max_hours) and max_hours > 0),
+                f"max_hours={max_hours!r} must be a number of hours > 0, or null for the preset's")  # fmt: skip
         _ = self.run_dir  # validates experiment_name before anything is built
 
     @override
@@ -187,6 +199,7 @@ class AtheriaCLI(LightningCLI):
         if self.training_log is not None:
             configured = [self.training_log, *(cb for cb in configured if cb is not self.training_log)]
         kwargs["callbacks"] = configured + self.default_callbacks(configured, progress_bar)
+        self._apply_session_budget(kwargs["callbacks"])
         # One store owns the run folder; the callbacks that act on its files get it, and Lightning's saves reach it.
         self.store = RunStore(self.run_dir)
         input_root = kaggle_input_root()
@@ -200,6 +213,17 @@ class AtheriaCLI(LightningCLI):
         plugins = trainer_config.get("plugins") or []
         kwargs["plugins"] = [*(plugins if isinstance(plugins, list) else [plugins]), self.store.checkpoint_io]
         return super().instantiate_trainer(**kwargs)
+
+    def _apply_session_budget(self, callbacks: list[Any]) -> None:
+        """``--max_hours``: this session's budget for the config's ``TimeLimitGuard`` (a new one when it has none)."""
+        hours = self.run_settings.get("max_hours")
+        if hours is None:
+            return
+        guards = [callback for callback in callbacks if isinstance(callback, TimeLimitGuard)]
+        for guard in guards:
+            guard.set_budget(hours)
+        if not guards:
+            callbacks.insert(0, TimeLimitGuard(max_hours=hours))
 
     def configured_callbacks(self, configured: list[Any]) -> list[Any]:
         """The config's callbacks, with ``mirror_url`` given to a MirrorSync that names no url of its own."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -30,6 +31,13 @@ STEADY_MARGIN = 1.25
 MIN_FLUSH_SECONDS = 10.0
 # Weight of the newest duration in the running average.
 EMA_WEIGHT = 0.2
+
+
+def _check_hours(hours: float, setting: str) -> None:
+    require(
+        isinstance(hours, int | float) and not isinstance(hours, bool) and math.isfinite(hours) and hours > 0,
+        f"{setting}={hours!r} must be a number of hours > 0",
+    )
 
 
 def _process_age_seconds() -> float:
@@ -86,7 +94,7 @@ class TimeLimitGuard(UsesRunStore, Callback):
         clock: Callable[[], float] | None = None,
         log_every_n_episodes: int = 10,
     ) -> None:
-        require(max_hours > 0, f"TimeLimitGuard.max_hours={max_hours} must be > 0")
+        _check_hours(max_hours, "TimeLimitGuard.max_hours")
         require(
             isinstance(log_every_n_episodes, int) and log_every_n_episodes >= 1,
             f"TimeLimitGuard.log_every_n_episodes={log_every_n_episodes!r} must be a positive integer",
@@ -110,6 +118,11 @@ class TimeLimitGuard(UsesRunStore, Callback):
         self._flush_seconds = MIN_FLUSH_SECONDS
         self._train_started: float | None = None
         self._last_batch_end: float | None = None
+
+    def set_budget(self, max_hours: float) -> None:
+        """This session's budget in hours (``atheria fit --max_hours``), in place of the configured one."""
+        _check_hours(max_hours, "max_hours")
+        self.max_hours = max_hours
 
     # ----- time accounting -----
     @property
