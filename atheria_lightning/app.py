@@ -300,6 +300,8 @@ class AtheriaCLI(LightningCLI):
             point = self.resolve_checkpoint(ckpt_path)
             os.environ[RESUME_ENV] = point.path if point else ""
             if point is None or self._check_resume(point, model, datamodule):
+                if point is not None:
+                    self._purge_logs_after(point)
                 kwargs["weights_only"] = True
                 trained = True
                 self.trainer.fit(model, datamodule=datamodule, ckpt_path=point.path if point else None, **kwargs)
@@ -327,6 +329,18 @@ class AtheriaCLI(LightningCLI):
             log.warning("the report of %s was not written: %s", self.run_dir, err)
             return
         print(f"report: {report} (summary.png, training_log.json{', model.ts' if exported else ''})", flush=True)
+
+    def _purge_logs_after(self, point: Checkpoint) -> None:
+        """TensorBoard keeps one value per step across sessions: events past the resumed checkpoint are dropped."""
+        steps = (_peek_checkpoint(point.path).get("loops") or {}).get("fit_loop", {}).get("epoch_loop.state_dict", {})
+        step = steps.get("_batches_that_stepped") if isinstance(steps, dict) else None
+        if not isinstance(step, int) or not self.trainer.is_global_zero:
+            return
+        for logger in self.trainer.loggers:
+            # The checkpoint's own step holds its episode's values (and its validation's): later ones are re-run.
+            if isinstance(logger, BufferedTensorBoardLogger) and not logger.purge_from(step + 1):
+                log.warning("TensorBoard's writer was open before the resume: events past step %d may show twice",
+                            step)  # fmt: skip
 
     def _check_resume(self, point: Checkpoint, model: QCAModule, datamodule: EpisodeDataModule) -> bool:
         """Refuse what cannot change between sessions, report what did; False when the run is already finished."""

@@ -123,6 +123,19 @@ class BufferedTensorBoardLogger(TensorBoardLogger):
             self._flushed_at = now
             super().save()  # the flush, and hparams.yaml the first time
 
+    def purge_from(self, step: int) -> bool:
+        """Make TensorBoard drop the events of earlier sessions at ``step`` and later: a resume re-runs them.
+
+        A killed session logged past its last checkpoint (and the mirror may hold those events); the resumed one
+        logs the same steps again. ``SummaryWriter(purge_step=…)`` writes a restart marker that TensorBoard's reader
+        honours, so each step keeps one value across sessions. Call it before the first event of this session; False
+        (nothing done) once the writer exists.
+        """
+        if self._experiment is not None:
+            return False
+        self._kwargs["purge_step"] = max(0, int(step))
+        return True
+
     @rank_zero_only
     def flush(self) -> None:
         """Write every event logged so far to disk now."""

@@ -55,14 +55,19 @@ def test_a_module_outside_a_trainer_has_no_trainer_attribute_set() -> None:
 def test_the_tensorboard_logger_keeps_its_prefix_and_writer_where_the_buffered_logger_reads_them(
     tmp_path: Path,
 ) -> None:
-    logger = TensorBoardLogger(save_dir=str(tmp_path), name="logs", version="", prefix="p")
-    for piece in ("_prefix", "_experiment"):
+    logger = TensorBoardLogger(save_dir=str(tmp_path), name="logs", version="", prefix="p", purge_step=3)
+    for piece in ("_prefix", "_experiment", "_kwargs"):
         assert hasattr(logger, piece), MOVED.format(
             version=lightning.__version__,
             piece=f"TensorBoardLogger.{piece}",
             user="atheria_lightning.scalars.BufferedTensorBoardLogger",
         )
     assert logger._prefix == "p"
+    assert logger._kwargs.get("purge_step") == 3, MOVED.format(
+        version=lightning.__version__,
+        piece="TensorBoardLogger._kwargs (the SummaryWriter's arguments)",
+        user="BufferedTensorBoardLogger.purge_from",
+    )
     assert callable(getattr(logger.experiment, "_get_file_writer", None)), (
         "tensorboard's SummaryWriter._get_file_writer moved; BufferedTensorBoardLogger.log_metrics reads it"
     )

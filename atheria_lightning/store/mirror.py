@@ -235,6 +235,47 @@ class Mirror:
             self.side.quarantine(name)
         return matched
 
+    def download_plain_folders(self) -> int:
+        """Copy the mirror's ``logs/`` and ``exports/`` files that the local run folder lacks; their count.
+
+        On a new machine this brings back the TensorBoard events of earlier sessions, so that one ``logs/`` holds the
+        run's whole history. A local file is never replaced (this machine wrote it, or a copy is there already). The
+        mirror's listing is untrusted: a path that would land outside ``<run>/<folder>/``, a temporary file of an
+        interrupted write, or anything but a plain file is skipped. A failure costs the history, not the training:
+        it is one warning.
+        """
+        copied = 0
+        for folder in PLAIN_FOLDERS:
+            remote_dir, local_dir = join(self.root, folder), os.path.realpath(os.path.join(self.run_dir, folder))
+            try:
+                infos = self._retrying(lambda remote_dir=remote_dir: self.fs.find(remote_dir, detail=True))
+            except FileNotFoundError:
+                continue
+            except Exception as err:  # each backend has its own errors for an unreadable folder
+                log.warning("mirror %s: not listed (%s); earlier sessions' %s/ stays on the mirror", remote_dir, err,
+                            folder)  # fmt: skip
+                continue
+            for path, info in sorted(infos.items()):
+                relative = posixpath.relpath(path, remote_dir)  # find() lists paths as root is written: no protocol
+                target = os.path.realpath(os.path.join(local_dir, *relative.split("/")))
+                inside = os.path.commonpath([target, local_dir]) == local_dir and target != local_dir
+                if info.get("type") != "file" or TMP_MARKER in posixpath.basename(path) or not inside:
+                    continue
+                if os.path.lexists(target):
+                    continue
+                try:
+                    with self.fs.open(path, "rb") as source:
+                        atomic_write(
+                            LocalFileSystem(), target, lambda handle, source=source: copy_measured(source, handle)
+                        )
+                except Exception as err:  # a history file is not worth failing the start of training
+                    log.warning("mirror %s: not downloaded (%s)", path, err)
+                    continue
+                stat = os.stat(target)  # as the sync stamps local files: it is on the mirror, not sent back
+                self._plain_stamps[f"{folder}/{relative}"] = (stat.st_size, stat.st_mtime)
+                copied += 1
+        return copied
+
     def _download_once(self, name: str, entry: Entry, local_path: str, journal: Callable[[str, Entry], None]) -> bool:
         return download_verified(self.side, name, entry, local_path, journal)
 

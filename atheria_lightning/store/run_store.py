@@ -171,6 +171,9 @@ class RunStore:
         if with_mirror and self._mirror is not None:
             self._mirror.connect()
             downloaded = self._download_newer(self._mirror.open())
+            restored = self._mirror.download_plain_folders()
+            if restored:
+                print(f"mirror: restored {restored} file(s) of earlier sessions' logs/ and exports/", flush=True)
         copied: dict[str, str] = {}
         root, label = self._previous or ("", "")
         if with_previous and root and not self._entries():

@@ -1,0 +1,50 @@
+"""One TensorBoard history over all sessions: each episode has one train/loss point, also after a new machine."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from conftest import demo_args, run_dir
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from atheria_lightning.cli import main
+
+
+def steps(log_dir: Path, tag: str = "train/loss") -> list[int]:
+    """The steps of ``tag`` as TensorBoard shows them (its reader applies the restart markers of later sessions)."""
+    events = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
+    events.Reload()
+    return sorted(event.step for event in events.Scalars(tag)) if tag in events.Tags()["scalars"] else []
+
+
+def test_a_resume_from_an_older_checkpoint_logs_each_episode_once(tmp_path: Path) -> None:
+    logs = run_dir(tmp_path) / "logs"
+    assert main(demo_args(tmp_path, episodes=8, val_every=2)) == 0
+    assert steps(logs) == list(range(8))
+    # As after a kill: the events of episodes 5-8 were logged, and the run goes on from the state of episode 4.
+    older = tmp_path / "older.ckpt"
+    shutil.copy(run_dir(tmp_path) / "checkpoints" / "best-e000004.ckpt", older)
+    for checkpoint in (run_dir(tmp_path) / "checkpoints").glob("*.ckpt"):
+        checkpoint.unlink()
+    (run_dir(tmp_path) / "checkpoints" / "MANIFEST.json").unlink()
+    shutil.rmtree(tmp_path / "mirror")
+    assert main(demo_args(tmp_path, "--resume", str(older), episodes=8, val_every=2)) == 0
+    assert len(list(logs.glob("events.out.tfevents.*"))) == 2, "two sessions, two event files"
+    assert steps(logs) == list(range(8)), "each episode once, across both sessions"
+    assert steps(logs, "val/loss") == [1, 3, 5, 7]
+
+
+def test_a_new_machine_gets_the_earlier_sessions_logs_from_the_mirror(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    assert main(demo_args(tmp_path, episodes=4, val_every=2)) == 0
+    shutil.rmtree(tmp_path / "runs")  # a new VM: only the mirror is left
+    capsys.readouterr()
+    assert main(demo_args(tmp_path, episodes=8, val_every=2)) == 0
+    out = capsys.readouterr().out
+    assert "mirror: restored" in out and "resuming from episode 4 of 8" in out
+    logs = run_dir(tmp_path) / "logs"
+    assert steps(logs) == list(range(8)), "the first session's episodes are back beside the second's"
+    assert steps(tmp_path / "mirror" / "demo" / "logs") == list(range(8)), "and the mirror has the whole history"
