@@ -58,6 +58,11 @@ class EpisodeProgressBar(TQDMProgressBar):
             metrics["train/loss"] = float(loss)
         return metrics
 
+    @property
+    @override
+    def train_description(self) -> str:
+        return "episode"  # one label from the first draw on: never "Training", nor "Epoch 0"
+
     @override
     def init_validation_tqdm(self) -> Any:
         # Validation takes a moment every few episodes; its own bar would bury the episode bar in a notebook.
@@ -72,16 +77,17 @@ class EpisodeProgressBar(TQDMProgressBar):
 
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, *args: Any) -> None:
-        super().on_train_epoch_start(trainer, *args)
+        # Not Lightning's: it would reset the bar to this epoch's batches and relabel it "Epoch N" for one redraw.
         self._count_episodes(trainer)
 
     def _count_episodes(self, trainer: pl.Trainer) -> None:
         bar = self.train_progress_bar
         start = episodes_done(trainer)
+        bar.set_description(self.train_description, refresh=False)
+        bar.initial = 0  # reset() draws at 0: with the resumed count as initial, the rate would be negative
         bar.reset(total=convert_inf(self.total_train_batches))
         bar.initial = start
         bar.n = start
-        bar.set_description("episode")
 
     @override
     def on_train_batch_end(
@@ -93,6 +99,7 @@ class EpisodeProgressBar(TQDMProgressBar):
         if bar is None or not self.is_enabled:
             return
         bar.n = n  # shown at the next redraw, and by close() when the run stops
+        bar.initial = min(bar.initial, n - 1)  # a rate over this session's episodes, never a negative one
         now = time.monotonic()
         last = bar.total is not None and n >= bar.total
         if last or self._drawn_at is None or now - self._drawn_at >= self.min_interval_s:

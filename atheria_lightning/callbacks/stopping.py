@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import sys
 import time
 
 import lightning.pytorch as pl
+from tqdm import tqdm
 
 from atheria_lightning.data import episodes_done, total_episodes
 from atheria_lightning.store import RunStore
 
-__all__ = ["announce_stop"]
+__all__ = ["announce_stop", "say"]
 
 
 def announce_stop(
@@ -28,6 +30,12 @@ def announce_stop(
         done, total = episodes_done(trainer), total_episodes(trainer)
         # A module without Atheria's episodes counts steps.
         where = f"step {done}" if total is None else f"episode {done} of {total} ({100.0 * done / max(total, 1):.0f}%)"
-        print(f"stopped at {where}, run the same command again to continue "
-              f"({reason}; checkpoint and mirror flush took {seconds:.1f} s)", flush=True)  # fmt: skip
+        say(f"stopped at {where}, run the same command again to continue "
+            f"({reason}; checkpoint and mirror flush took {seconds:.1f} s)")  # fmt: skip
     return seconds
+
+
+def say(line: str) -> None:
+    """One line on stdout, on its own line even while a progress bar is drawn (tqdm clears it, then redraws it)."""
+    tqdm.write(line, file=sys.stdout)
+    sys.stdout.flush()

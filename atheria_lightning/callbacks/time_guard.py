@@ -12,7 +12,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
-from atheria_lightning.callbacks.stopping import announce_stop
+from atheria_lightning.callbacks.stopping import announce_stop, say
 from atheria_lightning.data import episodes_done, total_episodes
 from atheria_lightning.errors import require
 from atheria_lightning.scalars import send_to_loggers
@@ -181,10 +181,9 @@ class TimeLimitGuard(UsesRunStore, Callback):
             announce_stop(trainer, self.store, self.stop_reason, self._stopped_at, self._flush_seconds)
             self._stopped_at = None
         if trainer.is_global_zero:
-            print(
+            say(
                 f"time used: {self.training_seconds_this_session() / 3600:.2f} h of training this session, "
-                f"{self.total_training_hours():.2f} h over {self.sessions} session(s)",
-                flush=True,
+                f"{self.total_training_hours():.2f} h over {self.sessions} session(s)"
             )
 
     @override
