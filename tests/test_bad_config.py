@@ -82,6 +82,33 @@ def test_bad_configuration_fails_in_one_line_before_training(
     assert not (tmp_path / "runs").exists() and not (tmp_path / "mirror").exists(), "nothing may be written"
 
 
+def _written(folder: Path) -> list[str]:
+    return sorted(str(path.relative_to(folder)) for path in folder.rglob("*") if path.name != "extra.yaml")
+
+
+# The other commands parse with argparse: their mistakes are one line too (TMP: the test's folder).
+OTHER_COMMANDS = [
+    ("export_required", ["export"], "--ckpt_path is required by atheria export"),
+    ("export_unknown", ["export", "--out", "m.ts", "--ckpt_path", "TMP/a.ckpt"],
+     "--out is not a setting of atheria export: did you mean --output?"),
+    ("report_required", ["report"], "RUN_DIR is required by atheria report"),
+    ("report_unknown", ["report", "--outptu", "TMP", "TMP"],
+     "--outptu is not a setting of atheria report: did you mean --output?"),
+    ("curriculum_required", ["curriculum"], "--config is required by atheria curriculum"),
+    ("curriculum_no_value", ["curriculum", "--config"], "--config: expected one argument"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("args", "message"), [c[1:] for c in OTHER_COMMANDS], ids=[c[0] for c in OTHER_COMMANDS])
+def test_other_commands_refuse_bad_options_in_one_line(
+    args: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    assert main([arg.replace("TMP", str(tmp_path)) for arg in args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"atheria: error: {message}") and "\n" not in err, err
+    assert _written(tmp_path) == []
+
+
 def test_colab_without_drive_mounted_refuses_the_default_mirror(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
