@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import argparse
+import collections.abc
 import contextlib
+import enum
 import errno
 import logging
 import os
 import pickle
 import sys
+import types
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Union, get_args, get_origin
 
 import torch
+import yaml
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -30,7 +35,7 @@ from atheria_lightning.callbacks import (
     TrainingLog,
 )
 from atheria_lightning.data import EpisodeDataModule
-from atheria_lightning.errors import ConfigError, require
+from atheria_lightning.errors import ConfigError, require, unknown_option_line
 from atheria_lightning.export import export_best
 from atheria_lightning.interrupts import StopRequested, signals_stop_the_command, stopped_line
 from atheria_lightning.lock import RunLock
@@ -99,6 +104,25 @@ class AtheriaCLI(LightningCLI):
     def subcommands() -> dict[str, set[str]]:
         return {"fit": {"model", "train_dataloaders", "val_dataloaders", "datamodule"},
                 "validate": {"model", "dataloaders", "datamodule"}}  # fmt: skip
+
+    @override
+    def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
+        # A parse error raises instead of printing the usage: parse_arguments turns it into one line.
+        kwargs.setdefault("exit_on_error", False)
+        # Without this, argparse takes --trainer.max_epoch for --trainer.max_epochs: a typo would be obeyed.
+        kwargs.setdefault("allow_abbrev", False)
+        kwargs.setdefault("prog", "atheria")
+        return super().init_parser(**kwargs)
+
+    @override
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        try:
+            super().parse_arguments(parser, args)
+        except argparse.ArgumentError as err:
+            argv = [str(arg) for arg in (sys.argv[1:] if args is None else args)] if not isinstance(args, dict) else []
+            command = next((arg for arg in argv if arg in self.subcommands()), None)
+            subparsers = getattr(self, "_subcommand_parsers", {})
+            raise ConfigError(parse_error_line(err, subparsers.get(command, parser), argv)) from None
 
     @override
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -374,6 +398,10 @@ def run_reporting_errors(run: Callable[[], int]) -> int:
         # Only when SIGTERM arrived outside an episode boundary that StopOnSignal could use (e.g. validation).
         print("atheria: stopped by SIGTERM; run the same command again to continue", file=sys.stderr)
         return 0
+    except argparse.ArgumentError as err:
+        # A parser built without AtheriaCLI's settings (e.g. LightningCLI's own, for ckpt_path hyperparameters).
+        print(f"atheria: error: {' '.join(str(err).split())}", file=sys.stderr)
+        return EXIT_BAD_SETTINGS
     except pickle.UnpicklingError as err:
         # torch.load(weights_only=True) refused objects other than tensors and plain values: never retry unsafely.
         print(f"atheria: error: checkpoint refused, it holds more than tensors and plain values ({err}".splitlines()[0]
@@ -402,3 +430,126 @@ def find_config_error(err: BaseException | None) -> ConfigError | None:
         seen.add(id(err))
         err = err.__cause__ or err.__context__
     return None
+
+
+# ----- parse errors as one line -----
+def parse_error_line(err: argparse.ArgumentError, parser: LightningArgumentParser, argv: list[str]) -> str:
+    """One line naming the setting, what was given and what is accepted, from a jsonargparse parse error.
+
+    ``parser`` is the one of the command (``atheria fit``): its actions say which keys and types exist.
+    jsonargparse keeps the cause of an error in the exception chain (a YAML error, argparse's argument) but
+    names the key only in its messages, in a few fixed forms, read here.
+    """
+    chain = _exception_chain(err)
+    command = parser.prog.replace(" [options]", "")
+    actions = {name[2:]: action for name, action in parser._option_string_actions.items() if name.startswith("--")}
+    yaml_error = next((e for e in chain if isinstance(e, yaml.YAMLError)), None)
+    if yaml_error is not None:
+        return _yaml_line(yaml_error, argv)
+    innermost = str(chain[-1]).strip()
+    messages = [str(e).strip() for e in chain]
+    unrecognized = next((m for m in messages if m.startswith("unrecognized arguments: ")), None)
+    if unrecognized is not None:
+        tokens = unrecognized.split(": ", 1)[1].split()
+        option = next((token for token in tokens if token.startswith("-")), None)
+        if option is None:
+            return f"unexpected argument {tokens[0]!r} of {command}: settings are given as --key value"
+        return unknown_option_line(option.lstrip("-").split("=")[0], command, actions)
+    for message in messages:  # an unknown key in a --config file: "... does not accept option 'model.foo'"
+        if "does not accept option '" in message:
+            return unknown_option_line(message.split("does not accept option '", 1)[1].rstrip("'"), command, actions)
+    key = next((m.split('"')[1] for m in messages if m.startswith('Parser key "')), None)
+    argument = next((e for e in chain if isinstance(e, argparse.ArgumentError) and e.argument_name), None)
+    if key is None and argument is not None:
+        key = argument.argument_name.split("-->")[-1].strip().lstrip("-")
+    if key in ("config", "c"):
+        missing = next((path for path in _config_paths(argv) if not os.path.isfile(path)), None)
+        if missing is not None:
+            return f"--config={missing!r} is not a file: give a YAML preset (e.g. configs/demo.yaml)"
+    if key is None:
+        return " ".join(innermost.split())
+    action = actions.get(key)
+    hint = getattr(action, "_typehint", None) or getattr(action, "type", None)
+    if argument is not None and "expected one argument" in argument.message:
+        return f"--{key} needs a value" + (f": {_accepted(hint)}" if hint is not None else "")
+    # jsonargparse's "Got value: …" is the value that failed, wherever it came from; else the command line's.
+    given = innermost.rsplit("Got value: ", 1)[1] if "Got value: " in innermost else _given(argv, key)
+    if hint is not None and given is not None:
+        return f"{key}={given!r} must be {_accepted(hint)}"
+    return f"{key}: {' '.join((argument.message if argument is not None else innermost).split())}"
+
+
+def _exception_chain(err: BaseException) -> list[BaseException]:
+    chain: list[BaseException] = []
+    current: BaseException | None = err
+    while current is not None and all(current is not seen for seen in chain):
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    return chain
+
+
+def _config_paths(argv: list[str]) -> list[str]:
+    paths = []
+    for index, arg in enumerate(argv):
+        if arg in ("--config", "-c") and index + 1 < len(argv):
+            paths.append(argv[index + 1])
+        elif arg.startswith("--config="):
+            paths.append(arg.split("=", 1)[1])
+    return paths
+
+
+def _given(argv: list[str], key: str) -> str | None:
+    """The last value given to ``--key`` on the command line, or None."""
+    given = None
+    for index, arg in enumerate(argv):
+        if arg == f"--{key}" and index + 1 < len(argv):
+            given = argv[index + 1]
+        elif arg.startswith(f"--{key}="):
+            given = arg.split("=", 1)[1]
+    return given
+
+
+def _yaml_line(error: yaml.YAMLError, argv: list[str]) -> str:
+    """``--config='x.yaml' is not valid YAML: line 3, column 1: …``, for the first config file that fails."""
+    # The error does not say which file it read: the first one that does not load is the one.
+    for path in _config_paths(argv):
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError:
+            continue
+        try:
+            yaml.safe_load(text)
+        except yaml.YAMLError as file_error:
+            return f"--config={path!r} is not valid YAML: {_yaml_problem(file_error)}"
+    return f"a setting is not valid YAML: {_yaml_problem(error)}"
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    if isinstance(error, yaml.MarkedYAMLError) and error.problem_mark is not None:
+        mark = error.problem_mark
+        context = f" ({error.context})" if error.context else ""
+        return f"line {mark.line + 1}, column {mark.column + 1}: {error.problem}{context}"
+    return " ".join(str(error).split())
+
+
+def _accepted(hint: Any) -> str:
+    """What a type hint accepts, as a user reads it: ``an integer``, ``one of UNET, MLP``, ``a number or null``."""
+    origin, args = get_origin(hint), get_args(hint)
+    if hint is type(None):
+        return "null"
+    if origin in (Union, types.UnionType):
+        # Literals of all the members in one list: precision is three Literals, an int and None.
+        choices = [str(value) for arg in args if get_origin(arg) is Literal for value in get_args(arg)]
+        others = [_accepted(arg) for arg in args if get_origin(arg) is not Literal]
+        parts = ([f"one of {', '.join(dict.fromkeys(choices))}"] if choices else []) + others
+        return " or ".join(dict.fromkeys(parts))
+    if origin is Literal:
+        return "one of " + ", ".join(str(arg) for arg in args)
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        return "one of " + ", ".join(member.name for member in hint)
+    if origin in (list, tuple, set, collections.abc.Sequence):
+        return f"a list of {_accepted(args[0]) if args else 'values'}"
+    words = {bool: "true or false", int: "an integer", float: "a number", str: "a string", dict: "a mapping"}
+    if hint in words:
+        return words[hint]
+    return f"a {getattr(hint, '__name__', str(hint).replace('typing.', ''))}"

@@ -62,6 +62,25 @@ BAD_CONFIGS = [
     ("lightning_checkpoint", [],
      "trainer:\n  callbacks:\n    - class_path: lightning.pytorch.callbacks.ModelCheckpoint\n",
      "trainer.callbacks lists Lightning's ModelCheckpoint: the run's checkpoints/ belongs to its run store", 2),
+    # What jsonargparse refuses while parsing (TMP: the test's folder).
+    ("wrong_type", ["--model.grid_size", "abc"], None, "model.grid_size='abc' must be an integer", 2),
+    ("wrong_type_in_yaml", [], "model:\n  lr: fast\n", "model.lr='fast' must be a number", 2),
+    ("not_a_choice", ["--trainer.precision", "17"], None,
+     "trainer.precision='17' must be one of 64, 32, 16, transformer-engine", 2),
+    ("no_value", ["--model.lr"], None, "--model.lr needs a value: a number", 2),
+    ("unknown_key", ["--model.grid_sise", "8"], None,
+     "model.grid_sise is not a setting of atheria fit: did you mean model.grid_size?", 2),
+    # argparse would take it for --trainer.max_epochs and train with it.
+    ("unknown_prefix_key", ["--trainer.max_epoch", "3"], None,
+     "trainer.max_epoch is not a setting of atheria fit: did you mean trainer.max_epochs?", 2),
+    ("unknown_key_in_yaml", [], "trainer:\n  max_epoch: 3\n",
+     "trainer.max_epoch is not a setting of atheria fit: did you mean trainer.max_epochs?", 2),
+    ("unknown_key_far_from_any", ["--model.colour", "red"], None,
+     "model.colour is not a setting of atheria fit: atheria fit --help lists them", 2),
+    ("yaml_syntax", [], "model:\n  grid_size: [8\n",
+     "--config='TMP/extra.yaml' is not valid YAML: line 3, column 1: expected ',' or ']'", 2),
+    ("missing_config", ["--config", "TMP/missing.yaml"], None,
+     "--config='TMP/missing.yaml' is not a file: give a YAML preset", 2),
 ]  # fmt: skip
 
 
@@ -70,16 +89,18 @@ BAD_CONFIGS = [
 def test_bad_configuration_fails_in_one_line_before_training(
     overrides: list[str], yaml: str | None, message: str, code: int, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
+    overrides = [arg.replace("TMP", str(tmp_path)) for arg in overrides]
     if yaml is not None:
         (tmp_path / "extra.yaml").write_text(yaml)
         overrides = [*overrides, "--config", str(tmp_path / "extra.yaml")]
     assert main(demo_args(tmp_path, *overrides)) == code
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "Traceback" not in err, err
-    assert err.startswith(f"atheria: error: {message}") or (
+    assert err.startswith(f"atheria: error: {message.replace('TMP', str(tmp_path))}") or (
         message == "mirror_url" and err.startswith("atheria: error: ") and "foo" in err
     ), err
-    assert not (tmp_path / "runs").exists() and not (tmp_path / "mirror").exists(), "nothing may be written"
+    # The test's folder is also the working directory: nothing at all, not even a log, may appear in it.
+    assert _written(tmp_path) == [], "nothing may be written"
 
 
 def _written(folder: Path) -> list[str]:

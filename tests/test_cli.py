@@ -87,10 +87,18 @@ def test_a_finished_run_continues_when_given_more_episodes(tmp_path: Path, capsy
 
 
 def test_unknown_yaml_key_is_rejected_by_the_cli(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(demo_args(tmp_path, "--model.hiden_channels", "8")) == 2
+    assert capsys.readouterr().err == (
+        "atheria: error: model.hiden_channels is not a setting of atheria fit: did you mean model.hidden_channels?\n"
+    )
+
+
+def test_help_of_a_command_still_shows_its_full_usage(capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit) as exit_info:
-        main(demo_args(tmp_path, "--model.hiden_channels", "8"))
-    assert exit_info.value.code == 2
-    assert "hiden_channels" in capsys.readouterr().err
+        main(["fit", "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: atheria [options] fit") and "--model.grid_size" in out and "--run_root" in out
 
 
 @pytest.mark.slow
