@@ -18,7 +18,9 @@ from typing import Any, Literal, Union, get_args, get_origin
 
 import torch
 import yaml
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import Trainer
+from lightning.pytorch.accelerators import AcceleratorRegistry
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -184,6 +186,17 @@ class AtheriaCLI(LightningCLI):
             f"resume={resume!r} must be one of {', '.join(RESUME_MODES)} or an existing checkpoint file",
         )
         _ = self.run_dir  # validates experiment_name before anything is built
+        # What the Trainer, the run store or resolve_checkpoint would refuse later, refused before any of them
+        # is built: by then the run folder, its mirror and the logs would exist.
+        ckpt_path = self.run_settings.get("ckpt_path")
+        require(
+            ckpt_path is None or Path(ckpt_path).is_file(),
+            f"ckpt_path={ckpt_path!r} is not a checkpoint file: give an existing .ckpt file, or leave ckpt_path "
+            "unset to follow resume (auto: the run's newest checkpoint)",
+        )
+        trainer = self.run_settings.get("trainer") or {}
+        check_accelerator_and_devices(trainer.get("accelerator", "auto"), trainer.get("devices", "auto"))
+        check_run_dir(self.run_settings["run_root"], self.run_dir)
 
     @override
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
@@ -430,6 +443,58 @@ def find_config_error(err: BaseException | None) -> ConfigError | None:
         seen.add(id(err))
         err = err.__cause__ or err.__context__
     return None
+
+
+# ----- bad settings found before anything is built -----
+def check_accelerator_and_devices(accelerator: Any, devices: Any) -> None:
+    """Refuse an accelerator this machine lacks, and devices its accelerator cannot give, naming what it offers."""
+    if not isinstance(accelerator, str):
+        return  # an Accelerator object (class_path in the config): its own checks apply
+    here = sorted(name for name in AcceleratorRegistry.available_accelerators() if _accelerator(name).is_available())
+    if "cuda" in here or "mps" in here:
+        here.append("gpu")
+    here.append("auto")
+    name = accelerator.lower()
+    if name not in here:
+        known = ", ".join(sorted(AcceleratorRegistry.available_accelerators())) + ", gpu, auto"
+        kind = "is not available on this machine" if name in known.split(", ") else f"is not one of {known}"
+        raise ConfigError(f"trainer.accelerator={accelerator!r} {kind}: accepted here: {', '.join(here)}")
+    if name in ("auto", "gpu"):  # Lightning's own choice: a GPU when there is one, else the CPU
+        name = next(found for found in ("mps", "cuda", "cpu") if found in here)
+    if devices == "auto":
+        return
+    chosen = _accelerator(name)
+    if name == "cpu":
+        accepted = "a positive number of processes (e.g. 1) or auto"
+    else:
+        count = chosen.auto_device_count()
+        accepted = f"1 to {count} (this machine has {count}), a list of device indices such as [0], -1 (all), or auto"
+    try:
+        # The accelerator's own parser, as the Trainer uses it; 0 and [] parse to "no device" (None) for a GPU.
+        refused = devices in (0, "0", []) or chosen.parse_devices(devices) is None
+    except (MisconfigurationException, TypeError, ValueError):
+        refused = True
+    require(not refused, f"trainer.devices={devices} is not accepted with the {name} accelerator: accepted: {accepted}")
+
+
+def _accelerator(name: str) -> Any:
+    return AcceleratorRegistry[name]["accelerator"]
+
+
+def check_run_dir(run_root: str | None, run_dir: str) -> None:
+    """The run folder, or the nearest folder above it that exists, must be a writable folder: it is created later."""
+    default = os.path.dirname(run_dir)
+    setting = f"run_root={run_root!r}" if run_root is not None else f"run_root=null (the platform default {default})"
+    path = Path(run_dir).absolute()
+    existing = next(folder for folder in (path, *path.parents) if folder.exists())
+    if not existing.is_dir():
+        what = f"experiment_name={path.name!r}: {path}" if existing == path else f"{setting}: {existing}"
+        raise ConfigError(f"{what} is a file, not a folder: give a folder (it is created when missing)")
+    require(
+        os.access(existing, os.W_OK | os.X_OK),
+        f"{setting} cannot be written: {existing} is read-only here; give a writable folder (it is created when "
+        "missing), or null for the platform default",
+    )
 
 
 # ----- parse errors as one line -----

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import demo_args
 
 from atheria_lightning.cli import main
@@ -81,11 +83,32 @@ BAD_CONFIGS = [
      "--config='TMP/extra.yaml' is not valid YAML: line 3, column 1: expected ',' or ']'", 2),
     ("missing_config", ["--config", "TMP/missing.yaml"], None,
      "--config='TMP/missing.yaml' is not a file: give a YAML preset", 2),
+    # What the Trainer or the run store would refuse once the run folder exists, refused before.
+    ("ckpt_path", ["--ckpt_path", "TMP/missing.ckpt"], None,
+     "ckpt_path='TMP/missing.ckpt' is not a checkpoint file", 2),
+    ("devices_0", ["--trainer.accelerator", "cpu", "--trainer.devices", "0"], None,
+     "trainer.devices=0 is not accepted with the cpu accelerator: accepted: a positive number of processes", 2),
+    ("accelerator_gpu", ["--trainer.accelerator", "gpu"], None,
+     "trainer.accelerator='gpu' is not available on this machine: accepted here: cpu, auto", 2),
+    ("accelerator_cuda", ["--trainer.accelerator", "cuda"], None,
+     "trainer.accelerator='cuda' is not available on this machine: accepted here: cpu, auto", 2),
+    ("accelerator_typo", ["--trainer.accelerator", "cpuu"], None, "trainer.accelerator='cpuu' is not one of cpu,", 2),
+    ("run_root_is_a_file", ["--run_root", "TMP/extra.yaml"], "{}\n",
+     "run_root='TMP/extra.yaml': TMP/extra.yaml is a file, not a folder", 2),
+    ("run_dir_is_a_file", ["--run_root", "TMP", "--experiment_name", "extra.yaml"], "{}\n",
+     "experiment_name='extra.yaml': TMP/extra.yaml is a file, not a folder", 2),
 ]  # fmt: skip
 
+# These name what a machine with a GPU offers: there, they would be accepted.
+NEEDS_NO_GPU = {"accelerator_gpu", "accelerator_cuda"}
+HAS_GPU = torch.cuda.is_available() or torch.backends.mps.is_available()
 
-@pytest.mark.parametrize(("overrides", "yaml", "message", "code"), [c[1:] for c in BAD_CONFIGS],
-                         ids=[c[0] for c in BAD_CONFIGS])  # fmt: skip
+
+@pytest.mark.parametrize(
+    ("overrides", "yaml", "message", "code"),
+    [pytest.param(*c[1:], id=c[0], marks=pytest.mark.skipif(HAS_GPU and c[0] in NEEDS_NO_GPU, reason="has a GPU"))
+     for c in BAD_CONFIGS],
+)  # fmt: skip
 def test_bad_configuration_fails_in_one_line_before_training(
     overrides: list[str], yaml: str | None, message: str, code: int, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
@@ -105,6 +128,24 @@ def test_bad_configuration_fails_in_one_line_before_training(
 
 def _written(folder: Path) -> list[str]:
     return sorted(str(path.relative_to(folder)) for path in folder.rglob("*") if path.name != "extra.yaml")
+
+
+def test_a_read_only_run_root_fails_in_one_line_before_training(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    if os.geteuid() != 0:
+        read_only = tmp_path / "read_only"
+        read_only.mkdir()
+        read_only.chmod(0o500)
+    else:  # root writes into any folder, whatever its mode: only a read-only mount refuses it
+        read_only = Path("/proc/sys")
+        if not read_only.is_dir() or os.access(read_only, os.W_OK):
+            pytest.skip("running as root, and /proc/sys is not a read-only mount here")
+    assert main(demo_args(tmp_path, "--run_root", str(read_only / "runs"))) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        f"atheria: error: run_root='{read_only}/runs' cannot be written: {read_only} is read-only here; give a "
+        "writable folder (it is created when missing), or null for the platform default"
+    ), err
+    assert _written(tmp_path) in ([], ["read_only"]), "nothing may be written"
 
 
 # The other commands parse with argparse: their mistakes are one line too (TMP: the test's folder).
