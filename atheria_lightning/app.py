@@ -10,6 +10,7 @@ import errno
 import logging
 import os
 import pickle
+import re
 import sys
 import types
 from collections.abc import Callable
@@ -506,7 +507,8 @@ def parse_error_line(err: argparse.ArgumentError, parser: LightningArgumentParse
     names the key only in its messages, in a few fixed forms, read here.
     """
     chain = _exception_chain(err)
-    command = parser.prog.replace(" [options]", "")
+    # Without subcommands (run=False, e.g. a curriculum's phases) the parser takes the settings of atheria fit.
+    command = parser.prog.replace(" [options]", "") if parser.prog != "atheria" else "atheria fit"
     actions = {name[2:]: action for name, action in parser._option_string_actions.items() if name.startswith("--")}
     yaml_error = next((e for e in chain if isinstance(e, yaml.YAMLError)), None)
     if yaml_error is not None:
@@ -520,9 +522,9 @@ def parse_error_line(err: argparse.ArgumentError, parser: LightningArgumentParse
         if option is None:
             return f"unexpected argument {tokens[0]!r} of {command}: settings are given as --key value"
         return unknown_option_line(option.lstrip("-").split("=")[0], command, actions)
-    for message in messages:  # an unknown key in a --config file: "... does not accept option 'model.foo'"
-        if "does not accept option '" in message:
-            return unknown_option_line(message.split("does not accept option '", 1)[1].rstrip("'"), command, actions)
+    unknown = next((found for found in map(_unknown_key, messages) if found is not None), None)
+    if unknown is not None:  # a key of a --config file (or a dict of settings) that no parser action takes
+        return unknown_option_line(unknown, command, actions)
     key = next((m.split('"')[1] for m in messages if m.startswith('Parser key "')), None)
     argument = next((e for e in chain if isinstance(e, argparse.ArgumentError) and e.argument_name), None)
     if key is None and argument is not None:
@@ -542,6 +544,23 @@ def parse_error_line(err: argparse.ArgumentError, parser: LightningArgumentParse
     if hint is not None and given is not None:
         return f"{key}={given!r} must be {_accepted(hint)}"
     return f"{key}: {' '.join((argument.message if argument is not None else innermost).split())}"
+
+
+# jsonargparse's messages for a key that no action takes (its _core.check_values).
+UNKNOWN_KEY_FORMS = (
+    re.compile(r"^Subcommand '[^']+' does not accept option '(?P<key>[^']+)'"),
+    re.compile(r"^Group '(?P<group>[^']+)' does not accept option '(?P<key>[^']+)'"),
+    re.compile(r"^Option '(?P<key>[^']+)' is not accepted"),
+)
+
+
+def _unknown_key(message: str) -> str | None:
+    for form in UNKNOWN_KEY_FORMS:
+        match = form.match(message)
+        if match is not None:
+            group = match.groupdict().get("group")
+            return f"{group}.{match['key']}" if group else match["key"]
+    return None
 
 
 def _exception_chain(err: BaseException) -> list[BaseException]:
