@@ -2,19 +2,27 @@
 
 from __future__ import annotations
 
+import argparse
+import collections.abc
 import contextlib
+import enum
 import errno
 import logging
 import math
 import os
 import pickle
+import re
 import sys
+import types
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Union, get_args, get_origin
 
 import torch
+import yaml
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import Trainer
+from lightning.pytorch.accelerators import AcceleratorRegistry
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -31,7 +39,7 @@ from atheria_lightning.callbacks import (
     TrainingLog,
 )
 from atheria_lightning.data import EpisodeDataModule
-from atheria_lightning.errors import ConfigError, require
+from atheria_lightning.errors import ConfigError, require, unknown_option_line
 from atheria_lightning.export import export_best
 from atheria_lightning.interrupts import StopRequested, signals_stop_the_command, stopped_line
 from atheria_lightning.lock import RunLock
@@ -112,6 +120,25 @@ class AtheriaCLI(LightningCLI):
                 "validate": {"model", "dataloaders", "datamodule"}}  # fmt: skip
 
     @override
+    def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
+        # A parse error raises instead of printing the usage: parse_arguments turns it into one line.
+        kwargs.setdefault("exit_on_error", False)
+        # Without this, argparse takes --trainer.max_epoch for --trainer.max_epochs: a typo would be obeyed.
+        kwargs.setdefault("allow_abbrev", False)
+        kwargs.setdefault("prog", "atheria")
+        return super().init_parser(**kwargs)
+
+    @override
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        try:
+            super().parse_arguments(parser, args)
+        except argparse.ArgumentError as err:
+            argv = [str(arg) for arg in (sys.argv[1:] if args is None else args)] if not isinstance(args, dict) else []
+            command = next((arg for arg in argv if arg in self.subcommands()), None)
+            subparsers = getattr(self, "_subcommand_parsers", {})
+            raise ConfigError(parse_error_line(err, subparsers.get(command, parser), argv)) from None
+
+    @override
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument("--experiment_name", type=str, default="atheria", help="Run folder name under run_root.")
         parser.add_argument(
@@ -181,6 +208,17 @@ class AtheriaCLI(LightningCLI):
         require(max_hours is None or (math.isfinite(max_hours) and max_hours > 0),
                 f"max_hours={max_hours!r} must be a number of hours > 0, or null for the preset's")  # fmt: skip
         _ = self.run_dir  # validates experiment_name before anything is built
+        # What the Trainer, the run store or resolve_checkpoint would refuse later, refused before any of them
+        # is built: by then the run folder, its mirror and the logs would exist.
+        ckpt_path = self.run_settings.get("ckpt_path")
+        require(
+            ckpt_path is None or Path(ckpt_path).is_file(),
+            f"ckpt_path={ckpt_path!r} is not a checkpoint file: give an existing .ckpt file, or leave ckpt_path "
+            "unset to follow resume (auto: the run's newest checkpoint)",
+        )
+        trainer = self.run_settings.get("trainer") or {}
+        check_accelerator_and_devices(trainer.get("accelerator", "auto"), trainer.get("devices", "auto"))
+        check_run_dir(self.run_settings["run_root"], self.run_dir)
 
     @override
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
@@ -432,6 +470,10 @@ def run_reporting_errors(run: Callable[[], int]) -> int:
         # Only when SIGTERM arrived outside an episode boundary that StopOnSignal could use (e.g. validation).
         print("atheria: stopped by SIGTERM; run the same command again to continue", file=sys.stderr)
         return 0
+    except argparse.ArgumentError as err:
+        # A parser built without AtheriaCLI's settings (e.g. LightningCLI's own, for ckpt_path hyperparameters).
+        print(f"atheria: error: {' '.join(str(err).split())}", file=sys.stderr)
+        return EXIT_BAD_SETTINGS
     except pickle.UnpicklingError as err:
         # torch.load(weights_only=True) refused objects other than tensors and plain values: never retry unsafely.
         print(f"atheria: error: checkpoint refused, it holds more than tensors and plain values ({err}".splitlines()[0]
@@ -460,3 +502,196 @@ def find_config_error(err: BaseException | None) -> ConfigError | None:
         seen.add(id(err))
         err = err.__cause__ or err.__context__
     return None
+
+
+# ----- bad settings found before anything is built -----
+def check_accelerator_and_devices(accelerator: Any, devices: Any) -> None:
+    """Refuse an accelerator this machine lacks, and devices its accelerator cannot give, naming what it offers."""
+    if not isinstance(accelerator, str):
+        return  # an Accelerator object (class_path in the config): its own checks apply
+    here = sorted(name for name in AcceleratorRegistry.available_accelerators() if _accelerator(name).is_available())
+    if "cuda" in here or "mps" in here:
+        here.append("gpu")
+    here.append("auto")
+    name = accelerator.lower()
+    if name not in here:
+        known = ", ".join(sorted(AcceleratorRegistry.available_accelerators())) + ", gpu, auto"
+        kind = "is not available on this machine" if name in known.split(", ") else f"is not one of {known}"
+        raise ConfigError(f"trainer.accelerator={accelerator!r} {kind}: accepted here: {', '.join(here)}")
+    if name in ("auto", "gpu"):  # Lightning's own choice: a GPU when there is one, else the CPU
+        name = next(found for found in ("mps", "cuda", "cpu") if found in here)
+    if devices == "auto":
+        return
+    chosen = _accelerator(name)
+    if name == "cpu":
+        accepted = "a positive number of processes (e.g. 1) or auto"
+    else:
+        count = chosen.auto_device_count()
+        accepted = f"1 to {count} (this machine has {count}), a list of device indices such as [0], -1 (all), or auto"
+    try:
+        # The accelerator's own parser, as the Trainer uses it; 0 and [] parse to "no device" (None) for a GPU.
+        refused = devices in (0, "0", []) or chosen.parse_devices(devices) is None
+    except (MisconfigurationException, TypeError, ValueError):
+        refused = True
+    require(not refused, f"trainer.devices={devices} is not accepted with the {name} accelerator: accepted: {accepted}")
+
+
+def _accelerator(name: str) -> Any:
+    return AcceleratorRegistry[name]["accelerator"]
+
+
+def check_run_dir(run_root: str | None, run_dir: str) -> None:
+    """The run folder, or the nearest folder above it that exists, must be a writable folder: it is created later."""
+    default = os.path.dirname(run_dir)
+    setting = f"run_root={run_root!r}" if run_root is not None else f"run_root=null (the platform default {default})"
+    path = Path(run_dir).absolute()
+    existing = next(folder for folder in (path, *path.parents) if folder.exists())
+    if not existing.is_dir():
+        what = f"experiment_name={path.name!r}: {path}" if existing == path else f"{setting}: {existing}"
+        raise ConfigError(f"{what} is a file, not a folder: give a folder (it is created when missing)")
+    require(
+        os.access(existing, os.W_OK | os.X_OK),
+        f"{setting} cannot be written: {existing} is read-only here; give a writable folder (it is created when "
+        "missing), or null for the platform default",
+    )
+
+
+# ----- parse errors as one line -----
+def parse_error_line(err: argparse.ArgumentError, parser: LightningArgumentParser, argv: list[str]) -> str:
+    """One line naming the setting, what was given and what is accepted, from a jsonargparse parse error.
+
+    ``parser`` is the one of the command (``atheria fit``): its actions say which keys and types exist.
+    jsonargparse keeps the cause of an error in the exception chain (a YAML error, argparse's argument) but
+    names the key only in its messages, in a few fixed forms, read here.
+    """
+    chain = _exception_chain(err)
+    # Without subcommands (run=False, e.g. a curriculum's phases) the parser takes the settings of atheria fit.
+    command = parser.prog.replace(" [options]", "") if parser.prog != "atheria" else "atheria fit"
+    actions = {name[2:]: action for name, action in parser._option_string_actions.items() if name.startswith("--")}
+    yaml_error = next((e for e in chain if isinstance(e, yaml.YAMLError)), None)
+    if yaml_error is not None:
+        return _yaml_line(yaml_error, argv)
+    innermost = str(chain[-1]).strip()
+    messages = [str(e).strip() for e in chain]
+    unrecognized = next((m for m in messages if m.startswith("unrecognized arguments: ")), None)
+    if unrecognized is not None:
+        tokens = unrecognized.split(": ", 1)[1].split()
+        option = next((token for token in tokens if token.startswith("-")), None)
+        if option is None:
+            return f"unexpected argument {tokens[0]!r} of {command}: settings are given as --key value"
+        return unknown_option_line(option.lstrip("-").split("=")[0], command, actions)
+    unknown = next((found for found in map(_unknown_key, messages) if found is not None), None)
+    if unknown is not None:  # a key of a --config file (or a dict of settings) that no parser action takes
+        return unknown_option_line(unknown, command, actions)
+    key = next((m.split('"')[1] for m in messages if m.startswith('Parser key "')), None)
+    argument = next((e for e in chain if isinstance(e, argparse.ArgumentError) and e.argument_name), None)
+    if key is None and argument is not None:
+        key = argument.argument_name.split("-->")[-1].strip().lstrip("-")
+    if key in ("config", "c"):
+        missing = next((path for path in _config_paths(argv) if not os.path.isfile(path)), None)
+        if missing is not None:
+            return f"--config={missing!r} is not a file: give a YAML preset (e.g. configs/demo.yaml)"
+    if key is None:
+        return " ".join(innermost.split())
+    action = actions.get(key)
+    hint = getattr(action, "_typehint", None) or getattr(action, "type", None)
+    if argument is not None and "expected one argument" in argument.message:
+        return f"--{key} needs a value" + (f": {_accepted(hint)}" if hint is not None else "")
+    # jsonargparse's "Got value: …" is the value that failed, wherever it came from; else the command line's.
+    given = innermost.rsplit("Got value: ", 1)[1] if "Got value: " in innermost else _given(argv, key)
+    if hint is not None and given is not None:
+        return f"{key}={given!r} must be {_accepted(hint)}"
+    return f"{key}: {' '.join((argument.message if argument is not None else innermost).split())}"
+
+
+# jsonargparse's messages for a key that no action takes (its _core.check_values).
+UNKNOWN_KEY_FORMS = (
+    re.compile(r"^Subcommand '[^']+' does not accept option '(?P<key>[^']+)'"),
+    re.compile(r"^Group '(?P<group>[^']+)' does not accept option '(?P<key>[^']+)'"),
+    re.compile(r"^Option '(?P<key>[^']+)' is not accepted"),
+)
+
+
+def _unknown_key(message: str) -> str | None:
+    for form in UNKNOWN_KEY_FORMS:
+        match = form.match(message)
+        if match is not None:
+            group = match.groupdict().get("group")
+            return f"{group}.{match['key']}" if group else match["key"]
+    return None
+
+
+def _exception_chain(err: BaseException) -> list[BaseException]:
+    chain: list[BaseException] = []
+    current: BaseException | None = err
+    while current is not None and all(current is not seen for seen in chain):
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    return chain
+
+
+def _config_paths(argv: list[str]) -> list[str]:
+    paths = []
+    for index, arg in enumerate(argv):
+        if arg in ("--config", "-c") and index + 1 < len(argv):
+            paths.append(argv[index + 1])
+        elif arg.startswith("--config="):
+            paths.append(arg.split("=", 1)[1])
+    return paths
+
+
+def _given(argv: list[str], key: str) -> str | None:
+    """The last value given to ``--key`` on the command line, or None."""
+    given = None
+    for index, arg in enumerate(argv):
+        if arg == f"--{key}" and index + 1 < len(argv):
+            given = argv[index + 1]
+        elif arg.startswith(f"--{key}="):
+            given = arg.split("=", 1)[1]
+    return given
+
+
+def _yaml_line(error: yaml.YAMLError, argv: list[str]) -> str:
+    """``--config='x.yaml' is not valid YAML: line 3, column 1: …``, for the first config file that fails."""
+    # The error does not say which file it read: the first one that does not load is the one.
+    for path in _config_paths(argv):
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError:
+            continue
+        try:
+            yaml.safe_load(text)
+        except yaml.YAMLError as file_error:
+            return f"--config={path!r} is not valid YAML: {_yaml_problem(file_error)}"
+    return f"a setting is not valid YAML: {_yaml_problem(error)}"
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    if isinstance(error, yaml.MarkedYAMLError) and error.problem_mark is not None:
+        mark = error.problem_mark
+        context = f" ({error.context})" if error.context else ""
+        return f"line {mark.line + 1}, column {mark.column + 1}: {error.problem}{context}"
+    return " ".join(str(error).split())
+
+
+def _accepted(hint: Any) -> str:
+    """What a type hint accepts, as a user reads it: ``an integer``, ``one of UNET, MLP``, ``a number or null``."""
+    origin, args = get_origin(hint), get_args(hint)
+    if hint is type(None):
+        return "null"
+    if origin in (Union, types.UnionType):
+        # Literals of all the members in one list: precision is three Literals, an int and None.
+        choices = [str(value) for arg in args if get_origin(arg) is Literal for value in get_args(arg)]
+        others = [_accepted(arg) for arg in args if get_origin(arg) is not Literal]
+        parts = ([f"one of {', '.join(dict.fromkeys(choices))}"] if choices else []) + others
+        return " or ".join(dict.fromkeys(parts))
+    if origin is Literal:
+        return "one of " + ", ".join(str(arg) for arg in args)
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        return "one of " + ", ".join(member.name for member in hint)
+    if origin in (list, tuple, set, collections.abc.Sequence):
+        return f"a list of {_accepted(args[0]) if args else 'values'}"
+    words = {bool: "true or false", int: "an integer", float: "a number", str: "a string", dict: "a mapping"}
+    if hint in words:
+        return words[hint]
+    return f"a {getattr(hint, '__name__', str(hint).replace('typing.', ''))}"

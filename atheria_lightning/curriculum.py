@@ -25,7 +25,7 @@ from typing_extensions import override
 
 from atheria_lightning.app import AtheriaCLI, find_config_error, run_reporting_errors
 from atheria_lightning.callbacks import TimeLimitGuard, time_guard
-from atheria_lightning.errors import ConfigError, require
+from atheria_lightning.errors import ConfigError, OneLineArgumentParser, require
 from atheria_lightning.files import atomic_write
 from atheria_lightning.platform import default_mirror_url, default_run_root
 from atheria_lightning.store import Checkpoint, RunStore
@@ -118,16 +118,9 @@ class WeightTransfer:
 
 
 # ----- reading the curriculum -----
-class _ArgumentParser(argparse.ArgumentParser):
-    """argparse that raises :class:`ConfigError`, so a bad option is one ``atheria: error:`` line like any other."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise ConfigError(message)
-
-
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     """The curriculum options, and the ``--trainer.*``/``--model.*``/``--data.*`` overrides for every phase."""
-    parser = _ArgumentParser(
+    parser = OneLineArgumentParser(
         prog="atheria curriculum",
         allow_abbrev=False,
         description="Train the phases of a curriculum in order; run the same command again to continue.",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -16,7 +15,7 @@ import torch
 from fsspec.implementations.local import LocalFileSystem
 from torch import nn
 
-from atheria_lightning.errors import ConfigError
+from atheria_lightning.errors import ConfigError, OneLineArgumentParser
 from atheria_lightning.files import atomic_write
 from atheria_lightning.physics import initial_state, lindblad_step
 
@@ -205,13 +204,13 @@ def save_psi_image(psi: torch.Tensor, path: str | os.PathLike, title: str = "sum
 
 def main(argv: list[str] | None = None) -> int:
     """``atheria export --ckpt_path X --output model.ts``: bad input prints one line and returns 2."""
-    parser = argparse.ArgumentParser(
+    parser = OneLineArgumentParser(
         prog="atheria export", description="Write the operator of a checkpoint as TorchScript for inference."
     )
     parser.add_argument("--ckpt_path", required=True, help="A checkpoint of atheria fit (e.g. best-e000040.ckpt).")
     parser.add_argument("--output", default="model.ts", help="The TorchScript file to write (default: model.ts).")
-    args = parser.parse_args(argv)
     try:
+        args = parser.parse_args(argv)
         written = export_checkpoint(args.ckpt_path, args.output)
     except ConfigError as err:
         print(f"atheria: error: {err}", file=sys.stderr)

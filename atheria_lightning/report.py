@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from typing import Any
@@ -11,7 +10,7 @@ from fsspec import AbstractFileSystem
 from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 
-from atheria_lightning.errors import ConfigError
+from atheria_lightning.errors import ConfigError, OneLineArgumentParser
 from atheria_lightning.figures import png_bytes, summary_figure
 from atheria_lightning.files import atomic_write, join
 
@@ -97,7 +96,7 @@ def _write(fs: AbstractFileSystem, path: str, data: bytes, setting: str) -> None
 
 def main(argv: list[str] | None = None) -> int:
     """``atheria report RUN_DIR [--output FOLDER]``: a missing or unreadable log prints one line and returns 2."""
-    parser = argparse.ArgumentParser(
+    parser = OneLineArgumentParser(
         prog="atheria report",
         description="Draw summary.png and report.md of a run from its exports/training_log.json, e.g. from the "
         "mirror after the session that trained it has gone.",
@@ -108,8 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--output", default=None, help="Folder for summary.png and report.md (default: RUN_DIR/exports)."
     )
-    args = parser.parse_args(argv)
     try:
+        args = parser.parse_args(argv)
         written = write_report(args.run_dir, output_dir=args.output)
     except ConfigError as err:
         print(f"atheria: error: {err}", file=sys.stderr)

@@ -87,10 +87,52 @@ def test_a_finished_run_continues_when_given_more_episodes(tmp_path: Path, capsy
 
 
 def test_unknown_yaml_key_is_rejected_by_the_cli(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(demo_args(tmp_path, "--model.hiden_channels", "8")) == 2
+    assert capsys.readouterr().err == (
+        "atheria: error: model.hiden_channels is not a setting of atheria fit: did you mean model.hidden_channels?\n"
+    )
+
+
+def test_help_lists_every_command_one_line_each(capsys: pytest.CaptureFixture) -> None:
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for command in ("fit", "validate", "curriculum", "export", "report"):
+        lines = [line for line in out.splitlines() if line.split()[:1] == [command]]
+        assert len(lines) == 1 and len(lines[0].split()) > 3, (command, out)
+
+
+def test_no_command_lists_the_commands_and_fails(capsys: pytest.CaptureFixture) -> None:
+    assert main([]) == 2
+    err = capsys.readouterr().err
+    assert all(f"  {command} " in err for command in ("fit", "validate", "curriculum", "export", "report")), err
+
+
+@pytest.mark.parametrize(("command", "hint"), [("fitt", "did you mean fit? "), ("train", "")])
+def test_an_unknown_command_is_one_line(command: str, hint: str, capsys: pytest.CaptureFixture) -> None:
+    assert main([command, "--config", "configs/demo.yaml"]) == 2
+    assert capsys.readouterr().err == (
+        f"atheria: error: command {command!r} is not one of fit, validate, curriculum, export, report: {hint}"
+        "atheria --help says what each does\n"
+    )
+
+
+def test_help_of_a_command_still_shows_its_full_usage(capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit) as exit_info:
-        main(demo_args(tmp_path, "--model.hiden_channels", "8"))
-    assert exit_info.value.code == 2
-    assert "hiden_channels" in capsys.readouterr().err
+        main(["fit", "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: atheria [options] fit") and "--model.grid_size" in out and "--run_root" in out
+
+
+@pytest.mark.slow
+def test_console_script_help_lists_every_command() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "atheria_lightning.console", "--help"],
+        capture_output=True, text=True, cwd=REPO, env=env_without_warnings(), timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    for command in ("fit", "validate", "curriculum", "export", "report"):
+        assert f"\n  {command} " in result.stdout, result.stdout
 
 
 @pytest.mark.slow

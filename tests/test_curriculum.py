@@ -169,7 +169,7 @@ BAD_CURRICULA = [
     ("  - {name: a}\n  - {name: b, model: {hidden_channels: -3}}",
      "phase 'b': model.hidden_channels=-3 must be a positive integer"),
     ("  - {name: a}\n  - {name: b, model: {hiden_channels: 8}}",
-     "phase 'b': Group 'model' does not accept option 'hiden_channels'"),
+     "phase 'b': model.hiden_channels is not a setting of atheria fit: did you mean model.hidden_channels?"),
 ]  # fmt: skip
 
 
