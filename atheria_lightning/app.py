@@ -116,8 +116,9 @@ class AtheriaCLI(LightningCLI):
     @staticmethod
     @override
     def subcommands() -> dict[str, set[str]]:
-        return {"fit": {"model", "train_dataloaders", "val_dataloaders", "datamodule"},
-                "validate": {"model", "dataloaders", "datamodule"}}  # fmt: skip
+        # weights_only is not a choice: checkpoints are untrusted input, always loaded with weights_only=True.
+        return {"fit": {"model", "train_dataloaders", "val_dataloaders", "datamodule", "weights_only"},
+                "validate": {"model", "dataloaders", "datamodule", "weights_only"}}  # fmt: skip
 
     @override
     def init_parser(self, **kwargs: Any) -> LightningArgumentParser:

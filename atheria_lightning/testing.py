@@ -24,7 +24,7 @@ class EpisodeClock(Callback):
     Example::
 
         clock = EpisodeClock(seconds_per_episode=60.0)
-        Trainer(callbacks=[clock, TimeLimitGuard(max_hours=1.0, clock=clock)])
+        Trainer(callbacks=[clock, TimeLimitGuard(max_hours=1.0).use_clock(clock)])
     """
 
     def __init__(self, seconds_per_episode: float) -> None:

@@ -510,7 +510,7 @@ def measure_mirror_overhead(root: str, episodes: int, repetitions: int, warmup: 
 def run_guard(root: str, seconds_per_episode: float, max_hours: float, emergency_fraction: float) -> dict[str, Any]:
     """Train the tiny model until the guard stops it; where it stopped, against where it had to stop."""
     clock = EpisodeClock(seconds_per_episode)
-    guard = TimeLimitGuard(max_hours=max_hours, emergency_fraction=emergency_fraction, clock=clock)
+    guard = TimeLimitGuard(max_hours=max_hours, emergency_fraction=emergency_fraction).use_clock(clock)
     folder = os.path.join(root, f"guard-{seconds_per_episode:g}")
     store = RunStore(folder)
     checkpoint = SmartCheckpoint(every_n_episodes=10).use_store(store)

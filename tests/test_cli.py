@@ -144,3 +144,13 @@ def test_console_script_reports_bad_input_without_traceback(tmp_path: Path) -> N
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("atheria: error: model.architecture='FOO'")
+
+
+def test_print_config_shows_settings_not_test_seams(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    # clock, sleep (tests inject them with use_clock) and weights_only (always True) are not a user's to set.
+    with pytest.raises(SystemExit) as ended:
+        main(demo_args(tmp_path, "--print_config"))
+    printed = capsys.readouterr().out
+    assert ended.value.code == 0 and "max_hours" in printed and "monitor: val/loss" in printed
+    for seam in ("clock:", "sleep:", "weights_only"):
+        assert seam not in printed

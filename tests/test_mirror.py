@@ -321,7 +321,7 @@ def test_missing_optional_package_names_the_extra(url: str, module: str, extra: 
 
 
 def test_the_url_can_come_later_from_the_cli(run_dir: Path, mirror_root: str) -> None:
-    mirror = MirrorSync(every_n_episodes=5, sleep=lambda seconds: None)
+    mirror = MirrorSync(every_n_episodes=5).use_clock(sleep=lambda seconds: None)
     with pytest.raises(ConfigError, match="no url"):
         mirror.use_store(RunStore(run_dir))
     with pytest.raises(ConfigError, match="unknown protocol"):
@@ -340,7 +340,7 @@ def test_an_unreachable_mirror_is_a_config_error_before_training(tmp_path: Path)
     store = RunStore(tmp_path / "runs" / "exp")
     trainer = Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False,
                       default_root_dir=str(tmp_path / "runs" / "exp"))  # fmt: skip
-    mirror = MirrorSync(str(blocker), max_retries=1, sleep=lambda seconds: None).use_store(store)
+    mirror = MirrorSync(str(blocker), max_retries=1).use_clock(sleep=lambda seconds: None).use_store(store)
     with pytest.raises(ConfigError, match="not reachable"):
         mirror.setup(trainer, None, "fit")
     with pytest.raises(ConfigError, match="not reachable"):
@@ -391,7 +391,7 @@ def test_a_plain_trainer_mirrors_the_run_folder(tmp_path: Path, mirror_root: str
     run = tmp_path / "runs" / "exp"
     url = f"memory://{mirror_root}"
     store = RunStore(run)
-    mirror = MirrorSync(url, every_n_episodes=2, sleep=lambda seconds: None).use_store(store)
+    mirror = MirrorSync(url, every_n_episodes=2).use_clock(sleep=lambda seconds: None).use_store(store)
     trainer = tiny_fit(run, [mirror, SmartCheckpoint(every_n_episodes=2, top_k=1).use_store(store)])
     assert_mirrored(url, run)
     assert float(trainer.callback_metrics["mirror/failures"]) == 0.0
@@ -413,7 +413,9 @@ def test_an_exception_still_sends_what_was_saved(tmp_path: Path, mirror_root: st
     run = tmp_path / "runs" / "exp"
     url = f"memory://{mirror_root}"
     store = RunStore(run)
-    mirror = MirrorSync(url, every_n_episodes=100, sleep=lambda seconds: None).use_store(store)  # no periodic sync
+    mirror = (
+        MirrorSync(url, every_n_episodes=100).use_clock(sleep=lambda seconds: None).use_store(store)
+    )  # no periodic sync
     with pytest.raises(RuntimeError, match="platform"):
         tiny_fit(run, [FailAtEpisode(4), mirror, SmartCheckpoint(every_n_episodes=2).use_store(store)])
     assert_mirrored(url, run)

@@ -137,10 +137,10 @@ def test_an_emergency_stop_writes_the_log_and_its_checkpoint_holds_every_episode
 ) -> None:
     notebook = FakeNotebook(monkeypatch)
     jump = JumpClock(at_episode=3)
-    guard = TimeLimitGuard(max_hours=1.0, clock=jump.clock)
+    guard = TimeLimitGuard(max_hours=1.0).use_clock(jump.clock)
     store = RunStore(tmp_path)
-    training_log = TrainingLog(clock=jump.clock).use_store(store)
-    live_plot = LivePlot(plot_every_n_episodes=1, min_plot_interval_s=0, clock=jump.clock).use_log(training_log)
+    training_log = TrainingLog().use_clock(jump.clock).use_store(store)
+    live_plot = LivePlot(plot_every_n_episodes=1, min_plot_interval_s=0).use_clock(jump.clock).use_log(training_log)
     # The guard comes before the log: it only stops the run; SmartCheckpoint, a checkpoint callback and so run last,
     # saves the episode after every callback recorded it.
     trainer = Trainer(max_epochs=-1, logger=False, default_root_dir=str(tmp_path), val_check_interval=2,
@@ -374,8 +374,8 @@ def test_a_live_plot_without_a_training_log_warns_once_and_draws_nothing(
 def test_live_redraws_are_at_least_min_plot_interval_s_apart(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Each episode takes 4 s of the fake clock; a redraw is due every episode but allowed every 10 s only.
     clock = FakeEpisodeClock(4.0)
-    training_log = TrainingLog(clock=clock)
-    live_plot = LivePlot(plot_every_n_episodes=1, min_plot_interval_s=10, show_inline=False, clock=clock)
+    training_log = TrainingLog().use_clock(clock)
+    live_plot = LivePlot(plot_every_n_episodes=1, min_plot_interval_s=10, show_inline=False).use_clock(clock)
     live_plot.use_log(training_log)
     redrawn_at: list[float] = []
     monkeypatch.setattr(live_plot, "_redraw_live_plot", lambda trainer: redrawn_at.append(clock.now))

@@ -115,7 +115,7 @@ def test_cpu_fit_logs_ram_and_no_gpu_keys(tmp_path: Path) -> None:
 
 def test_status_line_every_n_episodes_with_clock(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     # Reads: fit start (t=0), train start (1 h), then one per report: episode 3 at 2 h, episode 6 at 3 h.
-    fit(tmp_path, ResourceMonitor(every_n_episodes=3, clock=fake_clock(3600.0)))
+    fit(tmp_path, ResourceMonitor(every_n_episodes=3).use_clock(fake_clock(3600.0)))
 
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[episode")]
     assert len(lines) == 2

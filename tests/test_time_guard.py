@@ -49,7 +49,7 @@ def train_until_stopped(guard: TimeLimitGuard, clock: FakeEpisodeClock, trainer:
 
 def test_the_guard_runs_every_episode_that_ends_before_the_stop_point_and_no_more() -> None:
     clock = FakeEpisodeClock(seconds_per_episode=100.0)
-    guard = TimeLimitGuard(max_hours=1.0, emergency_fraction=0.9, clock=clock)
+    guard = TimeLimitGuard(max_hours=1.0, emergency_fraction=0.9).use_clock(clock)
     trainer = fake_trainer()
     assert train_until_stopped(guard, clock, trainer) == 32, "episode 33 would end at 3300 s, past 3240 s"
     assert guard.stopped_early and guard.stop_reason == "the next episode would end past the time limit"
@@ -57,7 +57,7 @@ def test_the_guard_runs_every_episode_that_ends_before_the_stop_point_and_no_mor
 
 def test_slow_saves_and_mirror_syncs_make_the_guard_stop_early_enough_to_finish_them() -> None:
     clock = FakeEpisodeClock(seconds_per_episode=100.0)
-    guard = TimeLimitGuard(max_hours=1.0, emergency_fraction=0.9, clock=clock)
+    guard = TimeLimitGuard(max_hours=1.0, emergency_fraction=0.9).use_clock(clock)
     guard.use_store(FakeStore(max_write_seconds=150.0, last_sync_seconds=50.0))
     train_until_stopped(guard, clock, fake_trainer())
     left = STOP_POINT - guard.elapsed_seconds()
@@ -68,7 +68,7 @@ def test_slow_saves_and_mirror_syncs_make_the_guard_stop_early_enough_to_finish_
 def test_a_stop_lets_the_mirror_flush_use_what_is_left_of_the_budget() -> None:
     clock = FakeEpisodeClock(seconds_per_episode=100.0)
     store = FakeStore(max_write_seconds=10.0, last_sync_seconds=10.0)
-    guard = TimeLimitGuard(max_hours=1.0, emergency_fraction=0.9, clock=clock).use_store(store)
+    guard = TimeLimitGuard(max_hours=1.0, emergency_fraction=0.9).use_clock(clock).use_store(store)
     train_until_stopped(guard, clock, fake_trainer())
     (deadline,) = store.flush_deadlines
     left_of_budget = HOUR - guard.elapsed_seconds()
@@ -77,7 +77,7 @@ def test_a_stop_lets_the_mirror_flush_use_what_is_left_of_the_budget() -> None:
 
 def test_a_session_already_past_the_stop_point_stops_after_the_first_episode() -> None:
     clock = FakeEpisodeClock(seconds_per_episode=1.0)
-    guard = TimeLimitGuard(max_hours=1.0, emergency_fraction=0.9, clock=clock)
+    guard = TimeLimitGuard(max_hours=1.0, emergency_fraction=0.9).use_clock(clock)
     clock.now = STOP_POINT  # e.g. a long start-up, or a previous phase of the same session
     assert train_until_stopped(guard, clock, fake_trainer()) == 1
     assert guard.stop_reason == "90% of the 1 h budget reached"
@@ -86,7 +86,7 @@ def test_a_session_already_past_the_stop_point_stops_after_the_first_episode() -
 def test_the_first_episodes_are_predicted_more_cautiously_than_later_ones() -> None:
     # The first episodes include warm-up and a single sample says little.
     clock = FakeEpisodeClock(seconds_per_episode=10.0)
-    guard = TimeLimitGuard(max_hours=1.0, clock=clock)
+    guard = TimeLimitGuard(max_hours=1.0).use_clock(clock)
     trainer = fake_trainer()
     guard.on_train_start(trainer, None)
     costs = []
@@ -101,7 +101,7 @@ def test_the_last_episode_of_the_run_ends_it_the_normal_way_even_past_the_stop_p
     datamodule = EpisodeDataModule(total_episodes=3)
     datamodule.load_state_dict({"next_episode": 3, "seed": datamodule.seed})  # every episode has run
     clock = FakeEpisodeClock(seconds_per_episode=1.0)
-    guard = TimeLimitGuard(max_hours=1.0, clock=clock)
+    guard = TimeLimitGuard(max_hours=1.0).use_clock(clock)
     trainer = fake_trainer(datamodule)
     guard.on_train_start(trainer, None)
     clock.now = HOUR
@@ -111,11 +111,11 @@ def test_the_last_episode_of_the_run_ends_it_the_normal_way_even_past_the_stop_p
 
 def test_the_training_time_of_every_session_is_carried_by_the_checkpoint() -> None:
     clock = FakeEpisodeClock(seconds_per_episode=100.0)
-    first = TimeLimitGuard(max_hours=1.0, emergency_fraction=0.9, clock=clock)
+    first = TimeLimitGuard(max_hours=1.0, emergency_fraction=0.9).use_clock(clock)
     train_until_stopped(first, clock, fake_trainer())
     checkpointed = first.state_dict()
     clock.now = 0.0  # a new session
-    second = TimeLimitGuard(max_hours=1.0, emergency_fraction=0.9, clock=clock)
+    second = TimeLimitGuard(max_hours=1.0, emergency_fraction=0.9).use_clock(clock)
     second.load_state_dict(checkpointed)
     train_until_stopped(second, clock, fake_trainer())
     assert second.sessions == 2

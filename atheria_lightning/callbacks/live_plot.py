@@ -15,6 +15,7 @@ from fsspec.implementations.local import LocalFileSystem
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import Self, override
 
+from atheria_lightning.callbacks.clock import UsesClock
 from atheria_lightning.callbacks.training_log import TrainingLog
 from atheria_lightning.data import episodes_done, total_episodes
 from atheria_lightning.errors import require
@@ -30,7 +31,7 @@ LIVE_PLOT_FILE = "live_loss.png"
 LIVE_PLOT_WAIT_S = 30.0
 
 
-class LivePlot(Callback):
+class LivePlot(UsesClock, Callback):
     """Redraws the loss so far while training: ``exports/live_loss.png`` and, in a notebook, the cell's picture.
 
     On global rank 0 only. Every ``plot_every_n_episodes`` episodes, and no sooner than ``min_plot_interval_s``
@@ -56,7 +57,6 @@ class LivePlot(Callback):
             training may want for its data or its writes (benchmarks/HISTORY.md, "Earlier: a quiet machine, after
             the callback fixes of 2026-11-26"). 0 redraws every ``plot_every_n_episodes`` episodes whatever the time.
         show_inline: Show the plot in the notebook cell: ``None`` = when running in a notebook kernel.
-        clock: Seconds, monotonic; injectable so tests control time.
 
     Raises:
         ConfigError: ``plot_every_n_episodes`` is not a positive integer, or ``min_plot_interval_s`` is negative.
@@ -75,7 +75,6 @@ class LivePlot(Callback):
         plot_every_n_episodes: int = 25,
         min_plot_interval_s: float = MIN_PLOT_INTERVAL_S,
         show_inline: bool | None = None,
-        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         require(
             isinstance(plot_every_n_episodes, int) and plot_every_n_episodes > 0,
@@ -88,7 +87,7 @@ class LivePlot(Callback):
         self.plot_every_n_episodes = plot_every_n_episodes
         self.min_plot_interval_s = float(min_plot_interval_s)
         self.show_inline = show_inline
-        self.clock = clock
+        self.clock: Callable[[], float] = time.monotonic
         self.training_log: TrainingLog | None = None
         self._last_redraw: float | None = None
         self._plotted_through: int | None = None  # the last episode in the newest live plot asked for

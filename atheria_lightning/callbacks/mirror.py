@@ -48,8 +48,6 @@ class MirrorSync(UsesRunStore, Callback):
         max_retries: Retries of a failed sync before it counts as a failure.
         backoff_s: First retry delay; it doubles at each retry and is scaled by a random factor in [0.5, 1.5).
         max_share: Share of the wall time a sync may take before the interval doubles, in (0, 1).
-        clock: Monotonic clock in seconds, injectable so tests control the interval adaptation.
-        sleep: Sleep between retries, injectable so tests never wait.
 
     Raises:
         ConfigError: In ``__init__`` for an out-of-range setting, an unknown protocol or a missing optional package
@@ -80,8 +78,6 @@ class MirrorSync(UsesRunStore, Callback):
         max_retries: int = 4,
         backoff_s: float = 1.0,
         max_share: float = 0.1,
-        clock: Callable[[], float] = time.monotonic,
-        sleep: Callable[[float], Any] = time.sleep,
     ) -> None:
         _check_settings(every_n_episodes, flush_timeout_s, max_retries, backoff_s, max_share)
         if url is not None:
@@ -93,8 +89,8 @@ class MirrorSync(UsesRunStore, Callback):
         self.max_retries = max_retries
         self.backoff_s = backoff_s
         self.max_share = max_share
-        self._clock = clock
-        self._sleep = sleep
+        self._clock: Callable[[], float] = time.monotonic
+        self._sleep: Callable[[float], Any] = time.sleep
         self.interval = every_n_episodes
         self._failures_before = 0  # failures of earlier sessions, from the checkpoint
         self._episodes_since_request = 0
@@ -102,6 +98,13 @@ class MirrorSync(UsesRunStore, Callback):
         self._syncs_seen = 0
         self._last_request_at: float | None = None
         self._last_gap: float | None = None
+
+    def use_clock(self, clock: Callable[[], float] | None = None, sleep: Callable[[float], Any] | None = None) -> Self:
+        """Tests: a clock for the interval adaptation and a sleep for the retries, so that none waits; before
+        :meth:`use_store`. Not a setting: a preset cannot name a function."""
+        self._clock = clock or self._clock
+        self._sleep = sleep or self._sleep
+        return self
 
     def set_url(self, url: str) -> None:
         """Set the mirror root after construction (the CLI passes ``mirror_url``); checked as in ``__init__``."""

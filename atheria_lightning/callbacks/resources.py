@@ -14,6 +14,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
+from atheria_lightning.callbacks.clock import UsesClock
 from atheria_lightning.data import total_episodes
 from atheria_lightning.errors import require
 from atheria_lightning.scalars import send_to_loggers
@@ -26,7 +27,7 @@ BYTES_PER_GB = 2**30
 GPU_EXTRA_HINT = 'pip install "atheria_lightning[gpu]"'
 
 
-class ResourceMonitor(Callback):
+class ResourceMonitor(UsesClock, Callback):
     """Every ``every_n_episodes`` episodes, on global rank 0, logs GPU and system-RAM usage and prints one line:
 
     ``[episode 40/600] 0.52 s/episode | RAM 3.2 GB (20%) | GPU 85%, 4.1 GB allocated (5.0 reserved) | elapsed 1.20 h,
@@ -48,7 +49,6 @@ class ResourceMonitor(Callback):
     Args:
         every_n_episodes: Report after every this many episodes of the run (counted by ``trainer.global_step``, so
             the count continues across resumed sessions).
-        clock: Returns seconds; injectable so tests control time.
 
     Raises:
         ConfigError: If ``every_n_episodes`` is not a positive integer.
@@ -68,13 +68,13 @@ class ResourceMonitor(Callback):
         trainer = Trainer(callbacks=[ResourceMonitor(every_n_episodes=10)])
     """
 
-    def __init__(self, every_n_episodes: int = 10, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, every_n_episodes: int = 10) -> None:
         require(
             isinstance(every_n_episodes, int) and every_n_episodes > 0,
             f"ResourceMonitor.every_n_episodes={every_n_episodes!r} must be a positive integer",
         )
         self.every_n_episodes = every_n_episodes
-        self.clock = clock
+        self.clock: Callable[[], float] = time.monotonic
         self._fit_started: float | None = None
         # (episode, clock) of the previous report, or of the start of training: the base of the s/episode figure.
         # Nothing here is worth a checkpoint: after a resume the rate is measured afresh over the new session.

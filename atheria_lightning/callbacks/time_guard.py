@@ -12,6 +12,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
+from atheria_lightning.callbacks.clock import UsesClock
 from atheria_lightning.callbacks.stopping import announce_stop, say
 from atheria_lightning.data import episodes_done, total_episodes
 from atheria_lightning.errors import require
@@ -50,7 +51,7 @@ def _process_age_seconds() -> float:
         return 0.0
 
 
-class TimeLimitGuard(UsesRunStore, Callback):
+class TimeLimitGuard(UsesClock, UsesRunStore, Callback):
     """Stops training cleanly, with ``last.ckpt`` written and the mirror flushed, before the session budget ends.
 
     The budget counts from the start of this process (each Colab or Kaggle session has its own quota). After
@@ -66,7 +67,6 @@ class TimeLimitGuard(UsesRunStore, Callback):
     Args:
         max_hours: The session budget in hours (Colab Free about 12, Kaggle 9-12).
         emergency_fraction: Share of the budget that training may use, in (0, 1); the rest is the safety margin.
-        clock: Seconds as a float, monotonic; injectable so tests need not wait.
         log_every_n_episodes: Send ``time/*`` to the loggers after every this many episodes. The stop
             decision is still taken after every episode; only the logging is thinned.
 
@@ -91,7 +91,6 @@ class TimeLimitGuard(UsesRunStore, Callback):
         self,
         max_hours: float,
         emergency_fraction: float = 0.9,
-        clock: Callable[[], float] | None = None,
         log_every_n_episodes: int = 10,
     ) -> None:
         _check_hours(max_hours, "TimeLimitGuard.max_hours")
@@ -104,10 +103,10 @@ class TimeLimitGuard(UsesRunStore, Callback):
         )
         self.max_hours = max_hours
         self.emergency_fraction = emergency_fraction
-        self.clock = clock or time.monotonic
+        self.clock: Callable[[], float] = time.monotonic
         self.log_every_n_episodes = log_every_n_episodes
-        # With the real clock the process's own start-up counts; an injected clock starts now.
-        self._start = self.clock() - (_process_age_seconds() if clock is None else 0.0)
+        # The process's own start-up counts against the quota too.
+        self._start = self.clock() - _process_age_seconds()
         self.episode_seconds: float | None = None
         self.episodes_measured = 0
         self.previous_sessions_seconds = 0.0
@@ -118,6 +117,10 @@ class TimeLimitGuard(UsesRunStore, Callback):
         self._flush_seconds = MIN_FLUSH_SECONDS
         self._train_started: float | None = None
         self._last_batch_end: float | None = None
+
+    @override
+    def _clock_changed(self) -> None:
+        self._start = self.clock()  # a test's clock starts now; the process's age is the real clock's
 
     def set_budget(self, max_hours: float) -> None:
         """This session's budget in hours (``atheria fit --max_hours``), in place of the configured one."""

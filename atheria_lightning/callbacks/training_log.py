@@ -19,6 +19,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
 from typing_extensions import override
 
+from atheria_lightning.callbacks.clock import UsesClock
 from atheria_lightning.data import EpisodeDataModule, episodes_done, total_episodes
 from atheria_lightning.errors import require
 from atheria_lightning.figures import EPISODE_KEYS, VALIDATION_KEYS, empty_columns
@@ -40,7 +41,7 @@ CHECKPOINT_WAIT_S = 120.0
 EXCEPTION_WAIT_S = 30.0
 
 
-class TrainingLog(UsesRunStore, Callback):
+class TrainingLog(UsesClock, UsesRunStore, Callback):
     """Records every episode and every validation of a run, over all its sessions, and writes them when fit ends.
 
     On global rank 0 only. After each episode it reads the ``train/*`` values of ``trainer.callback_metrics`` (one
@@ -77,7 +78,6 @@ class TrainingLog(UsesRunStore, Callback):
         run_dir: The run folder; ``trainer.default_root_dir`` by default (the CLI sets it to
             ``<run_root>/<experiment_name>``).
         phase: The curriculum phase this run is, recorded in the log (and shown in the plots and the report).
-        clock: Seconds, monotonic; injectable so tests control time.
 
     Raises:
         ConfigError: ``phase`` is given but is not a one-line, non-empty string.
@@ -91,16 +91,14 @@ class TrainingLog(UsesRunStore, Callback):
                           plugins=[store.checkpoint_io])
     """
 
-    def __init__(
-        self, run_dir: str | None = None, phase: str | None = None, clock: Callable[[], float] = time.monotonic
-    ) -> None:
+    def __init__(self, run_dir: str | None = None, phase: str | None = None) -> None:
         require(
             phase is None or (isinstance(phase, str) and phase.strip() != "" and "\n" not in phase),
             f"TrainingLog.phase={phase!r} must be a one-line name (it titles the plots and the report), or null",
         )
         self.run_dir = run_dir
         self.phase = phase
-        self.clock = clock
+        self.clock: Callable[[], float] = time.monotonic
         # Columns, not one dict per episode; in checkpoints each column is one tensor (see state_dict).
         self.episodes: dict[str, list[float]] = empty_columns(EPISODE_KEYS)
         self.validations: dict[str, list[float]] = empty_columns(VALIDATION_KEYS)
