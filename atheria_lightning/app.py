@@ -249,6 +249,9 @@ class AtheriaCLI(LightningCLI):
                 callback.use_store(self.store)
             if isinstance(callback, LivePlot) and self.training_log is not None:
                 callback.use_log(self.training_log)
+        if isinstance(kwargs.get("logger"), BufferedTensorBoardLogger):
+            # TensorBoard's HPARAMS tab: the settings of each run beside the metric its checkpoints are ranked by.
+            kwargs["logger"].show_in_hparams(self.store.monitor, "train/loss")
         plugins = trainer_config.get("plugins") or []
         kwargs["plugins"] = [*(plugins if isinstance(plugins, list) else [plugins]), self.store.checkpoint_io]
         return super().instantiate_trainer(**kwargs)

@@ -8,6 +8,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.loggers import TensorBoardLogger
 from typing_extensions import override
 
 from atheria_lightning.accel import fast_stepper, weight_cast_cache
@@ -20,7 +21,7 @@ from atheria_lightning.physics import (
     noise_level,
     rollout,
 )
-from atheria_lightning.scalars import send_to_loggers
+from atheria_lightning.scalars import logging_step, send_to_loggers
 from atheria_lightning.settings import ModelSettings, apply_changed_optimizer_settings
 
 log = logging.getLogger(__name__)
@@ -139,6 +140,8 @@ class QCAModule(pl.LightningModule):
         self._drop_next_step = False
         self._validation_scores: list[torch.Tensor] = []
         self._snapshot: torch.Tensor | None = None
+        self._picture: tuple[int, torch.Tensor] | None = None  # the first validation universe, for TensorBoard
+        self._initial_picture_logged = False
         # What the rollout calls, per device: the operator itself, or it behind torch.compile (built at the first
         # episode, once the device is known). Not a submodule, so parameters and checkpoints are the plain operator's.
         self._rollout_operators: dict[torch.device, Any] = {}
@@ -209,9 +212,14 @@ class QCAModule(pl.LightningModule):
             return parts["loss"]
         self._consecutive_nonfinite = 0
         self._log_scalars({"train/loss": loss, "train/noise_level": noise,
-                           "train/nonfinite_skipped": float(self.nonfinite_skipped),
+                           "train/nonfinite_skipped": float(self.nonfinite_skipped), **self._learning_rate(),
                            **{f"train/{key}": value for key, value in scores.items()}})  # fmt: skip
         return parts["loss"]
+
+    def _learning_rate(self) -> dict[str, float]:
+        """``train/lr``: the plateau scheduler lowers it; a host number, read without a device sync."""
+        optimizers = self.trainer.optimizers if self._trainer is not None else []
+        return {"train/lr": float(optimizers[0].param_groups[0]["lr"])} if optimizers else {}
 
     def _log_scalars(self, metrics: dict[str, Any]) -> None:
         """The episode's ``train/*`` values: to the loggers at the trainer's cadence, as ``self.log`` would send
@@ -262,7 +270,9 @@ class QCAModule(pl.LightningModule):
         # Lightning validates under no_grad during fit; inference mode skips the autograd bookkeeping as well (the
         # rollout is the whole cost). The scores are cloned out of it, and logged once per validation.
         with torch.inference_mode():
-            parts, _ = self.run_episode(batch["seed"], 0, self.noise_at(batch["episode"]))
+            parts, final = self.run_episode(batch["seed"], 0, self.noise_at(batch["episode"]))
+            if batch_idx == 0 and self._tensorboards():
+                self._picture = (batch["seed"], final[0].abs().sum(dim=-1).float().cpu())
             parts["combined"] = combined_metric(parts)
             scores = torch.stack([parts[key].reshape(()) for key in VALIDATION_SCORES])
         self._validation_scores.append(scores.clone())
@@ -270,6 +280,33 @@ class QCAModule(pl.LightningModule):
     @override
     def on_validation_epoch_start(self) -> None:
         self._validation_scores = []
+        self._picture = None
+
+    def _tensorboards(self) -> list[Any]:
+        """The TensorBoard writers of rank 0's loggers (pictures go there only)."""
+        if self._trainer is None or not self.trainer.is_global_zero:
+            return []
+        return [logger.experiment for logger in self.trainer.loggers if isinstance(logger, TensorBoardLogger)]
+
+    def _log_pictures(self) -> None:
+        """``universe/final``: ``sum_d |psi|`` of the first validation universe after its rollout, at each validation;
+        ``universe/initial``: the same universe before it, once per run. The thing a user would rather look at."""
+        if self._picture is None:
+            return
+        seed, final = self._picture
+        self._picture = None
+        step = logging_step(self.trainer)
+        pictures = {"universe/final": final}
+        if not self._initial_picture_logged and self.trainer.ckpt_path is None:
+            universe, d_state = self.settings.rollout, self.settings.operator.d_state
+            generator = episode_generator(seed, 0, self.device, rank=self.global_rank)
+            psi0 = initial_state(universe.initial_state, universe.universes_per_episode, universe.grid_size, d_state,
+                                 generator, self.device)  # fmt: skip
+            pictures["universe/initial"] = psi0[0].abs().sum(dim=-1).float().cpu()
+        self._initial_picture_logged = True
+        for writer in self._tensorboards():
+            for tag, picture in pictures.items():
+                writer.add_image(tag, _as_image(picture), step, dataformats="CHW")
 
     @override
     def on_validation_epoch_end(self) -> None:
@@ -281,6 +318,7 @@ class QCAModule(pl.LightningModule):
         self._validation_scores = []
         metrics = {f"val/{key}": value for key, value in zip(VALIDATION_SCORES, means.unbind(), strict=True)}
         self.log_dict(metrics, sync_dist=True)
+        self._log_pictures()
 
     @override
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
@@ -321,3 +359,14 @@ class QCAModule(pl.LightningModule):
         apply_changed_optimizer_settings(checkpoint, self.settings.optimizer)
         if "final_state" in checkpoint:
             self._snapshot = torch.view_as_complex(checkpoint["final_state"].contiguous())
+
+
+#: Pictures are scaled up to at least this many pixels a side: TensorBoard shows an image at its own size.
+PICTURE_PIXELS = 128
+
+
+def _as_image(magnitude: torch.Tensor) -> torch.Tensor:
+    """An (H, W) map of ``sum_d |psi|`` as a (1, H', W') grey image in [0, 1], scaled by its own maximum."""
+    scale = max(1, PICTURE_PIXELS // max(magnitude.shape))
+    image = magnitude / magnitude.max().clamp_min(torch.finfo(magnitude.dtype).tiny)
+    return image.repeat_interleave(scale, dim=0).repeat_interleave(scale, dim=1).unsqueeze(0)

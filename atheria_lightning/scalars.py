@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from argparse import Namespace
 from collections.abc import Mapping
 from typing import Any
 
@@ -11,7 +12,7 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 from tensorboard.compat.proto.summary_pb2 import Summary
-from typing_extensions import override
+from typing_extensions import Self, override
 
 __all__ = ["BufferedTensorBoardLogger", "as_floats", "logging_step", "send_to_loggers"]
 
@@ -95,6 +96,7 @@ class BufferedTensorBoardLogger(TensorBoardLogger):
         kwargs.setdefault("flush_secs", flush_interval_s)  # passed on to the SummaryWriter's own thread
         super().__init__(*args, **kwargs)
         self.flush_interval_s = flush_interval_s
+        self._hparams_metrics: tuple[str, ...] = ()
         self._flushed_at: float | None = None
 
     @override
@@ -102,6 +104,8 @@ class BufferedTensorBoardLogger(TensorBoardLogger):
     def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
         numbers, others = {}, {}
         for key, value in metrics.items():
+            if key == "epoch":
+                continue  # Lightning adds the epoch to every logged dict: always 0 here, a card of no use
             if isinstance(value, torch.Tensor) and value.numel() == 1:
                 value = value.item()
             if isinstance(value, int | float):
@@ -122,6 +126,29 @@ class BufferedTensorBoardLogger(TensorBoardLogger):
         if self._flushed_at is None or now - self._flushed_at >= self.flush_interval_s:
             self._flushed_at = now
             super().save()  # the flush, and hparams.yaml the first time
+
+    def show_in_hparams(self, *metrics: str | None) -> Self:
+        """Name the metrics TensorBoard's HPARAMS tab shows beside each run's settings (e.g. the checkpoint monitor),
+        so that runs under one ``--logdir`` compare by them; their values are the logged scalars of those tags."""
+        self._hparams_metrics = tuple(metric for metric in metrics if metric)
+        return self
+
+    @override
+    @rank_zero_only
+    def log_hyperparams(self, params: Any, metrics: dict[str, Any] | None = None, step: int | None = None) -> None:
+        super().log_hyperparams(params, metrics, step)  # hparams.yaml, and Lightning's own hparams when given metrics
+        if metrics is not None or not self._hparams_metrics:
+            return
+        from torch.utils.tensorboard.summary import hparams
+
+        settings = vars(params) if isinstance(params, Namespace) else dict(params)
+        # The HPARAMS tab takes numbers, strings and booleans; None, lists and private keys are left out.
+        plain = {key: value for key, value in settings.items()
+                 if isinstance(value, int | float | str | bool) and not str(key).startswith("_")}  # fmt: skip
+        writer = self.experiment._get_file_writer()
+        # The metric values are not written here: TensorBoard reads them from the scalars of the same tags.
+        for summary in hparams(plain, dict.fromkeys(self._hparams_metrics, 0.0)):
+            writer.add_summary(summary, step)
 
     def purge_from(self, step: int) -> bool:
         """Make TensorBoard drop the events of earlier sessions at ``step`` and later: a resume re-runs them.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import time
 from typing import Any
 
@@ -61,7 +62,8 @@ class RunSummary(Callback):
             f"episodes: {self.episodes} this session, {done} of {total} in the run ({speed})",
             f"loss: first {first}, last {last}",
             f"checkpoints: {self.run_dir}/checkpoints",
-            f"TensorBoard: tensorboard --logdir {self.run_dir}/logs",
+            # The run root, so that TensorBoard names the run after the experiment (<experiment>/logs) beside others.
+            f"TensorBoard: tensorboard --logdir {os.path.dirname(os.path.normpath(self.run_dir)) or '.'}",
         ]
 
     @override
