@@ -67,3 +67,28 @@ def test_tensorboard_shows_the_loss_the_learning_rate_the_universe_and_the_run_s
     )
     assert [info.name.tag for info in experiment.metric_infos] == ["val/loss", "train/loss"]
     assert {"lr", "grid_size", "architecture"} <= {info.name for info in experiment.hparam_infos}
+
+
+def test_a_mirror_listing_cannot_write_outside_the_run_folder(tmp_path: Path) -> None:
+    import fsspec
+
+    from atheria_lightning.store import RunStore
+
+    fs = fsspec.filesystem("memory")
+    root = f"/hostile-{tmp_path.name}"
+    fs.pipe_file(f"{root}/demo/logs/events.ok", b"ok")
+    fs.pipe_file(f"{root}/demo/logs/sub/../../../../escape.txt", b"evil")  # a forged name climbing out
+    fs.pipe_file(f"{root}/demo/logs/half.tmp-1", b"t")  # an upload killed halfway
+    local = tmp_path / "runs" / "demo"
+    (local / "logs").mkdir(parents=True)
+    (local / "logs" / "events.ok").write_bytes(b"mine")
+    store = RunStore(local)
+    store.set_mirror(f"memory://{root}")
+    try:
+        assert store.start() is None
+    finally:
+        store.close()
+    written = sorted(str(path.relative_to(tmp_path)) for path in tmp_path.rglob("*") if path.is_file())
+    assert written == ["runs/demo/logs/events.ok"], written
+    assert (local / "logs" / "events.ok").read_bytes() == b"mine", "a local file is never replaced"
+    fs.rm(root, recursive=True)
