@@ -22,16 +22,24 @@ COMMANDS = {
 }
 
 
-def quiet_lightning() -> None:
-    """Lightning's start-up chatter off the console: the command prints what matters in its own lines.
+#: Lightning's INFO lines that say nothing a user acts on: an advertisement, and the restore our own line says better
+#: ("resuming from episode k of N [where]").
+CHATTER = ("💡 Tip", "Restoring states from the checkpoint", "Restored all states from the checkpoint")
 
-    Its INFO lines ("Seed set to 42", "GPU available: False", a tip to install another logger, "Restoring states
-    from …", which our "resuming from episode k of N" says better) go; its warnings stay. A deprecation inside
-    Lightning that the user cannot act on is filtered by its message.
-    """
-    for name in ("lightning.fabric.utilities.seed", "lightning.pytorch.utilities.rank_zero",
-                 "lightning.fabric.utilities.rank_zero"):  # fmt: skip
-        logging.getLogger(name).setLevel(logging.WARNING)
+
+def _not_chatter(record: logging.LogRecord) -> bool:
+    return not str(record.msg).lstrip().startswith(CHATTER)
+
+
+def quiet_lightning() -> None:
+    """Lightning's chatter off the console: "Seed set to 42", a tip to install another logger and its restore lines
+    go; "GPU available: …, used: …" (worth seeing on Colab) and its warnings stay. A deprecation inside Lightning
+    that the user cannot act on is filtered by its message."""
+    logging.getLogger("lightning.fabric.utilities.seed").setLevel(logging.WARNING)
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        chatty = logging.getLogger(name)
+        if _not_chatter not in chatty.filters:
+            chatty.addFilter(_not_chatter)
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
 
 

@@ -31,6 +31,5 @@ def test_a_resumed_run_prints_one_bar_and_its_lines_cleanly(tmp_path: Path) -> N
     assert labels == {"episode"}, f"one bar label, not {labels}"
     assert not re.search(r"-\d[\d.]*it/s", printed), "no negative rate"
     assert any(line.startswith("time used: ") for line in lines), "the time line starts its own line"
-    for noise in ("exists and is not empty", "conditioned on metric", "GPU available", "Restoring states",
-                  "LeafSpec"):  # fmt: skip
+    for noise in ("exists and is not empty", "conditioned on metric", "Tip:", "Restoring states", "LeafSpec"):
         assert noise not in printed, noise

@@ -80,12 +80,12 @@ def test_resumed_losses_equal_the_uninterrupted_run_bitwise(tmp_path: Path) -> N
 
 def test_retention_keeps_the_k_lowest_and_last_locally_and_on_the_mirror(tmp_path: Path) -> None:
     assert main(demo_args(tmp_path, episodes=16, val_every=1)) == 0  # 16 validations, top 5
-    combined = dict(scalars(run_dir(tmp_path) / "logs", "val/combined"))
-    assert len(combined) == 16
+    ranked = dict(scalars(run_dir(tmp_path) / "logs", "val/loss"))  # the presets' monitor
+    assert len(ranked) == 16
     files = manifest_of(run_dir(tmp_path) / "checkpoints")
     best = {name: entry for name, entry in files.items() if name.startswith("best-")}
     assert len(best) == 5 and "last.ckpt" in files
-    five_lowest = sorted(combined.values())[:5]
+    five_lowest = sorted(ranked.values())[:5]
     assert sorted(entry["metric"] for entry in best.values()) == pytest.approx(five_lowest, rel=1e-6)
     on_disk = {p.name for p in (run_dir(tmp_path) / "checkpoints").glob("*.ckpt")}
     assert on_disk == set(files)
