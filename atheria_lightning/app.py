@@ -341,9 +341,10 @@ class AtheriaCLI(LightningCLI):
         try:
             point = self.resolve_checkpoint(ckpt_path)
             os.environ[RESUME_ENV] = point.path if point else ""
-            if point is None or self._check_resume(point, model, datamodule):
-                if point is not None:
-                    self._purge_logs_after(point)
+            header = _peek_checkpoint(point.path) if point is not None else None
+            if header is None or self._check_resume(point, header, model, datamodule):
+                if header is not None:
+                    self._purge_logs_after(header)
                 kwargs["weights_only"] = True
                 trained = True
                 self.trainer.fit(model, datamodule=datamodule, ckpt_path=point.path if point else None, **kwargs)
@@ -372,9 +373,9 @@ class AtheriaCLI(LightningCLI):
             return
         print(f"report: {report} (summary.png, training_log.json{', model.ts' if exported else ''})", flush=True)
 
-    def _purge_logs_after(self, point: Checkpoint) -> None:
+    def _purge_logs_after(self, header: dict[str, Any]) -> None:
         """TensorBoard keeps one value per step across sessions: events past the resumed checkpoint are dropped."""
-        steps = (_peek_checkpoint(point.path).get("loops") or {}).get("fit_loop", {}).get("epoch_loop.state_dict", {})
+        steps = (header.get("loops") or {}).get("fit_loop", {}).get("epoch_loop.state_dict", {})
         step = steps.get("_batches_that_stepped") if isinstance(steps, dict) else None
         if not isinstance(step, int) or not self.trainer.is_global_zero:
             return
@@ -384,11 +385,14 @@ class AtheriaCLI(LightningCLI):
                 log.warning("TensorBoard's writer was open before the resume: events past step %d may show twice",
                             step)  # fmt: skip
 
-    def _check_resume(self, point: Checkpoint, model: QCAModule, datamodule: EpisodeDataModule) -> bool:
-        """Refuse what cannot change between sessions, report what did; False when the run is already finished."""
-        # Read from the checkpoint itself (weights_only): a manifest on a shared mirror may lie about it.
+    def _check_resume(
+        self, point: Checkpoint, header: dict[str, Any], model: QCAModule, datamodule: EpisodeDataModule
+    ) -> bool:
+        """Refuse what cannot change between sessions, report what did; False when the run is already finished.
+
+        ``header`` is the checkpoint's own metadata (weights_only): a manifest on a shared mirror may lie about it.
+        """
         assert self.store is not None
-        header = _peek_checkpoint(point.path)
         saved, now = _settings_by_key(header, model, datamodule, self.trainer.callbacks, self.store.monitor)
         refuse_fixed_changes(saved, now)
         episode = int(header.get(META_KEY, {}).get("episode", 0))
@@ -499,13 +503,9 @@ def run_reporting_errors(run: Callable[[], int]) -> int:
 
 
 def find_config_error(err: BaseException | None) -> ConfigError | None:
-    seen = set()
-    while err is not None and id(err) not in seen:
-        if isinstance(err, ConfigError):
-            return err
-        seen.add(id(err))
-        err = err.__cause__ or err.__context__
-    return None
+    if err is None:
+        return None
+    return next((cause for cause in _exception_chain(err) if isinstance(cause, ConfigError)), None)
 
 
 # ----- bad settings found before anything is built -----

@@ -17,7 +17,7 @@ from torch import nn
 
 from atheria_lightning.errors import ConfigError, OneLineArgumentParser
 from atheria_lightning.files import atomic_write
-from atheria_lightning.physics import initial_state, lindblad_step
+from atheria_lightning.physics import initial_state, lindblad_step, psi_magnitude
 
 if TYPE_CHECKING:
     from atheria_lightning.store import RunStore
@@ -177,14 +177,6 @@ def rollout_scripted(
     for _ in range(steps):
         psi, memory = lindblad_step(operator, psi, float(metadata["gamma_decay"]), memory)
     return psi
-
-
-def psi_magnitude(psi: torch.Tensor) -> torch.Tensor:
-    """``sum_d |psi|`` of the first universe, ``(H, W)``: the field whose spread the complexity term rewards.
-
-    (The per-cell L2 norm is 1 everywhere after each step, so it would show nothing.)
-    """
-    return psi[0].abs().sum(-1)
 
 
 def save_psi_image(psi: torch.Tensor, path: str | os.PathLike, title: str = "sum_d |psi|") -> Path:

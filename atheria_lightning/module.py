@@ -19,6 +19,7 @@ from atheria_lightning.physics import (
     initial_state,
     lindblad_step,
     noise_level,
+    psi_magnitude,
     rollout,
 )
 from atheria_lightning.scalars import logging_step, send_to_loggers
@@ -172,14 +173,20 @@ class QCAModule(pl.LightningModule):
 
     def run_episode(self, seed: int, episode: int, noise: float) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Roll out the universes of ``episode`` (a pure function of ``seed``, ``episode`` and the rank)."""
+        universe = self.settings.rollout
+        psi0, generator = self.initial_universes(seed, episode)
+        with weight_cast_cache(self.device.type):  # Lightning's mixed precision leaves autocast's weight cache off
+            result = rollout(self.rollout_operator(), psi0, universe.qca_steps, universe.gamma_decay, noise, generator)
+        return compute_loss(self.settings.loss.loss, result.final, psi0, self.loss_weights), result.final
+
+    def initial_universes(self, seed: int, episode: int) -> tuple[torch.Tensor, torch.Generator]:
+        """The universes ``episode`` starts from, and the generator that then draws its noise."""
         universe, d_state = self.settings.rollout, self.settings.operator.d_state
         generator = episode_generator(seed, episode, self.device, rank=self.global_rank)
         psi0 = initial_state(
             universe.initial_state, universe.universes_per_episode, universe.grid_size, d_state, generator, self.device
         )
-        with weight_cast_cache(self.device.type):  # Lightning's mixed precision leaves autocast's weight cache off
-            result = rollout(self.rollout_operator(), psi0, universe.qca_steps, universe.gamma_decay, noise, generator)
-        return compute_loss(self.settings.loss.loss, result.final, psi0, self.loss_weights), result.final
+        return psi0, generator
 
     def noise_at(self, episode: int) -> float:
         """The curriculum's noise level at ``episode``."""
@@ -272,7 +279,7 @@ class QCAModule(pl.LightningModule):
         with torch.inference_mode():
             parts, final = self.run_episode(batch["seed"], 0, self.noise_at(batch["episode"]))
             if batch_idx == 0 and self._tensorboards():
-                self._picture = (batch["seed"], final[0].abs().sum(dim=-1).float().cpu())
+                self._picture = (batch["seed"], psi_magnitude(final).float().cpu())
             parts["combined"] = combined_metric(parts)
             scores = torch.stack([parts[key].reshape(()) for key in VALIDATION_SCORES])
         self._validation_scores.append(scores.clone())
@@ -298,11 +305,7 @@ class QCAModule(pl.LightningModule):
         step = logging_step(self.trainer)
         pictures = {"universe/final": final}
         if not self._initial_picture_logged and self.trainer.ckpt_path is None:
-            universe, d_state = self.settings.rollout, self.settings.operator.d_state
-            generator = episode_generator(seed, 0, self.device, rank=self.global_rank)
-            psi0 = initial_state(universe.initial_state, universe.universes_per_episode, universe.grid_size, d_state,
-                                 generator, self.device)  # fmt: skip
-            pictures["universe/initial"] = psi0[0].abs().sum(dim=-1).float().cpu()
+            pictures["universe/initial"] = psi_magnitude(self.initial_universes(seed, 0)[0]).float().cpu()
         self._initial_picture_logged = True
         for writer in self._tensorboards():
             for tag, picture in pictures.items():

@@ -12,7 +12,7 @@ from atheria_lightning.physics.engine import (
 )
 from atheria_lightning.physics.losses import LOSSES, LossWeights, combined_metric, compute_loss
 from atheria_lightning.physics.noise import noise_level
-from atheria_lightning.physics.state import INITIAL_STATES, cell_norm, initial_state, normalize
+from atheria_lightning.physics.state import INITIAL_STATES, cell_norm, initial_state, normalize, psi_magnitude
 
 __all__ = [
     "INITIAL_STATES",
@@ -31,5 +31,6 @@ __all__ = [
     "noise_level",
     "noisy_step",
     "normalize",
+    "psi_magnitude",
     "rollout",
 ]

@@ -62,3 +62,11 @@ def initial_state(
         real = d_state**-0.5 + 0.1 * real
         imag = 0.1 * imag
     return normalize(torch.complex(real, imag))
+
+
+def psi_magnitude(psi: torch.Tensor) -> torch.Tensor:
+    """``sum_d |psi|`` of the first universe, ``(H, W)``: the field whose spread the complexity term rewards.
+
+    (The per-cell L2 norm is 1 everywhere after each step, so it would show nothing.)
+    """
+    return psi[0].abs().sum(-1)

@@ -248,9 +248,7 @@ class Mirror:
         for folder in PLAIN_FOLDERS:
             remote_dir, local_dir = join(self.root, folder), os.path.realpath(os.path.join(self.run_dir, folder))
             try:
-                infos = self._retrying(lambda remote_dir=remote_dir: self.fs.find(remote_dir, detail=True))
-            except FileNotFoundError:
-                continue
+                infos = self._retrying(lambda remote_dir=remote_dir: _listing(self.fs, remote_dir))
             except Exception as err:  # each backend has its own errors for an unreadable folder
                 log.warning("mirror %s: not listed (%s); earlier sessions' %s/ stays on the mirror", remote_dir, err,
                             folder)  # fmt: skip
@@ -477,6 +475,14 @@ class Mirror:
                 log.debug("mirror attempt %d failed (%s), retrying in %.1f s", retry + 1, err, delay)
                 self.sleep(delay)
         return None
+
+
+def _listing(fs: AbstractFileSystem, folder: str) -> dict[str, Any]:
+    """``fs.find`` with details; a missing folder is empty (some backends raise, and a retry would only wait)."""
+    try:
+        return fs.find(folder, detail=True)
+    except FileNotFoundError:
+        return {}
 
 
 def download_verified(
