@@ -1,4 +1,9 @@
-"""Scalars sent to the loggers directly, beside ``LightningModule.log``, where its cost per key matters."""
+"""Scalars sent to the loggers directly, beside ``LightningModule.log``, where its cost per key matters.
+
+Tag names: TensorBoard draws one section per tag prefix, in alphabetical order, and opens on the first. What a
+user looks at comes first (``train/``, then ``val/``); the session machine's state (time left, RAM, GPU, mirror
+syncs) shares one prefix that sorts after them, ``vm/``.
+"""
 
 from __future__ import annotations
 

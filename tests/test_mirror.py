@@ -394,8 +394,8 @@ def test_a_plain_trainer_mirrors_the_run_folder(tmp_path: Path, mirror_root: str
     mirror = MirrorSync(url, every_n_episodes=2).use_clock(sleep=lambda seconds: None).use_store(store)
     trainer = tiny_fit(run, [mirror, SmartCheckpoint(every_n_episodes=2, top_k=1).use_store(store)])
     assert_mirrored(url, run)
-    assert float(trainer.callback_metrics["mirror/failures"]) == 0.0
-    assert "mirror/last_sync_seconds" in trainer.callback_metrics
+    assert float(trainer.callback_metrics["vm/mirror_failures"]) == 0.0
+    assert "vm/mirror_last_sync_seconds" in trainer.callback_metrics
     store.close()
 
 

@@ -21,8 +21,8 @@ from atheria_lightning.errors import ConfigError
 from atheria_lightning.module import QCAModule
 
 GB = 2**30
-RAM_KEYS = {"resources/ram_used_gb", "resources/ram_percent"}
-GPU_KEYS = {"resources/gpu_util_percent", "resources/gpu_mem_allocated_gb", "resources/gpu_mem_reserved_gb"}
+RAM_KEYS = {"vm/ram_used_gb", "vm/ram_percent"}
+GPU_KEYS = {"vm/gpu_util_percent", "vm/gpu_mem_allocated_gb", "vm/gpu_mem_reserved_gb"}
 
 
 def fit(tmp_path: Path, *callbacks: Callback, logger: CSVLogger | bool = False) -> Trainer:
@@ -51,11 +51,11 @@ def fake_clock(step_seconds: float):
 
 
 class FakeGuard(Callback):
-    """Stands in for the time-limit guard: it logs the two ``time/*`` values the monitor prints."""
+    """Stands in for the time-limit guard: it logs the two ``vm/*`` hours the monitor prints."""
 
     def on_train_batch_end(self, trainer: Trainer, *args: object) -> None:
-        trainer.callback_metrics.update({"time/elapsed_hours": torch.tensor(1.2),
-                                         "time/remaining_hours": torch.tensor(7.8)})  # fmt: skip
+        trainer.callback_metrics.update({"vm/elapsed_hours": torch.tensor(1.2),
+                                         "vm/remaining_hours": torch.tensor(7.8)})  # fmt: skip
 
 
 class GPUModule:
@@ -103,13 +103,13 @@ def test_cpu_fit_logs_ram_and_no_gpu_keys(tmp_path: Path) -> None:
         rows = list(csv.DictReader(handle))
     assert RAM_KEYS <= set(rows[0])
     assert not GPU_KEYS & set(rows[0]), "without a GPU the GPU keys must be absent, not zero"
-    readings = [row for row in rows if row["resources/ram_used_gb"]]
+    readings = [row for row in rows if row["vm/ram_used_gb"]]
     # One row per reading, at the episode it was taken (episodes 2, 4, 6: steps 1, 3, 5), not repeated after it.
     assert [int(row["step"]) for row in readings] == [1, 3, 5]
     total_gb = psutil.virtual_memory().total / GB
     for row in readings:
-        assert 0.0 < float(row["resources/ram_used_gb"]) < total_gb
-        assert 0.0 < float(row["resources/ram_percent"]) <= 100.0
+        assert 0.0 < float(row["vm/ram_used_gb"]) < total_gb
+        assert 0.0 < float(row["vm/ram_percent"]) <= 100.0
     assert RAM_KEYS <= set(trainer.callback_metrics)
 
 
@@ -142,9 +142,9 @@ def test_gpu_keys_from_cuda_and_nvml(capsys: pytest.CaptureFixture[str]) -> None
     monitor.on_train_batch_end(trainer, module, None, None, batch_idx=19)
 
     assert set(logged(trainer)) == RAM_KEYS | GPU_KEYS
-    assert logged(trainer)["resources/gpu_util_percent"] == 85.0
-    assert logged(trainer)["resources/gpu_mem_allocated_gb"] == 3.0
-    assert logged(trainer)["resources/gpu_mem_reserved_gb"] == 5.0
+    assert logged(trainer)["vm/gpu_util_percent"] == 85.0
+    assert logged(trainer)["vm/gpu_mem_allocated_gb"] == 3.0
+    assert logged(trainer)["vm/gpu_mem_reserved_gb"] == 5.0
     assert "[episode 20/100]" in capsys.readouterr().out.splitlines()[0]
 
 
@@ -164,8 +164,8 @@ def test_missing_nvml_warns_once_naming_the_extra(monkeypatch: pytest.MonkeyPatc
     messages = [str(w.message) for w in caught]
     assert len(messages) == 1
     assert 'pip install "atheria_lightning[gpu]"' in messages[0]
-    assert "resources/gpu_util_percent" not in logged(trainer)
-    assert {"resources/gpu_mem_allocated_gb", "resources/gpu_mem_reserved_gb"} <= set(logged(trainer))
+    assert "vm/gpu_util_percent" not in logged(trainer)
+    assert {"vm/gpu_mem_allocated_gb", "vm/gpu_mem_reserved_gb"} <= set(logged(trainer))
 
 
 @pytest.mark.usefixtures("fake_gpu")

@@ -15,7 +15,7 @@ def test_one_event_per_logging_step_holds_every_number_under_its_tag(tmp_path: P
     logger = BufferedTensorBoardLogger(save_dir=str(tmp_path), name="logs", version="", prefix="phase1")
     for step in range(3):
         logger.log_metrics({"train/loss": torch.tensor(1.0 / (step + 1)), "train/noise_level": 0.5, "epoch": 0}, step)
-    logger.log_metrics({"mirror/failures": 2, "val/parts": {"a": 1.0, "b": 2.0}}, step=3)
+    logger.log_metrics({"vm/mirror_failures": 2, "val/parts": {"a": 1.0, "b": 2.0}}, step=3)
     logger.finalize("success")
 
     events = EventAccumulator(str(tmp_path / "logs"), size_guidance={"scalars": 0})
@@ -23,7 +23,7 @@ def test_one_event_per_logging_step_holds_every_number_under_its_tag(tmp_path: P
     loss = [(event.step, event.value) for event in events.Scalars("phase1-train/loss")]
     assert loss == [(0, 1.0), (1, 0.5), (2, as_float32(1.0 / 3))]
     assert [event.value for event in events.Scalars("phase1-train/noise_level")] == [0.5, 0.5, 0.5]
-    assert [(event.step, event.value) for event in events.Scalars("phase1-mirror/failures")] == [(3, 2.0)]
+    assert [(event.step, event.value) for event in events.Scalars("phase1-vm/mirror_failures")] == [(3, 2.0)]
     # A dict goes through TensorBoardLogger as before: one run folder per key (add_scalars).
     assert sorted(path.name for path in (tmp_path / "logs").iterdir() if path.is_dir()) == [
         "phase1-val_parts_a", "phase1-val_parts_b"

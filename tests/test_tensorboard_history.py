@@ -53,14 +53,17 @@ def test_a_new_machine_gets_the_earlier_sessions_logs_from_the_mirror(
 def test_tensorboard_shows_the_loss_the_learning_rate_the_universe_and_the_run_settings(tmp_path: Path) -> None:
     from tensorboard.plugins.hparams import metadata
 
-    assert main(demo_args(tmp_path, episodes=6, val_every=3)) == 0
+    assert main(demo_args(tmp_path, episodes=10, val_every=5)) == 0
     events = EventAccumulator(str(run_dir(tmp_path) / "logs"), size_guidance={"images": 0, "scalars": 0})
     events.Reload()
     tags = events.Tags()
-    assert {"train/loss", "train/lr", "val/loss", "val/combined"} <= set(tags["scalars"])
+    assert {"train/loss", "train/lr", "val/loss", "val/combined", "vm/elapsed_hours"} <= set(tags["scalars"])
     assert "epoch" not in tags["scalars"], "no card of a constant epoch"
-    assert [image.step for image in events.Images("universe/final")] == [2, 5], "one picture per validation"
-    assert [image.step for image in events.Images("universe/initial")] == [2], "the initial state once"
+    # TensorBoard shows one section per prefix, alphabetically, and opens on the first: the loss, then validation.
+    sections = sorted({tag.split("/")[0] for tag in tags["scalars"]})
+    assert sections == ["train", "val", "vm"], sections
+    assert [image.step for image in events.Images("universe/final")] == [4, 9], "one picture per validation"
+    assert [image.step for image in events.Images("universe/initial")] == [4], "the initial state once"
     assert events.Images("universe/final")[0].width >= 128
     experiment = metadata.parse_experiment_plugin_data(
         events.summary_metadata["_hparams_/experiment"].plugin_data.content

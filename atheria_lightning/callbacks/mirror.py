@@ -55,12 +55,12 @@ class MirrorSync(UsesRunStore, Callback):
 
     Logged on rank 0 after each sync ends (at the episode where training notices it), straight to the loggers:
 
-    ============================  =========================================================================
-    Key                           Meaning
-    ============================  =========================================================================
-    ``mirror/last_sync_seconds``  Duration of the last completed sync, retries included (once one ran)
-    ``mirror/failures``           Syncs that failed after all their retries, since the run started
-    ============================  =========================================================================
+    ===================================  ==================================================================
+    Key                                  Meaning
+    ===================================  ==================================================================
+    ``vm/mirror_last_sync_seconds``      Duration of the last completed sync, retries included (once one ran)
+    ``vm/mirror_failures``               Syncs that failed after all their retries, since the run started
+    ===================================  ==================================================================
 
     Example::
 
@@ -156,9 +156,9 @@ class MirrorSync(UsesRunStore, Callback):
         if self.store.syncs_ended != self._syncs_seen:
             self._syncs_seen = self.store.syncs_ended
             self._adapt_interval(self.store.last_sync_seconds, self._last_gap)
-            metrics = {"mirror/failures": float(self.failures)}
+            metrics = {"vm/mirror_failures": float(self.failures)}
             if self.store.last_sync_seconds:
-                metrics["mirror/last_sync_seconds"] = self.store.last_sync_seconds
+                metrics["vm/mirror_last_sync_seconds"] = self.store.last_sync_seconds
             send_to_loggers(trainer, metrics)
 
     @override

@@ -34,7 +34,7 @@ class ResourceMonitor(UsesClock, Callback):
     remaining 7.80 h``
 
     System RAM is watched because running out of it is what kills a Colab session, not the GPU. The elapsed and
-    remaining hours are the newest ``time/elapsed_hours`` and ``time/remaining_hours`` in
+    remaining hours are the newest ``vm/elapsed_hours`` and ``vm/remaining_hours`` in
     ``trainer.callback_metrics`` (logged by the time-limit guard); without them, the line shows the time since fit
     started. Time is printed, never logged here.
 
@@ -53,15 +53,16 @@ class ResourceMonitor(UsesClock, Callback):
     Raises:
         ConfigError: If ``every_n_episodes`` is not a positive integer.
 
-    Logged keys (the GPU keys are absent, not zero, when the model is not on a CUDA device):
+    Logged keys (the GPU keys are absent, not zero, when the model is not on a CUDA device; ``vm/``: see
+    :mod:`atheria_lightning.scalars`):
 
-    ==================================  =====================================================================
-    ``resources/ram_used_gb``           System RAM in use (total minus available), GiB
-    ``resources/ram_percent``           The same as a percentage of the total, as ``psutil`` reports it
-    ``resources/gpu_mem_allocated_gb``  Memory held by tensors on the model's GPU, GiB
-    ``resources/gpu_mem_reserved_gb``   Memory reserved by PyTorch's caching allocator on that GPU, GiB
-    ``resources/gpu_util_percent``      GPU utilisation from NVML; needs ``nvidia-ml-py`` (the ``gpu`` extra)
-    ==================================  =====================================================================
+    ============================  =====================================================================
+    ``vm/ram_used_gb``            System RAM in use (total minus available), GiB
+    ``vm/ram_percent``            The same as a percentage of the total, as ``psutil`` reports it
+    ``vm/gpu_mem_allocated_gb``   Memory held by tensors on the model's GPU, GiB
+    ``vm/gpu_mem_reserved_gb``    Memory reserved by PyTorch's caching allocator on that GPU, GiB
+    ``vm/gpu_util_percent``       GPU utilisation from NVML; needs ``nvidia-ml-py`` (the ``gpu`` extra)
+    ============================  =====================================================================
 
     Example::
 
@@ -109,20 +110,20 @@ class ResourceMonitor(UsesClock, Callback):
         (progress_bar.print if progress_bar is not None else print)(line)
 
     def read_resources(self, device: torch.device) -> dict[str, float]:
-        """The ``resources/*`` values now: RAM always, the GPU keys only when ``device`` is a CUDA device."""
+        """The ``vm/*`` values now: RAM always, the GPU keys only when ``device`` is a CUDA device."""
         memory = psutil.virtual_memory()
         metrics = {
             # total - available, not psutil's "used": it is what the percentage and the out-of-memory killer count.
-            "resources/ram_used_gb": (memory.total - memory.available) / BYTES_PER_GB,
-            "resources/ram_percent": float(memory.percent),
+            "vm/ram_used_gb": (memory.total - memory.available) / BYTES_PER_GB,
+            "vm/ram_percent": float(memory.percent),
         }
         if device.type != "cuda":
             return metrics
         utilization = self._gpu_utilization(device)
         if utilization is not None:
-            metrics["resources/gpu_util_percent"] = utilization
-        metrics["resources/gpu_mem_allocated_gb"] = torch.cuda.memory_allocated(device) / BYTES_PER_GB
-        metrics["resources/gpu_mem_reserved_gb"] = torch.cuda.memory_reserved(device) / BYTES_PER_GB
+            metrics["vm/gpu_util_percent"] = utilization
+        metrics["vm/gpu_mem_allocated_gb"] = torch.cuda.memory_allocated(device) / BYTES_PER_GB
+        metrics["vm/gpu_mem_reserved_gb"] = torch.cuda.memory_reserved(device) / BYTES_PER_GB
         return metrics
 
     def _gpu_utilization(self, device: torch.device) -> float | None:
@@ -146,19 +147,19 @@ class ResourceMonitor(UsesClock, Callback):
         if self._last_report is not None and episode > self._last_report[0]:
             last_episode, last_time = self._last_report
             head += f" {(now - last_time) / (episode - last_episode):.2f} s/episode"
-        parts = [head, f"RAM {metrics['resources/ram_used_gb']:.1f} GB ({metrics['resources/ram_percent']:.0f}%)"]
-        if "resources/gpu_mem_allocated_gb" in metrics:
+        parts = [head, f"RAM {metrics['vm/ram_used_gb']:.1f} GB ({metrics['vm/ram_percent']:.0f}%)"]
+        if "vm/gpu_mem_allocated_gb" in metrics:
             parts.append(_gpu_text(metrics))
         parts.append(self._time_text(trainer, now))
         return " | ".join(parts)
 
     def _time_text(self, trainer: pl.Trainer, now: float) -> str:
-        elapsed = trainer.callback_metrics.get("time/elapsed_hours")
+        elapsed = trainer.callback_metrics.get("vm/elapsed_hours")
         if elapsed is None:
             started = self._fit_started if self._fit_started is not None else now
             return f"elapsed {(now - started) / 3600:.2f} h"
         text = f"elapsed {float(elapsed):.2f} h"
-        remaining = trainer.callback_metrics.get("time/remaining_hours")
+        remaining = trainer.callback_metrics.get("vm/remaining_hours")
         if remaining is not None and math.isfinite(float(remaining)):
             text += f", remaining {float(remaining):.2f} h"
         return text
@@ -171,7 +172,7 @@ def _total_suffix(trainer: pl.Trainer) -> str:
 
 
 def _gpu_text(metrics: dict[str, float]) -> str:
-    utilization = metrics.get("resources/gpu_util_percent")
+    utilization = metrics.get("vm/gpu_util_percent")
     prefix = "GPU" if utilization is None else f"GPU {utilization:.0f}%,"
-    allocated, reserved = metrics["resources/gpu_mem_allocated_gb"], metrics["resources/gpu_mem_reserved_gb"]
+    allocated, reserved = metrics["vm/gpu_mem_allocated_gb"], metrics["vm/gpu_mem_reserved_gb"]
     return f"{prefix} {allocated:.1f} GB allocated ({reserved:.1f} reserved)"

@@ -67,17 +67,17 @@ class TimeLimitGuard(UsesClock, UsesRunStore, Callback):
     Args:
         max_hours: The session budget in hours (Colab Free about 12, Kaggle 9-12).
         emergency_fraction: Share of the budget that training may use, in (0, 1); the rest is the safety margin.
-        log_every_n_episodes: Send ``time/*`` to the loggers after every this many episodes. The stop
-            decision is still taken after every episode; only the logging is thinned.
+        log_every_n_episodes: Send ``vm/elapsed_hours`` and ``vm/remaining_hours`` to the loggers after every this
+            many episodes. The stop decision is still taken after every episode; only the logging is thinned.
 
     Logged keys (every ``log_every_n_episodes`` episodes, straight to ``trainer.loggers`` at the trainer's step,
     as Lightning's ``LearningRateMonitor`` does, because ``pl_module.log`` costs the training thread time per key
     and episode even between logging steps: ``benchmarks/RESULTS.md``, CPU section, "Where the rest goes"):
 
-    ========================  =====================================================
-    ``time/elapsed_hours``    hours since this process started
-    ``time/remaining_hours``  hours left before the emergency stop point
-    ========================  =====================================================
+    ======================  =====================================================
+    ``vm/elapsed_hours``    hours since this process started
+    ``vm/remaining_hours``  hours left before the emergency stop point
+    ======================  =====================================================
 
     Raises:
         ConfigError: ``max_hours <= 0``, ``emergency_fraction`` outside (0, 1) or ``log_every_n_episodes < 1``.
@@ -171,11 +171,11 @@ class TimeLimitGuard(UsesClock, UsesRunStore, Callback):
             self._stop(trainer)
 
     def _log_time(self, trainer: pl.Trainer) -> None:
-        """``time/*`` to every logger, at the step Lightning gives this episode's ``train/*`` values."""
+        """``vm/*`` hours to every logger, at the step Lightning gives this episode's ``train/*`` values."""
         if not trainer.is_global_zero or episodes_done(trainer) % self.log_every_n_episodes:
             return
         send_to_loggers(
-            trainer, {"time/elapsed_hours": self.elapsed_hours(), "time/remaining_hours": self.remaining_hours()}
+            trainer, {"vm/elapsed_hours": self.elapsed_hours(), "vm/remaining_hours": self.remaining_hours()}
         )
 
     @override
