@@ -3,6 +3,7 @@ manifest as this process last wrote it."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import posixpath
@@ -239,40 +240,14 @@ class Mirror:
         """Copy the mirror's ``logs/`` and ``exports/`` files that the local run folder lacks; their count.
 
         On a new machine this brings back the TensorBoard events of earlier sessions, so that one ``logs/`` holds the
-        run's whole history. A local file is never replaced (this machine wrote it, or a copy is there already). The
-        mirror's listing is untrusted: a path that would land outside ``<run>/<folder>/``, a temporary file of an
-        interrupted write, or anything but a plain file is skipped. A failure costs the history, not the training:
-        it is one warning.
+        run's whole history (see :func:`copy_plain_files` for what is skipped). A failure costs the history, not the
+        training: it is one warning.
         """
-        copied = 0
-        for folder in PLAIN_FOLDERS:
-            remote_dir, local_dir = join(self.root, folder), os.path.realpath(os.path.join(self.run_dir, folder))
-            try:
-                infos = self._retrying(lambda remote_dir=remote_dir: _listing(self.fs, remote_dir))
-            except Exception as err:  # each backend has its own errors for an unreadable folder
-                log.warning("mirror %s: not listed (%s); earlier sessions' %s/ stays on the mirror", remote_dir, err,
-                            folder)  # fmt: skip
-                continue
-            for path, info in sorted(infos.items()):
-                relative = posixpath.relpath(path, remote_dir)  # find() lists paths as root is written: no protocol
-                target = os.path.realpath(os.path.join(local_dir, *relative.split("/")))
-                inside = os.path.commonpath([target, local_dir]) == local_dir and target != local_dir
-                if info.get("type") != "file" or TMP_MARKER in posixpath.basename(path) or not inside:
-                    continue
-                if os.path.lexists(target):
-                    continue
-                try:
-                    with self.fs.open(path, "rb") as source:
-                        atomic_write(
-                            LocalFileSystem(), target, lambda handle, source=source: copy_measured(source, handle)
-                        )
-                except Exception as err:  # a history file is not worth failing the start of training
-                    log.warning("mirror %s: not downloaded (%s)", path, err)
-                    continue
-                stat = os.stat(target)  # as the sync stamps local files: it is on the mirror, not sent back
-                self._plain_stamps[f"{folder}/{relative}"] = (stat.st_size, stat.st_mtime)
-                copied += 1
-        return copied
+        copied = copy_plain_files(self.fs, self.root, self.run_dir, retrying=self._retrying)
+        for key, target in copied.items():
+            stat = os.stat(target)  # as the sync stamps local files: it is on the mirror, not sent back
+            self._plain_stamps[key] = (stat.st_size, stat.st_mtime)
+        return len(copied)
 
     def _download_once(self, name: str, entry: Entry, local_path: str, journal: Callable[[str, Entry], None]) -> bool:
         return download_verified(self.side, name, entry, local_path, journal)
@@ -477,12 +452,59 @@ class Mirror:
         return None
 
 
-def _listing(fs: AbstractFileSystem, folder: str) -> dict[str, Any]:
-    """``fs.find`` with details; a missing folder is empty (some backends raise, and a retry would only wait)."""
+def plain_files(fs: AbstractFileSystem, folder: str) -> list[str]:
+    """The regular files under ``folder``, relative to it with ``/``; links are neither listed nor entered, a
+    missing folder is empty."""
     try:
-        return fs.find(folder, detail=True)
+        if fs.info(folder).get("islink"):
+            return []
     except FileNotFoundError:
-        return {}
+        return []
+    found: list[str] = []
+    top = None
+    for root, folders, files in fs.walk(folder, detail=True):
+        top = root if top is None else top  # walk is top-down: its first folder is ``folder`` as fs writes it
+        for name in [name for name, info in folders.items() if info.get("islink")]:
+            del folders[name]  # pruned: a link to a folder may lead anywhere
+        found += [posixpath.relpath(posixpath.join(root, name), top) for name, info in sorted(files.items())
+                  if info.get("type") == "file" and not info.get("islink")]  # fmt: skip
+    return found
+
+
+def copy_plain_files(
+    fs: AbstractFileSystem, source_run: str, run_dir: str, retrying: Callable[[Callable[[], Any]], Any] | None = None
+) -> dict[str, str]:
+    """Copy the files of ``source_run``'s ``logs/`` and ``exports/`` (on ``fs``: a mirror, a previous version's
+    read-only folder) that ``run_dir`` lacks; returns ``"logs/…"`` -> the local path written, for each.
+
+    The source is untrusted: links, temporary files of interrupted writes and anything but regular files are
+    skipped, and no target may resolve outside ``run_dir/<folder>``. A local file is never replaced (this machine
+    wrote it, or a copy is there already). Each copy is atomic, with this process's permissions. A folder that
+    cannot be listed or a file that cannot be read is one warning: the history, not the training, is at stake.
+    ``retrying`` wraps the listing (the mirror's retries for a backend's transient errors).
+    """
+    copied: dict[str, str] = {}
+    for folder in PLAIN_FOLDERS:
+        source_dir, local_dir = join(source_run, folder), os.path.realpath(os.path.join(run_dir, folder))
+        try:
+            listed = functools.partial(plain_files, fs, source_dir)
+            listing = retrying(listed) if retrying is not None else listed()
+        except Exception as err:  # each backend has its own errors for an unreadable folder
+            log.warning("%s: not listed (%s); earlier sessions' %s/ stays there", source_dir, err, folder)
+            continue
+        for relative in listing:
+            target = os.path.realpath(os.path.join(local_dir, *relative.split("/")))
+            inside = os.path.commonpath([target, local_dir]) == local_dir and target != local_dir
+            if TMP_MARKER in posixpath.basename(relative) or not inside or os.path.lexists(target):
+                continue
+            try:
+                with fs.open(join(source_dir, relative), "rb") as source:
+                    atomic_write(LocalFileSystem(), target, lambda handle, source=source: copy_measured(source, handle))
+            except Exception as err:  # a history file is not worth failing the start of training
+                log.warning("%s/%s: not copied (%s)", source_dir, relative, err)
+                continue
+            copied[f"{folder}/{relative}"] = target
+    return copied
 
 
 def download_verified(

@@ -17,13 +17,11 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
-import stat
 from dataclasses import dataclass
 
 from fsspec.implementations.local import LocalFileSystem
 
-from atheria_lightning.files import CHUNK, TMP_MARKER, atomic_write, join, verify
+from atheria_lightning.files import join, verify
 from atheria_lightning.store.manifest import (
     CHECKPOINTS,
     MANIFEST_NAME,
@@ -36,7 +34,6 @@ from atheria_lightning.store.manifest import (
     settle,
     unsound,
 )
-from atheria_lightning.store.mirror import PLAIN_FOLDERS
 
 log = logging.getLogger(__name__)
 
@@ -122,34 +119,3 @@ def _problem(side: Side, path: str, name: str, entry: Entry) -> str | None:
 def newest_first(candidates: list[PreviousRun]) -> list[PreviousRun]:
     """The candidates by their newest sound checkpoint, newest first (at an equal episode, the one saved last)."""
     return sorted(candidates, key=lambda run: (run.newest.episode, run.newest.saved_at), reverse=True)
-
-
-def copy_plain_folders(source_run: str, run_dir: str) -> int:
-    """Copy the regular files of ``source_run``'s ``logs/`` and ``exports/`` that ``run_dir`` lacks; their count.
-
-    A file already in ``run_dir`` is kept (this session may have written it). Links, temporary files of killed
-    writes and anything but regular files are skipped, and no target may resolve outside ``run_dir/<folder>``.
-    """
-    local = LocalFileSystem()
-    copied = 0
-    for folder in PLAIN_FOLDERS:
-        top = os.path.join(source_run, folder)
-        if os.path.islink(top) or not os.path.isdir(top):
-            continue
-        target_top = os.path.realpath(os.path.join(run_dir, folder))
-        for current, _, names in os.walk(top):  # links to folders are listed, never entered
-            for name in sorted(names):
-                path = os.path.join(current, name)
-                target = os.path.join(run_dir, folder, os.path.relpath(path, top))
-                try:
-                    regular = stat.S_ISREG(os.lstat(path).st_mode)
-                except OSError:
-                    continue
-                inside = os.path.commonpath([os.path.realpath(target), target_top]) == target_top
-                if TMP_MARKER in name or not regular or not inside or os.path.lexists(target):
-                    continue
-                with open(path, "rb") as source:
-                    # A new file, with this process's permissions: the input's read-only modes are not copied.
-                    atomic_write(local, target, lambda handle, source=source: shutil.copyfileobj(source, handle, CHUNK))
-                copied += 1
-    return copied

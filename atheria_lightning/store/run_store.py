@@ -42,8 +42,8 @@ from atheria_lightning.store.manifest import (
     unsound,
     write_manifest,
 )
-from atheria_lightning.store.mirror import Mirror, MirrorStatus, download_verified, remote_run_dir
-from atheria_lightning.store.previous import copy_plain_folders, examine, find_run_folders, newest_first
+from atheria_lightning.store.mirror import Mirror, MirrorStatus, copy_plain_files, download_verified, remote_run_dir
+from atheria_lightning.store.previous import examine, find_run_folders, newest_first
 
 log = logging.getLogger(__name__)
 
@@ -260,7 +260,7 @@ class RunStore:
                 break
         else:
             return {}
-        files = copy_plain_folders(chosen.run_dir, self.run_dir)
+        files = len(copy_plain_files(LocalFileSystem(), chosen.run_dir, self.run_dir))
         others = [run.describe() for run in candidates if run is not chosen]
         print(f"{label}: copied the run of {chosen.describe()} into {self.run_dir} ({len(copied)} checkpoint(s), "
               f"{files} file(s) of logs/ and exports/)"
