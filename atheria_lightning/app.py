@@ -52,6 +52,7 @@ from atheria_lightning.platform import (
     detect_platform,
     kaggle_input_root,
 )
+from atheria_lightning.presets import PresetAction
 from atheria_lightning.report import write_report
 from atheria_lightning.scalars import BufferedTensorBoardLogger
 from atheria_lightning.settings import changed_settings, refuse_fixed_changes
@@ -141,6 +142,9 @@ class AtheriaCLI(LightningCLI):
 
     @override
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        # Beside LightningCLI's --config, in each command's parser: a packaged preset by name, applied where it stands
+        # among the config files and flags (later wins). Not on `atheria` itself, where a preset would be ignored.
+        parser.add_argument("--preset", action=PresetAction)
         parser.add_argument("--experiment_name", type=str, default="atheria", help="Run folder name under run_root.")
         parser.add_argument(
             "--run_root",
