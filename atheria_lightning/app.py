@@ -52,7 +52,7 @@ from atheria_lightning.platform import (
     detect_platform,
     kaggle_input_root,
 )
-from atheria_lightning.presets import PresetAction
+from atheria_lightning.presets import PresetAction, missing_config_line
 from atheria_lightning.report import write_report
 from atheria_lightning.scalars import BufferedTensorBoardLogger
 from atheria_lightning.settings import changed_settings, refuse_fixed_changes
@@ -98,7 +98,7 @@ class AtheriaCLI(LightningCLI):
 
     Example (in a notebook cell)::
 
-        AtheriaCLI(args=["fit", "--config", "configs/demo.yaml", "--trainer.max_steps", "5"])
+        AtheriaCLI(args=["fit", "--preset", "demo", "--trainer.max_steps", "5"])
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -598,7 +598,7 @@ def parse_error_line(err: argparse.ArgumentError, parser: LightningArgumentParse
     if key in ("config", "c"):
         missing = next((path for path in _config_paths(argv) if not os.path.isfile(path)), None)
         if missing is not None:
-            return f"--config={missing!r} is not a file: give a YAML preset (e.g. configs/demo.yaml)"
+            return missing_config_line(missing)
     if key is None:
         return " ".join(innermost.split())
     action = actions.get(key)

@@ -28,7 +28,7 @@ from atheria_lightning.callbacks import TimeLimitGuard, time_guard
 from atheria_lightning.errors import ConfigError, OneLineArgumentParser, require
 from atheria_lightning.files import atomic_write
 from atheria_lightning.platform import default_mirror_url, default_run_root
-from atheria_lightning.presets import preset_file, preset_names
+from atheria_lightning.presets import missing_config_line, preset_file, preset_names
 from atheria_lightning.store import Checkpoint, RunStore
 
 __all__ = [
@@ -184,7 +184,7 @@ def load_curriculum(path: str, overrides: dict[str, Any] | None = None) -> Curri
 
 
 def _read_yaml(path: str) -> dict[str, Any]:
-    require(os.path.isfile(path), f"--config={path!r} is not a file")
+    require(os.path.isfile(path), missing_config_line(path, "curriculum"))
     try:
         with open(path) as handle:
             # jsonargparse's loader, so a curriculum reads exactly like the fit presets (1e-4 is a float there).

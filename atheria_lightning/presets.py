@@ -11,22 +11,30 @@ from __future__ import annotations
 import argparse
 import difflib
 from collections.abc import Sequence
-from contextlib import ExitStack
 from importlib import resources
-from importlib.resources.abc import Traversable
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 from jsonargparse import ActionConfigFile
 
-from atheria_lightning.errors import ConfigError
+from atheria_lightning.errors import ConfigError, require
 
-__all__ = ["PRESET_HELP", "PresetAction", "preset_file", "preset_names", "presets_folder", "read_preset"]
+if TYPE_CHECKING:  # importlib.resources.abc is Python >= 3.11
+    from importlib.resources.abc import Traversable
+
+__all__ = [
+    "PresetAction",
+    "missing_config_line",
+    "preset_file",
+    "preset_names",
+    "presets_folder",
+    "read_preset",
+]
 
 #: A fit preset trains one run (``atheria fit``); a curriculum preset lists phases (``atheria curriculum``).
 Kind = Literal["fit", "curriculum"]
-COMMANDS: dict[Kind, str] = {"fit": "atheria fit", "curriculum": "atheria curriculum"}
+COMMAND_OF: dict[Kind, str] = {"fit": "atheria fit", "curriculum": "atheria curriculum"}
 PRESET_HELP = "A preset shipped with atheria, by name: the same as --config of its file (later settings win)."
 
 
@@ -60,27 +68,31 @@ def preset_names(kind: Kind = "fit") -> list[str]:
     return sorted(entry.name[: -len(".yaml")] for entry in entries if _kind_of(entry) == kind)
 
 
-def preset_file(name: str, kind: Kind = "fit", stack: ExitStack | None = None) -> str:
-    """The path of preset ``name``, for ``--config``; an unknown name is a :class:`ConfigError` naming the accepted.
-
-    Installed wheels are unpacked, so the file is already on disk; from a zipped install ``stack`` keeps a temporary
-    copy until it closes (without one, the file must be on disk).
-    """
+def preset_file(name: str, kind: Kind = "fit") -> str:
+    """The path of preset ``name``, for ``--config``; an unknown name is a :class:`ConfigError` naming the accepted."""
     names = preset_names(kind)
     if name not in names:
-        command, other = COMMANDS[kind], next(other for other in COMMANDS if other != kind)
+        command, other = COMMAND_OF[kind], next(other for other in COMMAND_OF if other != kind)
         nearest = difflib.get_close_matches(name, names, n=1)
         hint = f"did you mean {nearest[0]}? " if nearest else ""
         if name in preset_names(other):
-            hint = f"it is a preset of {COMMANDS[other]}; "
+            hint = f"it is a preset of {COMMAND_OF[other]}; "
         raise ConfigError(f"--preset={name!r} is not a preset of {command}: {hint}accepted: {', '.join(names)} "
                           "(or --config FILE for a YAML file of your own)")  # fmt: skip
     entry = presets_folder() / f"{name}.yaml"
-    if isinstance(entry, Path):
-        return str(entry)
-    if stack is None:
-        raise ConfigError(f"--preset={name!r}: the presets are inside an archive ({entry}); use --config FILE")
-    return str(stack.enter_context(resources.as_file(entry)))
+    # pip unpacks a wheel, so the file is on disk; only a zipped import (not made by pip) would hold it in an archive.
+    require(isinstance(entry, Path), f"--preset={name!r}: the presets are inside an archive ({entry}); use --config")
+    return str(entry)
+
+
+def missing_config_line(path: str, kind: Kind = "fit") -> str:
+    """The line for a ``--config`` file that does not exist: most often ``configs/<preset>.yaml`` outside a clone."""
+    names = preset_names(kind)
+    name = Path(path).name.removesuffix(".yaml")
+    problem = f"--config={path!r} is not a file: give a YAML preset file, or"
+    if name in names:
+        return f"{problem} use the packaged copy: --preset {name}"
+    return f"{problem} a preset by name with --preset ({', '.join(names)})"
 
 
 def read_preset(name: str, kind: Kind = "fit") -> dict[str, Any]:

@@ -82,11 +82,18 @@ UNKNOWN = [
      "--preset='demo' is not a preset of atheria curriculum: it is a preset of atheria fit; accepted: curriculum"),
     (["curriculum", "--preset", "curiculum"],
      "--preset='curiculum' is not a preset of atheria curriculum: did you mean curriculum? accepted: curriculum"),
+    # A command copied from a clone's README, run where there is no clone (this folder has no configs/).
+    (["fit", "--config", "configs/colab_free.yaml"],
+     "--config='configs/colab_free.yaml' is not a file: give a YAML preset file, or use the packaged copy: "
+     "--preset colab_free"),
+    (["curriculum", "--config", "configs/curriculum.yaml"],
+     "--config='configs/curriculum.yaml' is not a file: give a YAML preset file, or use the packaged copy: "
+     "--preset curriculum"),
 ]  # fmt: skip
 
 
 @pytest.mark.parametrize(("args", "message"), UNKNOWN, ids=[" ".join(a) for a, _ in UNKNOWN])
-def test_an_unknown_preset_is_one_line_and_creates_nothing(
+def test_an_unknown_preset_or_missing_config_is_one_line_and_creates_nothing(
     args: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     # The demo preset's run_root and mirror are relative to this folder (the test's cwd): nothing may appear in it.
