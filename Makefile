@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 
 # One intra-op thread: the demo's tiny tensors gain nothing from more, and lose a lot when cores are shared.
 demo: install
-	OMP_NUM_THREADS=1 $(VENV)/bin/atheria fit --config configs/demo.yaml
+	OMP_NUM_THREADS=1 $(VENV)/bin/atheria fit --preset demo
 
 test: install
 	$(PY) -m pytest -q

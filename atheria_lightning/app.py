@@ -52,6 +52,7 @@ from atheria_lightning.platform import (
     detect_platform,
     kaggle_input_root,
 )
+from atheria_lightning.presets import PresetAction, missing_config_line
 from atheria_lightning.report import write_report
 from atheria_lightning.scalars import BufferedTensorBoardLogger
 from atheria_lightning.settings import changed_settings, refuse_fixed_changes
@@ -97,7 +98,7 @@ class AtheriaCLI(LightningCLI):
 
     Example (in a notebook cell)::
 
-        AtheriaCLI(args=["fit", "--config", "configs/demo.yaml", "--trainer.max_steps", "5"])
+        AtheriaCLI(args=["fit", "--preset", "demo", "--trainer.max_steps", "5"])
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -141,6 +142,9 @@ class AtheriaCLI(LightningCLI):
 
     @override
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        # Beside LightningCLI's --config, in each command's parser: a packaged preset by name, applied where it stands
+        # among the config files and flags (later wins). Not on `atheria` itself, where a preset would be ignored.
+        parser.add_argument("--preset", action=PresetAction)
         parser.add_argument("--experiment_name", type=str, default="atheria", help="Run folder name under run_root.")
         parser.add_argument(
             "--run_root",
@@ -594,7 +598,7 @@ def parse_error_line(err: argparse.ArgumentError, parser: LightningArgumentParse
     if key in ("config", "c"):
         missing = next((path for path in _config_paths(argv) if not os.path.isfile(path)), None)
         if missing is not None:
-            return f"--config={missing!r} is not a file: give a YAML preset (e.g. configs/demo.yaml)"
+            return missing_config_line(missing)
     if key is None:
         return " ".join(innermost.split())
     action = actions.get(key)

@@ -28,6 +28,7 @@ from atheria_lightning.callbacks import TimeLimitGuard, time_guard
 from atheria_lightning.errors import ConfigError, OneLineArgumentParser, require
 from atheria_lightning.files import atomic_write
 from atheria_lightning.platform import default_mirror_url, default_run_root
+from atheria_lightning.presets import missing_config_line, preset_file, preset_names
 from atheria_lightning.store import Checkpoint, RunStore
 
 __all__ = [
@@ -126,19 +127,36 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         description="Train the phases of a curriculum in order; run the same command again to continue.",
         epilog="Any --trainer.*, --model.* or --data.* override applies to every phase, after its own settings.",
     )
-    parser.add_argument("--config", required=True, help="The curriculum YAML (e.g. configs/curriculum.yaml).")
+    parser.add_argument("--config", help="The curriculum YAML (e.g. configs/curriculum.yaml).")
+    # The same setting as --config, by name (the packaged file); the later of the two wins, as in atheria fit.
+    parser.add_argument(
+        "--preset",
+        dest="config",
+        action=_PresetFile,
+        metavar="NAME",
+        help=f"A curriculum shipped with atheria, by name: {', '.join(preset_names('curriculum'))}.",
+    )
     parser.add_argument("--experiment_name", help="The curriculum's folder name under run_root.")
     parser.add_argument("--run_root", help="Fast local folder for runs; null = the platform default.")
     parser.add_argument("--mirror_url", help="Persistent copy: a folder or fsspec URL, auto, or null.")
     parser.add_argument("--max_hours", help="The session time budget shared by all phases.")
     options, rest = parser.parse_known_args(argv)
+    require(options.config is not None, "--config FILE or --preset NAME is required by atheria curriculum; presets: "
+            f"{', '.join(preset_names('curriculum'))}; atheria curriculum --help says more")  # fmt: skip
     for token in rest:
         require(
             not token.startswith("--") or token.startswith(PASSTHROUGH),
-            f"{token.split('=')[0]} is not an option of atheria curriculum; use --config, --experiment_name, "
+            f"{token.split('=')[0]} is not an option of atheria curriculum; use --config, --preset, --experiment_name, "
             "--run_root, --mirror_url, --max_hours, or --trainer.*, --model.*, --data.* overrides for every phase",
         )
     return options, rest
+
+
+class _PresetFile(argparse.Action):
+    """``--preset NAME``: the packaged curriculum's path, stored where ``--config`` stores a file's."""
+
+    def __call__(self, parser: Any, namespace: argparse.Namespace, values: Any, option: str | None = None) -> None:
+        setattr(namespace, self.dest, preset_file(str(values), "curriculum"))
 
 
 def load_curriculum(path: str, overrides: dict[str, Any] | None = None) -> Curriculum:
@@ -166,7 +184,7 @@ def load_curriculum(path: str, overrides: dict[str, Any] | None = None) -> Curri
 
 
 def _read_yaml(path: str) -> dict[str, Any]:
-    require(os.path.isfile(path), f"--config={path!r} is not a file")
+    require(os.path.isfile(path), missing_config_line(path, "curriculum"))
     try:
         with open(path) as handle:
             # jsonargparse's loader, so a curriculum reads exactly like the fit presets (1e-4 is a float there).
@@ -331,7 +349,8 @@ def _transfer_report(phase: str, source: SourceCheckpoint, transfer: WeightTrans
 
 # ----- running the curriculum -----
 def main(argv: list[str] | None = None, trainer_defaults: dict[str, Any] | None = None) -> int:
-    """``atheria curriculum --config C.yaml [overrides]``. Bad settings print one line and exit 2, before any phase.
+    """``atheria curriculum --config C.yaml [overrides]`` (or ``--preset curriculum``). Bad settings print one line
+    and exit 2, before any phase.
 
     ``trainer_defaults`` (e.g. ``{"callbacks": [live_plot]}``) is passed to every phase's :class:`AtheriaCLI`, so a
     notebook can add its own callbacks.

@@ -156,7 +156,7 @@ OTHER_COMMANDS = [
     ("report_required", ["report"], "RUN_DIR is required by atheria report"),
     ("report_unknown", ["report", "--outptu", "TMP", "TMP"],
      "--outptu is not a setting of atheria report: did you mean --output?"),
-    ("curriculum_required", ["curriculum"], "--config is required by atheria curriculum"),
+    ("curriculum_required", ["curriculum"], "--config FILE or --preset NAME is required by atheria curriculum"),
     ("curriculum_no_value", ["curriculum", "--config"], "--config: expected one argument"),
 ]  # fmt: skip
 

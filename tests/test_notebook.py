@@ -1,5 +1,6 @@
-"""The real notebook, executed headless top to bottom in its CI mode: twice locally (it trains, exports and then
-continues), and once on the Kaggle path (it continues a previous version's run from a read-only input)."""
+"""The real notebook, executed headless top to bottom in its CI mode: twice locally in the checkout (it trains,
+exports and then continues), and once on the Kaggle path outside any clone, as Kaggle runs it (with the package
+installed and --preset; it continues a previous version's run from a read-only input)."""
 
 from __future__ import annotations
 
@@ -25,20 +26,18 @@ CELL_TIMEOUT_S = 300
 EXPORTS = ("live_loss.png", "summary.png", "report.md", "training_log.json", "model.ts", "psi_rollout.png")
 
 
-def _execute(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> tuple[Any, str]:
+def _execute(env: dict[str, str], monkeypatch: pytest.MonkeyPatch, folder: Path = NOTEBOOK.parent) -> tuple[Any, str]:
     """Run every cell of the notebook file in a fresh kernel; returns the executed notebook and all its text output.
 
     The kernel inherits this process's environment, and jupyter_client starts the ``python3`` kernel with
-    ``sys.executable``: the Python running the tests, so it imports this checkout's ``atheria_lightning``.
+    ``sys.executable``: the Python running the tests, so it imports this checkout's ``atheria_lightning``. It starts
+    in ``folder``, as Jupyter starts in the notebook's folder: ``notebooks/`` of the checkout unless said otherwise.
     """
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     notebook = nbformat.read(NOTEBOOK, as_version=4)
     client = nbclient.NotebookClient(
-        notebook,
-        timeout=CELL_TIMEOUT_S,
-        kernel_name="python3",
-        resources={"metadata": {"path": str(NOTEBOOK.parent)}},  # Jupyter starts in the notebook's folder
+        notebook, timeout=CELL_TIMEOUT_S, kernel_name="python3", resources={"metadata": {"path": str(folder)}}
     )
     client.execute()
     return notebook, _text_of(notebook)
@@ -112,9 +111,8 @@ def test_notebook_on_kaggle_continues_the_previous_versions_output(
     previous = _ci_settings({"ATHERIA_NOTEBOOK_CI": "1", "ATHERIA_NOTEBOOK_EPISODES": "4"}, monkeypatch)
     experiment = "demo"  # the demo preset's experiment_name, which the notebook uses in CI mode
     previous_root = tmp_path / "previous_working" / "atheria_runs"
-    args = ["fit", "--config", str(REPO / "configs" / f"{previous['PRESET']}.yaml"), "--run_root", str(previous_root),
-            "--mirror_url", "null", "--data.total_episodes", "4", "--trainer.enable_progress_bar", "false",
-            *previous["OVERRIDES"]]  # fmt: skip
+    args = ["fit", "--preset", previous["PRESET"], "--run_root", str(previous_root), "--mirror_url", "null",
+            "--data.total_episodes", "4", "--trainer.enable_progress_bar", "false", *previous["OVERRIDES"]]  # fmt: skip
     assert main(args) == 0
     input_root = tmp_path / "input"
     attached = input_root / "atheria-notebook" / "atheria_runs" / experiment
@@ -122,13 +120,17 @@ def test_notebook_on_kaggle_continues_the_previous_versions_output(
     make_read_only(input_root)
     before = snapshot(input_root)
 
-    run_root = tmp_path / "working" / "atheria_runs"
+    # Kaggle runs the notebook alone in /kaggle/working, not in a clone: it uses the package importable in the kernel
+    # (here this checkout's) and its presets by name.
+    working = tmp_path / "working"
+    working.mkdir()
+    run_root = working / "atheria_runs"
     env = {"ATHERIA_NOTEBOOK_CI": "1", "ATHERIA_NOTEBOOK_RUN_ROOT": str(run_root), "ATHERIA_NOTEBOOK_EPISODES": "6",
            "OMP_NUM_THREADS": "1", "KAGGLE_KERNEL_RUN_TYPE": "Interactive",
            "ATHERIA_KAGGLE_INPUT": str(input_root)}  # fmt: skip
-    notebook, text = _execute(env, monkeypatch)
+    notebook, text = _execute(env, monkeypatch, folder=working)
 
-    assert "platform: kaggle" in text
+    assert f"platform: kaggle; working folder: {working}\n" in text, "no clone found: no change of folder"
     last = attached / "checkpoints" / "last.ckpt"
     assert f"resuming from episode 4 of 6 (67%) [kaggle input: {last}, copied to: " in text
     tensorboard_cell = next(cell for cell in notebook.cells if "load_ext" in cell.source)
