@@ -32,6 +32,7 @@ from atheria_lightning.callbacks import (
     EpisodeProgressBar,
     LivePlot,
     MirrorSync,
+    Notify,
     RunSummary,
     SmartCheckpoint,
     StopOnSignal,
@@ -44,6 +45,7 @@ from atheria_lightning.export import export_best
 from atheria_lightning.interrupts import StopRequested, signals_stop_the_command, stopped_line
 from atheria_lightning.lock import RunLock
 from atheria_lightning.module import EpisodeOutOfMemoryError, NonFiniteTrainingError, QCAModule
+from atheria_lightning.notifier import Notifier, progress_text
 from atheria_lightning.platform import (
     COLAB_DRIVE_ROOT,
     Platform,
@@ -56,7 +58,7 @@ from atheria_lightning.presets import PresetAction, missing_config_line
 from atheria_lightning.report import write_report
 from atheria_lightning.scalars import BufferedTensorBoardLogger
 from atheria_lightning.settings import changed_settings, refuse_fixed_changes
-from atheria_lightning.store import META_KEY, Checkpoint, RunStore, UsesRunStore
+from atheria_lightning.store import META_KEY, Checkpoint, MirrorStatus, RunStore, UsesRunStore
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +90,8 @@ class AtheriaCLI(LightningCLI):
     Run settings (top level of a preset): ``experiment_name``, ``run_root`` (fast local folder, platform default
     when null), ``mirror_url`` (persistent copy: ``auto`` = the platform default, null = none, or a folder/URL),
     ``resume`` (``auto``, ``never`` or a checkpoint path), ``max_hours`` (this session's time budget, overriding
-    the preset's ``TimeLimitGuard.max_hours``).
+    the preset's ``TimeLimitGuard.max_hours``), ``notify`` (apprise URLs that hear how the run ends, see
+    :class:`~atheria_lightning.callbacks.Notify`).
 
     Every run gets, unless its config lists its own: :class:`SmartCheckpoint` in ``<run>/checkpoints``,
     :class:`MirrorSync` when a mirror is set, the episode progress bar and the end-of-run summary. One
@@ -105,6 +108,7 @@ class AtheriaCLI(LightningCLI):
         # Set first: LightningCLI runs the whole command inside __init__.
         self.store: RunStore | None = None
         self.training_log: TrainingLog | None = None
+        self.notifier: Notifier | None = None  # --notify: the command's sender, handed to the Notify callback
         self.exit_code = 0
         kwargs.setdefault("model_class", QCAModule)
         kwargs.setdefault("datamodule_class", EpisodeDataModule)
@@ -133,7 +137,11 @@ class AtheriaCLI(LightningCLI):
     @override
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         try:
-            super().parse_arguments(parser, args)
+            argv = repeats_append(sys.argv[1:] if args is None else args, "--notify")
+            if argv is None:
+                super().parse_arguments(parser, args)
+            else:
+                self.config = parser.parse_args(argv)
         except argparse.ArgumentError as err:
             argv = [str(arg) for arg in (sys.argv[1:] if args is None else args)] if not isinstance(args, dict) else []
             command = next((arg for arg in argv if arg in self.subcommands()), None)
@@ -171,6 +179,13 @@ class AtheriaCLI(LightningCLI):
             default=None,
             help="This session's budget in hours for TimeLimitGuard (stop with a checkpoint at its "
             "emergency_fraction), overriding the preset's; null = the preset's.",
+        )
+        parser.add_argument(
+            "--notify",
+            type=list[str] | str | None,
+            default=None,
+            help="Where to notify (finished, stopped, failed, mirror behind, memory >= 90%): an apprise URL such "
+            "as ntfy://TOPIC or tgram://BOT_TOKEN/CHAT_ID; repeat it, or give a list, for several (notify extra).",
         )
         # One validation (and best-checkpoint decision) every data.val_every_episodes episodes.
         parser.link_arguments("data.val_every_episodes", "trainer.val_check_interval")
@@ -213,6 +228,10 @@ class AtheriaCLI(LightningCLI):
         require(max_hours is None or (math.isfinite(max_hours) and max_hours > 0),
                 f"max_hours={max_hours!r} must be a number of hours > 0, or null for the preset's")  # fmt: skip
         _ = self.run_dir  # validates experiment_name before anything is built
+        notify = self.run_settings.get("notify")
+        urls = [notify] if isinstance(notify, str) else list(notify or [])
+        # apprise parses each URL now: a bad one is refused before anything is built.
+        self.notifier = Notifier(urls, self.run_settings["experiment_name"]) if urls else None
         # What the Trainer, the run store or resolve_checkpoint would refuse later, refused before any of them
         # is built: by then the run folder, its mirror and the logs would exist.
         ckpt_path = self.run_settings.get("ckpt_path")
@@ -243,6 +262,9 @@ class AtheriaCLI(LightningCLI):
             configured = [self.training_log, *(cb for cb in configured if cb is not self.training_log)]
         kwargs["callbacks"] = configured + self.default_callbacks(configured, progress_bar)
         self._apply_session_budget(kwargs["callbacks"])
+        if self.notifier is not None:  # last: it reports what the stopping callbacks and the checkpoints did
+            stoppers = [cb for cb in kwargs["callbacks"] if isinstance(cb, TimeLimitGuard | StopOnSignal)]
+            kwargs["callbacks"].append(Notify(self.notifier, stoppers))
         # One store owns the run folder; the callbacks that act on its files get it, and Lightning's saves reach it.
         self.store = RunStore(self.run_dir)
         input_root = kaggle_input_root()
@@ -341,7 +363,7 @@ class AtheriaCLI(LightningCLI):
 
     def _fit(self, model: QCAModule, datamodule: EpisodeDataModule, ckpt_path: str | None, **kwargs: Any) -> None:
         assert self.store is not None
-        trained = False
+        trained, failure = False, None
         try:
             point = self.resolve_checkpoint(ckpt_path)
             os.environ[RESUME_ENV] = point.path if point else ""
@@ -352,15 +374,37 @@ class AtheriaCLI(LightningCLI):
                 kwargs["weights_only"] = True
                 trained = True
                 self.trainer.fit(model, datamodule=datamodule, ckpt_path=point.path if point else None, **kwargs)
+        except BaseException as err:
+            failure = err
+            raise
         finally:
             if trained:  # also after a failed fit (exit 3): the model of the best sound checkpoint, and the report
                 self._write_exports()
             # The final flush, finished run or not: a mirror left behind by an earlier session catches up here.
             status = self.store.close() if self.trainer.is_global_zero else None
+            if self.notifier is not None and self.trainer.is_global_zero:
+                self._notify_end(datamodule, failure, status)
         if status is not None:
             print(status.line(), flush=True)
             if status.behind:
                 self.exit_code = EXIT_MIRROR_BEHIND
+
+    def _notify_end(
+        self, datamodule: EpisodeDataModule, failure: BaseException | None, status: MirrorStatus | None
+    ) -> None:
+        """What only the command knows (the Notify callback sent finished or stopped): a failure with its exit code,
+        a mirror left behind; then a bounded wait for the queued notifications."""
+        assert self.notifier is not None
+        if failure is not None:
+            code, line = exit_status(failure)
+            where = progress_text(datamodule.episodes_done, datamodule.total_episodes)
+            if code:
+                self.notifier.failed(code, where, line)
+            else:
+                self.notifier.ended(line)
+        elif status is not None and status.behind:
+            self.notifier.mirror_behind(EXIT_MIRROR_BEHIND, status.line())
+        self.notifier.close()
 
     def _write_exports(self) -> None:
         """After fit, on rank 0, for a run with a ``TrainingLog``: the best checkpoint to ``exports/model.ts``, then
@@ -472,38 +516,54 @@ def run_reporting_errors(run: Callable[[], int]) -> int:
     try:
         with signals_stop_the_command():
             return run()
-    except StopRequested as stop:
-        print(stopped_line(stop), file=sys.stderr)
-        return 0
-    except (NonFiniteTrainingError, EpisodeOutOfMemoryError) as err:
-        print(f"atheria: error: {err}", file=sys.stderr)
-        return EXIT_CANNOT_TRAIN
-    except SIGTERMException:
+    except BaseException as err:
+        outcome = error_outcome(err)
+        if outcome is None:
+            raise
+        print(outcome[1], file=sys.stderr)
+        return outcome[0]
+
+
+def error_outcome(err: BaseException) -> tuple[int, str] | None:
+    """The exit code and the one stderr line of an error a user can act on; None for a bug (it keeps its traceback).
+
+    ``run_reporting_errors`` prints it; the notification of a failed run (``--notify``) quotes it.
+    """
+    if isinstance(err, StopRequested):
+        return 0, stopped_line(err)
+    if isinstance(err, (NonFiniteTrainingError, EpisodeOutOfMemoryError)):
+        return EXIT_CANNOT_TRAIN, f"atheria: error: {err}"
+    if isinstance(err, SIGTERMException):
         # Only when SIGTERM arrived outside an episode boundary that StopOnSignal could use (e.g. validation).
-        print("atheria: stopped by SIGTERM; run the same command again to continue", file=sys.stderr)
-        return 0
-    except argparse.ArgumentError as err:
+        return 0, "atheria: stopped by SIGTERM; run the same command again to continue"
+    if isinstance(err, argparse.ArgumentError):
         # A parser built without AtheriaCLI's settings (e.g. LightningCLI's own, for ckpt_path hyperparameters).
-        print(f"atheria: error: {' '.join(str(err).split())}", file=sys.stderr)
-        return EXIT_BAD_SETTINGS
-    except pickle.UnpicklingError as err:
+        return EXIT_BAD_SETTINGS, f"atheria: error: {' '.join(str(err).split())}"
+    if isinstance(err, pickle.UnpicklingError):
         # torch.load(weights_only=True) refused objects other than tensors and plain values: never retry unsafely.
-        print(f"atheria: error: checkpoint refused, it holds more than tensors and plain values ({err}".splitlines()[0]
-              + "); move it aside or set resume to another checkpoint", file=sys.stderr)  # fmt: skip
-        return EXIT_BAD_SETTINGS
-    except OSError as err:
+        refused = f"checkpoint refused, it holds more than tensors and plain values ({err}".splitlines()[0]
+        return EXIT_BAD_SETTINGS, f"atheria: error: {refused}); move it aside or set resume to another checkpoint"
+    if isinstance(err, OSError):
         if err.errno not in (errno.ENOSPC, errno.EDQUOT):
-            raise
-        print(f"atheria: error: no space left while writing ({err}); the previous checkpoints are intact and listed "
-              "in MANIFEST.json: free some space and run the same command again", file=sys.stderr)  # fmt: skip
-        return EXIT_DISK_FULL
-    except Exception as err:
-        # jsonargparse wraps an error raised while building a callback in its own ValueError: find ours.
-        config_error = find_config_error(err)
-        if config_error is None:
-            raise
-        print(f"atheria: error: {config_error}", file=sys.stderr)
-        return EXIT_BAD_SETTINGS
+            return None
+        return EXIT_DISK_FULL, (
+            f"atheria: error: no space left while writing ({err}); the previous checkpoints are intact and listed "
+            "in MANIFEST.json: free some space and run the same command again"
+        )
+    # jsonargparse wraps an error raised while building a callback in its own ValueError: find ours.
+    config_error = find_config_error(err) if isinstance(err, Exception) else None
+    if config_error is None:
+        return None
+    return EXIT_BAD_SETTINGS, f"atheria: error: {config_error}"
+
+
+def exit_status(err: BaseException) -> tuple[int, str]:
+    """The exit code the command ends with after ``err``, and what it says (a bug: the exception itself)."""
+    outcome = error_outcome(err)
+    if outcome is not None:
+        return outcome[0], outcome[1].removeprefix("atheria: ")
+    code = err.code if isinstance(err, SystemExit) and isinstance(err.code, int) else 1
+    return code, f"{type(err).__name__}: {err}; the traceback is in the console"
 
 
 def find_config_error(err: BaseException | None) -> ConfigError | None:
@@ -565,6 +625,20 @@ def check_run_dir(run_root: str | None, run_dir: str) -> None:
 
 
 # ----- parse errors as one line -----
+def repeats_append(args: Any, option: str) -> list[str] | None:
+    """``--notify a --notify b`` as jsonargparse's ``--notify a --notify+ b``: a repeated list option adds to the
+    list instead of replacing it. None when ``args`` repeats no ``option`` (or is not a command line)."""
+    if not isinstance(args, list | tuple):
+        return None
+    argv, seen = [str(arg) for arg in args], 0
+    for index, arg in enumerate(argv):
+        if arg == option or arg.startswith(f"{option}="):
+            if seen:
+                argv[index] = f"{option}+{arg[len(option) :]}"
+            seen += 1
+    return argv if seen > 1 else None
+
+
 def parse_error_line(err: argparse.ArgumentError, parser: LightningArgumentParser, argv: list[str]) -> str:
     """One line naming the setting, what was given and what is accepted, from a jsonargparse parse error.
 

@@ -15,7 +15,7 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger
 
-from atheria_lightning.callbacks.resources import ResourceMonitor
+from atheria_lightning.callbacks.resources import ResourceMonitor, memory_percent
 from atheria_lightning.data import EpisodeDataModule
 from atheria_lightning.errors import ConfigError
 from atheria_lightning.module import QCAModule
@@ -187,3 +187,13 @@ def test_nothing_read_between_reports_nor_off_rank_zero(
         monitor.on_train_batch_end(stub_trainer(10), module, None, None, batch_idx=batch_idx)
     assert len(reads) == 1
     assert len(capsys.readouterr().out.splitlines()) == 1
+
+
+@pytest.mark.usefixtures("fake_gpu")
+def test_memory_percent_reads_ram_and_the_gpu_memory_reserved_over_its_total(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The measurement --notify's memory alert shares with this monitor: reserved 5 GB of a 20 GB device is 25%.
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: SimpleNamespace(total_memory=20 * GB))
+    percent = memory_percent(torch.device("cuda", 0))
+    assert percent["GPU memory"] == 25.0
+    assert set(percent) == {"RAM", "GPU memory"} and 0.0 < percent["RAM"] <= 100.0
+    assert set(memory_percent(torch.device("cpu"))) == {"RAM"}

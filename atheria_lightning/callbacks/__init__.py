@@ -3,6 +3,7 @@
 from atheria_lightning.callbacks.checkpoint import SmartCheckpoint
 from atheria_lightning.callbacks.live_plot import LivePlot
 from atheria_lightning.callbacks.mirror import MirrorSync
+from atheria_lightning.callbacks.notify import Notify
 from atheria_lightning.callbacks.progress import EpisodeProgressBar
 from atheria_lightning.callbacks.resources import ResourceMonitor
 from atheria_lightning.callbacks.signals import StopOnSignal
@@ -14,6 +15,7 @@ __all__ = [
     "EpisodeProgressBar",
     "LivePlot",
     "MirrorSync",
+    "Notify",
     "ResourceMonitor",
     "RunSummary",
     "SmartCheckpoint",

@@ -19,7 +19,7 @@ from atheria_lightning.data import total_episodes
 from atheria_lightning.errors import require
 from atheria_lightning.scalars import send_to_loggers
 
-__all__ = ["ResourceMonitor"]
+__all__ = ["ResourceMonitor", "memory_percent", "read_memory"]
 
 # GiB: the unit that Colab's and Kaggle's meters label "GB", so the logged numbers match what the user sees there.
 BYTES_PER_GB = 2**30
@@ -111,19 +111,11 @@ class ResourceMonitor(UsesClock, Callback):
 
     def read_resources(self, device: torch.device) -> dict[str, float]:
         """The ``vm/*`` values now: RAM always, the GPU keys only when ``device`` is a CUDA device."""
-        memory = psutil.virtual_memory()
-        metrics = {
-            # total - available, not psutil's "used": it is what the percentage and the out-of-memory killer count.
-            "vm/ram_used_gb": (memory.total - memory.available) / BYTES_PER_GB,
-            "vm/ram_percent": float(memory.percent),
-        }
-        if device.type != "cuda":
-            return metrics
-        utilization = self._gpu_utilization(device)
-        if utilization is not None:
-            metrics["vm/gpu_util_percent"] = utilization
-        metrics["vm/gpu_mem_allocated_gb"] = torch.cuda.memory_allocated(device) / BYTES_PER_GB
-        metrics["vm/gpu_mem_reserved_gb"] = torch.cuda.memory_reserved(device) / BYTES_PER_GB
+        metrics = read_memory(device)
+        if device.type == "cuda":
+            utilization = self._gpu_utilization(device)
+            if utilization is not None:
+                metrics["vm/gpu_util_percent"] = utilization
         return metrics
 
     def _gpu_utilization(self, device: torch.device) -> float | None:
@@ -163,6 +155,38 @@ class ResourceMonitor(UsesClock, Callback):
         if remaining is not None and math.isfinite(float(remaining)):
             text += f", remaining {float(remaining):.2f} h"
         return text
+
+
+def read_memory(device: torch.device) -> dict[str, float]:
+    """RAM in use now (GiB and %) and, when ``device`` is a CUDA device, the memory PyTorch holds on it (GiB).
+
+    Host-side counters only (``/proc`` through psutil, the caching allocator's statistics): it never waits for the
+    GPU. Keys as :class:`ResourceMonitor` logs them.
+    """
+    memory = psutil.virtual_memory()
+    metrics = {
+        # total - available, not psutil's "used": it is what the percentage and the out-of-memory killer count.
+        "vm/ram_used_gb": (memory.total - memory.available) / BYTES_PER_GB,
+        "vm/ram_percent": float(memory.percent),
+    }
+    if device.type == "cuda":
+        metrics["vm/gpu_mem_allocated_gb"] = torch.cuda.memory_allocated(device) / BYTES_PER_GB
+        metrics["vm/gpu_mem_reserved_gb"] = torch.cuda.memory_reserved(device) / BYTES_PER_GB
+    return metrics
+
+
+def memory_percent(device: torch.device) -> dict[str, float]:
+    """How full the memories that end a session are, in %: ``RAM`` always, ``GPU memory`` on a CUDA device.
+
+    The GPU's figure is what PyTorch's caching allocator has reserved on it over the device's total: the memory
+    that, once full, makes the next episode fail with "out of memory".
+    """
+    metrics = read_memory(device)
+    percent = {"RAM": metrics["vm/ram_percent"]}
+    if "vm/gpu_mem_reserved_gb" in metrics:
+        total = torch.cuda.get_device_properties(device).total_memory / BYTES_PER_GB
+        percent["GPU memory"] = 100.0 * metrics["vm/gpu_mem_reserved_gb"] / total
+    return percent
 
 
 def _total_suffix(trainer: pl.Trainer) -> str:

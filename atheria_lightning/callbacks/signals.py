@@ -55,12 +55,17 @@ class StopOnSignal(UsesRunStore, Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # After Lightning registered its own handlers; only the main thread may set handlers (a notebook cell
         # runs there).
-        self.requested, self._stopped_at = None, None
+        self.requested, self._stopped_at, self._reason = None, None, ""
         if threading.current_thread() is threading.main_thread():
             self._previous = {
                 signal.SIGINT: signal.signal(signal.SIGINT, self._on_sigint),
                 signal.SIGTERM: signal.signal(signal.SIGTERM, self._on_sigterm),
             }
+
+    @property
+    def stopped_because(self) -> str | None:
+        """``signal: <reason>`` once a signal has stopped training; None before (:class:`StopsEarly`)."""
+        return f"signal: {self._reason}" if self._reason else None
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
+from typing import Protocol
 
 import lightning.pytorch as pl
 from tqdm import tqdm
@@ -11,7 +12,15 @@ from tqdm import tqdm
 from atheria_lightning.data import episodes_done, total_episodes
 from atheria_lightning.store import RunStore
 
-__all__ = ["announce_stop", "say"]
+__all__ = ["StopsEarly", "announce_stop", "say"]
+
+
+class StopsEarly(Protocol):
+    """A callback that may end training before the run's last episode (the time guard, a signal)."""
+
+    @property
+    def stopped_because(self) -> str | None:
+        """Why it stopped this session's training, once it has (``time limit: …``); None while it has not."""
 
 
 def announce_stop(

@@ -136,6 +136,11 @@ class TimeLimitGuard(UsesClock, UsesRunStore, Callback):
     def stop_at_seconds(self) -> float:
         return self.emergency_fraction * self.budget_seconds
 
+    @property
+    def stopped_because(self) -> str | None:
+        """``time limit: <reason>`` once the guard has stopped training; None before (:class:`StopsEarly`)."""
+        return f"time limit: {self.stop_reason or 'stop decided on rank 0'}" if self.stopped_early else None
+
     def elapsed_seconds(self) -> float:
         return self.clock() - self._start
 
