@@ -57,7 +57,7 @@ from atheria_lightning.report import write_report
 from atheria_lightning.scalars import BufferedTensorBoardLogger
 from atheria_lightning.settings import changed_settings, refuse_fixed_changes
 from atheria_lightning.store import META_KEY, Checkpoint, RunStore, UsesRunStore
-from atheria_lightning.trackers import WandbRun, logger_lines
+from atheria_lightning.trackers import WandbRun, check_logger_packages, logger_lines
 
 log = logging.getLogger(__name__)
 
@@ -222,6 +222,7 @@ class AtheriaCLI(LightningCLI):
         )
         trainer = self.run_settings.get("trainer") or {}
         check_accelerator_and_devices(trainer.get("accelerator", "auto"), trainer.get("devices", "auto"))
+        check_logger_packages(trainer.get("logger"))
         check_run_dir(self.run_settings["run_root"], self.run_dir)
 
     @override

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
@@ -12,6 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from fsspec.implementations.local import LocalFileSystem
+from jsonargparse import Namespace
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import Logger, TensorBoardLogger, WandbLogger
 from typing_extensions import override
@@ -19,7 +21,7 @@ from typing_extensions import override
 from atheria_lightning.errors import ConfigError
 from atheria_lightning.files import atomic_write
 
-__all__ = ["ID_FILE", "WandbRun", "logger_lines"]
+__all__ = ["ID_FILE", "WandbRun", "check_logger_packages", "logger_lines"]
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +29,16 @@ log = logging.getLogger(__name__)
 ID_FILE = "wandb_run.json"
 #: W&B's own rule for run ids is looser; an id read from a file or checkpoint (untrusted) must also name a folder.
 _SAFE_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def check_logger_packages(logger_config: Any) -> None:
+    """``trainer.logger`` as parsed, before it is built: a ``WandbLogger`` without the wandb package is one line."""
+    configs = logger_config if isinstance(logger_config, list) else [logger_config]
+    paths = [str(config.get("class_path")) for config in configs if isinstance(config, (dict, Namespace))]
+    wanted = [path for path in paths if path.rsplit(".", 1)[-1] == "WandbLogger"]
+    if wanted and importlib.util.find_spec("wandb") is None:
+        raise ConfigError(f"trainer.logger={wanted[0]} needs the wandb package: pip install wandb (the "
+                          "atheria_lightning[wandb] extra), or leave trainer.logger unset for TensorBoard")  # fmt: skip
 
 
 def logger_lines(loggers: Sequence[Logger], run_dir: str, wandb_run: WandbRun | None = None) -> list[str]:

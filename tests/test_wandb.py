@@ -145,6 +145,19 @@ def test_wandb_online_without_an_api_key_is_one_line_before_training(tmp_path: P
     assert not (run_dir(tmp_path) / "logs" / ID_FILE).exists(), "the id is recorded once its run has started"
 
 
+def test_a_wandb_logger_without_wandb_installed_is_one_line_before_anything_is_created(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    monkeypatch.setitem(sys.modules, "wandb", None)  # as Python sees a missing package: import and find_spec fail
+    assert main(demo_args(tmp_path, *WANDB)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "atheria: error: trainer.logger=lightning.pytorch.loggers.WandbLogger needs the wandb package: pip "
+        "install wandb (the atheria_lightning[wandb] extra), or leave trainer.logger unset for TensorBoard"
+    ]
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "mirror").exists()
+
+
 def wandb_run(tmp_path: Path, **init_args: str) -> WandbRun:
     from lightning.pytorch.loggers import WandbLogger
 
