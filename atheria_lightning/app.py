@@ -25,6 +25,7 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.accelerators import AcceleratorRegistry
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from typing_extensions import override
 
@@ -59,6 +60,7 @@ from atheria_lightning.report import write_report
 from atheria_lightning.scalars import BufferedTensorBoardLogger
 from atheria_lightning.settings import changed_settings, refuse_fixed_changes
 from atheria_lightning.store import META_KEY, Checkpoint, MirrorStatus, RunStore, UsesRunStore
+from atheria_lightning.trackers import WandbRun, check_logger_packages, logger_lines
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +111,7 @@ class AtheriaCLI(LightningCLI):
         self.store: RunStore | None = None
         self.training_log: TrainingLog | None = None
         self.notifier: Notifier | None = None  # --notify: the command's sender, handed to the Notify callback
+        self.wandb_run: WandbRun | None = None
         self.exit_code = 0
         kwargs.setdefault("model_class", QCAModule)
         kwargs.setdefault("datamodule_class", EpisodeDataModule)
@@ -242,6 +245,7 @@ class AtheriaCLI(LightningCLI):
         )
         trainer = self.run_settings.get("trainer") or {}
         check_accelerator_and_devices(trainer.get("accelerator", "auto"), trainer.get("devices", "auto"))
+        check_logger_packages(trainer.get("logger"))
         check_run_dir(self.run_settings["run_root"], self.run_dir)
 
     @override
@@ -262,6 +266,7 @@ class AtheriaCLI(LightningCLI):
             configured = [self.training_log, *(cb for cb in configured if cb is not self.training_log)]
         kwargs["callbacks"] = configured + self.default_callbacks(configured, progress_bar)
         self._apply_session_budget(kwargs["callbacks"])
+        loggers = self._use_loggers(kwargs.get("logger", trainer_config.get("logger")), kwargs["callbacks"])
         if self.notifier is not None:  # last: it reports what the stopping callbacks and the checkpoints did
             stoppers = [cb for cb in kwargs["callbacks"] if isinstance(cb, TimeLimitGuard | StopOnSignal)]
             kwargs["callbacks"].append(Notify(self.notifier, stoppers))
@@ -275,12 +280,26 @@ class AtheriaCLI(LightningCLI):
                 callback.use_store(self.store)
             if isinstance(callback, LivePlot) and self.training_log is not None:
                 callback.use_log(self.training_log)
+            if isinstance(callback, RunSummary):
+                callback.show_loggers(lambda: logger_lines(loggers, self.run_dir, self.wandb_run))
         if isinstance(kwargs.get("logger"), BufferedTensorBoardLogger):
             # TensorBoard's HPARAMS tab: the settings of each run beside the metric its checkpoints are ranked by.
             kwargs["logger"].show_in_hparams(self.store.monitor, "train/loss")
         plugins = trainer_config.get("plugins") or []
         kwargs["plugins"] = [*(plugins if isinstance(plugins, list) else [plugins]), self.store.checkpoint_io]
         return super().instantiate_trainer(**kwargs)
+
+    def _use_loggers(self, logger: Any, callbacks: list[Any]) -> list[Any]:
+        """The trainer's loggers as a list; a ``WandbLogger`` among them gets a :class:`WandbRun` (one W&B run across
+        sessions, its files in the run folder), added to ``callbacks`` so that checkpoints keep its id."""
+        loggers = list(logger) if isinstance(logger, (list, tuple)) else [] if logger in (None, False) else [logger]
+        wandb_loggers = [each for each in loggers if isinstance(each, WandbLogger)]
+        require(len(wandb_loggers) <= 1, f"trainer.logger lists {len(wandb_loggers)} WandbLoggers: W&B records one "
+                "run per process, so give one")  # fmt: skip
+        if wandb_loggers:
+            self.wandb_run = WandbRun(wandb_loggers[0], self.run_dir)
+            callbacks.append(self.wandb_run)
+        return loggers
 
     def _apply_session_budget(self, callbacks: list[Any]) -> None:
         """``--max_hours``: this session's budget for the config's ``TimeLimitGuard`` (a new one when it has none)."""
@@ -372,12 +391,16 @@ class AtheriaCLI(LightningCLI):
                 if header is not None:
                     self._purge_logs_after(header)
                 kwargs["weights_only"] = True
+                if self.wandb_run is not None:  # which W&B run this session continues, started before training
+                    self.wandb_run.choose(header, start=self.trainer.is_global_zero)
                 trained = True
                 self.trainer.fit(model, datamodule=datamodule, ckpt_path=point.path if point else None, **kwargs)
         except BaseException as err:
             failure = err
             raise
         finally:
+            if trained and self.wandb_run is not None:  # W&B's files complete before the final flush mirrors them
+                self.wandb_run.finish(failed=sys.exc_info()[0] is not None)
             if trained:  # also after a failed fit (exit 3): the model of the best sound checkpoint, and the report
                 self._write_exports()
             # The final flush, finished run or not: a mirror left behind by an earlier session catches up here.

@@ -128,7 +128,8 @@ def report_markdown(training_log: dict[str, Any], files: list[str]) -> str:
     lines += ["## Files", "", "| file | what |", "|---|---|"]
     lines += [f"| `exports/{name}` | {FILE_NOTES.get(name, '')} |" for name in files]
     lines += [f"| `checkpoints/` | last.ckpt, best-eNNNNNN.ckpt (top-k by {_monitor(training_log)}), MANIFEST.json |",
-              "| `logs/` | TensorBoard events of every session (`tensorboard --logdir` the run root), config.yaml |",
+              "| `logs/` | TensorBoard events of every session (`tensorboard --logdir` the run root), or W&B's "
+              "files in `logs/wandb/` with the run's id in `logs/wandb_run.json`; config.yaml |",
               ""]  # fmt: skip
     return "\n".join(lines)
 

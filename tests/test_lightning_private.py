@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import lightning
+import pytest
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 
@@ -71,3 +72,19 @@ def test_the_tensorboard_logger_keeps_its_prefix_and_writer_where_the_buffered_l
     assert callable(getattr(logger.experiment, "_get_file_writer", None)), (
         "tensorboard's SummaryWriter._get_file_writer moved; BufferedTensorBoardLogger.log_metrics reads it"
     )
+
+
+def test_the_wandb_logger_keeps_wandb_inits_arguments_until_its_experiment_exists(tmp_path: Path) -> None:
+    pytest.importorskip("wandb")
+    from lightning.pytorch.loggers import WandbLogger
+
+    logger = WandbLogger(id="given", save_dir=str(tmp_path), name="n")
+    user = "atheria_lightning.trackers.WandbRun (one W&B run across sessions)"
+    init = getattr(logger, "_wandb_init", None)
+    assert isinstance(init, dict) and {"id": "given", "dir": str(tmp_path), "name": "n"}.items() <= init.items(), (
+        MOVED.format(version=lightning.__version__, piece="WandbLogger._wandb_init (wandb.init's arguments)", user=user)
+    )
+    for piece, value in (("_id", "given"), ("_save_dir", str(tmp_path)), ("_name", "n"), ("_experiment", None)):
+        assert getattr(logger, piece, "missing") == value, MOVED.format(
+            version=lightning.__version__, piece=f"WandbLogger.{piece}", user=user
+        )

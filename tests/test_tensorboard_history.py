@@ -45,6 +45,7 @@ def test_a_new_machine_gets_the_earlier_sessions_logs_from_the_mirror(
     assert main(demo_args(tmp_path, episodes=8, val_every=2)) == 0
     out = capsys.readouterr().out
     assert "mirror: restored" in out and "resuming from episode 4 of 8" in out
+    assert f"TensorBoard: tensorboard --logdir {tmp_path / 'runs'}" in out and "W&B" not in out
     logs = run_dir(tmp_path) / "logs"
     assert steps(logs) == list(range(8)), "the first session's episodes are back beside the second's"
     assert steps(tmp_path / "mirror" / "demo" / "logs") == list(range(8)), "and the mirror has the whole history"

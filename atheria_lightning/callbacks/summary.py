@@ -3,21 +3,22 @@
 from __future__ import annotations
 
 import math
-import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_only
-from typing_extensions import override
+from typing_extensions import Self, override
 
 from atheria_lightning.data import episodes_done, total_episodes
 
 
 class RunSummary(Callback):
     """Prints, on rank 0 at the end of fit: episodes run this session, first and last loss, seconds per episode,
-    and where the checkpoints and TensorBoard logs are.
+    where the checkpoints are, and a line per logger given by :meth:`show_loggers` (``AtheriaCLI`` gives
+    TensorBoard's command and the W&B run's URL or ``wandb sync`` command, whichever loggers the run has).
 
     Args:
         run_dir: The run folder, shown in the summary.
@@ -29,6 +30,7 @@ class RunSummary(Callback):
 
     def __init__(self, run_dir: str) -> None:
         self.run_dir = run_dir
+        self._logger_lines: Callable[[], list[str]] = list
         self.first_loss: float | None = None
         self.last_loss: float | None = None
         self.episodes = 0
@@ -51,6 +53,11 @@ class RunSummary(Callback):
             self.first_loss = loss
         self.last_loss = loss
 
+    def show_loggers(self, lines: Callable[[], list[str]]) -> Self:
+        """Where to see the logs: ``lines()`` is asked at the end of fit (a W&B run's URL exists only by then)."""
+        self._logger_lines = lines
+        return self
+
     def lines(self, trainer: pl.Trainer) -> list[str]:
         elapsed = time.monotonic() - self._started if self._started else 0.0
         done = episodes_done(trainer)
@@ -62,8 +69,7 @@ class RunSummary(Callback):
             f"episodes: {self.episodes} this session, {done} of {total} in the run ({speed})",
             f"loss: first {first}, last {last}",
             f"checkpoints: {self.run_dir}/checkpoints",
-            # The run root, so that TensorBoard names the run after the experiment (<experiment>/logs) beside others.
-            f"TensorBoard: tensorboard --logdir {os.path.dirname(os.path.normpath(self.run_dir)) or '.'}",
+            *self._logger_lines(),
         ]
 
     @override
