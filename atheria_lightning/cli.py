@@ -19,6 +19,7 @@ COMMANDS = {
     "curriculum": "train the phases of a curriculum in order; the same command again continues",
     "export": "write the operator of a checkpoint as TorchScript, for inference",
     "report": "draw summary.png and report.md of a run (or its mirror copy) from its log",
+    "status": "where a run stands (episode, time, best, mirror, lock), from its files or its mirror's",
 }
 
 
@@ -72,6 +73,10 @@ def main(args: list[str] | None = None) -> int:
         from atheria_lightning.report import main as report_main
 
         return report_main(argv[1:])
+    if argv[0] == "status":
+        from atheria_lightning.status import main as status_main
+
+        return status_main(argv[1:])
     return run_reporting_errors(lambda: AtheriaCLI(args=args).exit_code)
 
 

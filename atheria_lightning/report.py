@@ -14,7 +14,7 @@ from atheria_lightning.errors import ConfigError, OneLineArgumentParser
 from atheria_lightning.figures import png_bytes, summary_figure
 from atheria_lightning.files import atomic_write, join
 
-__all__ = ["FILE_NOTES", "main", "read_training_log", "report_markdown", "write_report"]
+__all__ = ["FILE_NOTES", "main", "parse_training_log", "read_training_log", "report_markdown", "write_report"]
 
 #: The run folder's subfolder of exports, and the log in it that the report is drawn from.
 EXPORTS = "exports"
@@ -42,16 +42,30 @@ def read_training_log(run_dir: str) -> dict[str, Any]:
     fs, root = url_to_fs(run_dir)
     path = join(join(root, EXPORTS), LOG_FILE)
     try:
-        training_log = json.loads(fs.cat_file(path))
+        return parse_training_log(fs.cat_file(path))
     except FileNotFoundError:
         raise ConfigError(
             f"RUN_DIR={run_dir!r} has no {EXPORTS}/{LOG_FILE}: give a run folder (<run_root>/<experiment_name>) or "
             "its mirror copy, after a fit with TrainingLog (every preset lists it)"
         ) from None
-    except (OSError, ValueError) as err:  # unreadable, or not JSON (json's errors are ValueErrors)
+    except OSError as err:
         raise ConfigError(f"RUN_DIR={run_dir!r}: {EXPORTS}/{LOG_FILE} cannot be read: {err}") from None
+    except ValueError as err:
+        raise ConfigError(f"RUN_DIR={run_dir!r}: {EXPORTS}/{LOG_FILE} {err}") from None
+
+
+def parse_training_log(data: bytes | str) -> dict[str, Any]:
+    """A training log from the bytes of ``training_log.json`` (untrusted: only its outline is checked here).
+
+    Raises:
+        ValueError: Not JSON, or not a training log; the message completes "training_log.json …".
+    """
+    try:
+        training_log = json.loads(data)
+    except ValueError as err:  # json's errors are ValueErrors
+        raise ValueError(f"cannot be read: {err}") from None
     if not isinstance(training_log, dict) or not isinstance(training_log.get("episodes"), list):
-        raise ConfigError(f"RUN_DIR={run_dir!r}: {EXPORTS}/{LOG_FILE} is not a training log (no list of episodes)")
+        raise ValueError("is not a training log (no list of episodes)")
     return training_log
 
 

@@ -128,3 +128,25 @@ def snapshot(root: Path, leave_out: Path | None = None) -> dict[str, Any]:
             seen[str(path.relative_to(root))] = (stat.S_IFMT(info.st_mode), info.st_mode, info.st_size,
                                                  info.st_mtime_ns, digest)  # fmt: skip
     return seen
+
+
+@pytest.fixture
+def s3_server(monkeypatch: pytest.MonkeyPatch):
+    """A real S3 protocol peer on 127.0.0.1 (moto's server), reached by the real s3fs client."""
+    moto_server = pytest.importorskip("moto.server")
+    pytest.importorskip("s3fs")
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                       "AWS_DEFAULT_REGION": "us-east-1"}.items():  # fmt: skip
+        monkeypatch.setenv(key, value)
+    endpoint = f"http://{host}:{port}"
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint})
+    fs.mkdir("atheria-runs")
+    yield endpoint
+    s3fs.S3FileSystem.clear_instance_cache()
+    server.stop()

@@ -93,10 +93,14 @@ def test_unknown_yaml_key_is_rejected_by_the_cli(tmp_path: Path, capsys: pytest.
     )
 
 
+#: Every command of ``atheria``, as a user would type it.
+ALL_COMMANDS = ("fit", "validate", "curriculum", "export", "report", "status")
+
+
 def test_help_lists_every_command_one_line_each(capsys: pytest.CaptureFixture) -> None:
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
-    for command in ("fit", "validate", "curriculum", "export", "report"):
+    for command in ALL_COMMANDS:
         lines = [line for line in out.splitlines() if line.split()[:1] == [command]]
         assert len(lines) == 1 and len(lines[0].split()) > 3, (command, out)
 
@@ -104,14 +108,14 @@ def test_help_lists_every_command_one_line_each(capsys: pytest.CaptureFixture) -
 def test_no_command_lists_the_commands_and_fails(capsys: pytest.CaptureFixture) -> None:
     assert main([]) == 2
     err = capsys.readouterr().err
-    assert all(f"  {command} " in err for command in ("fit", "validate", "curriculum", "export", "report")), err
+    assert all(f"  {command} " in err for command in ALL_COMMANDS), err
 
 
 @pytest.mark.parametrize(("command", "hint"), [("fitt", "did you mean fit? "), ("train", "")])
 def test_an_unknown_command_is_one_line(command: str, hint: str, capsys: pytest.CaptureFixture) -> None:
     assert main([command, "--config", "configs/demo.yaml"]) == 2
     assert capsys.readouterr().err == (
-        f"atheria: error: command {command!r} is not one of fit, validate, curriculum, export, report: {hint}"
+        f"atheria: error: command {command!r} is not one of {', '.join(ALL_COMMANDS)}: {hint}"
         "atheria --help says what each does\n"
     )
 
@@ -131,7 +135,7 @@ def test_console_script_help_lists_every_command() -> None:
         capture_output=True, text=True, cwd=REPO, env=env_without_warnings(), timeout=120,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
-    for command in ("fit", "validate", "curriculum", "export", "report"):
+    for command in ALL_COMMANDS:
         assert f"\n  {command} " in result.stdout, result.stdout
 
 

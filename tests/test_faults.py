@@ -131,28 +131,6 @@ def test_a_checkpoint_naming_a_callable_to_instantiate_is_refused(tmp_path: Path
         QCAModule.load_from_checkpoint(ckpt, weights_only=True)
 
 
-@pytest.fixture
-def s3_server(monkeypatch: pytest.MonkeyPatch):
-    """A real S3 protocol peer on 127.0.0.1 (moto's server), reached by the real s3fs client."""
-    moto_server = pytest.importorskip("moto.server")
-    pytest.importorskip("s3fs")
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                       "AWS_DEFAULT_REGION": "us-east-1"}.items():  # fmt: skip
-        monkeypatch.setenv(key, value)
-    endpoint = f"http://{host}:{port}"
-    import s3fs
-
-    s3fs.S3FileSystem.clear_instance_cache()
-    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint})
-    fs.mkdir("atheria-runs")
-    yield endpoint
-    s3fs.S3FileSystem.clear_instance_cache()
-    server.stop()
-
-
 @pytest.mark.slow
 def test_mirror_to_a_real_s3_peer_and_resume_from_it(
     s3_server: str, tmp_path: Path, capsys: pytest.CaptureFixture

@@ -1,0 +1,675 @@
+"""``atheria status RUN``: where a run stands, read from its own files; nothing is written anywhere.
+
+RUN is a run folder (``<run_root>/<experiment_name>``), its mirror (``<mirror_url>/<experiment_name>``: a Drive
+folder, or the same folder synced to a laptop), or any fsspec URL of either (``s3://…``, ``gs://…``,
+``memory://…``). Only these files are read, each as untrusted input (a missing, damaged or truncated one is a line
+saying so): ``checkpoints/MANIFEST.json`` (through the store's own parser), ``exports/training_log.json`` (written
+when a session ends), ``logs/config.yaml`` (the session's settings: ``mirror_url``, ``total_episodes``) and the lock
+record ``.atheria.lock.json``; for a run folder with a mirror, the mirror's ``checkpoints/MANIFEST.json`` too. Never
+a checkpoint's content.
+
+``--json`` prints one object with these keys, always present (``null`` where unknown), one per line with ``--watch``;
+times are Unix seconds:
+
+=========================  ======================================================================================
+``run``                    RUN as given
+``where``                  ``"run folder"`` (the trainer's own folder), ``"mirror"`` (its recorded mirror, or any
+                           URL), ``"copy"`` (a local folder that is neither: a synced Drive folder, a download)
+``experiment``             the run's name
+``phase``                  its curriculum phase, or ``null``
+``episode``                episodes done: the newest of the manifest's newest checkpoint and the log
+``total_episodes``         ``data.total_episodes`` of the log (else of ``logs/config.yaml``)
+``sessions``               sessions recorded in the log
+``training_hours``         training hours over those sessions
+``seconds_per_episode``    in the last recorded session
+``hours_left``             ``(total_episodes - episode) * seconds_per_episode``, in hours of training
+``best``                   ``{"monitor", "value", "episode", "file"}``: the best checkpoint kept, or ``null``
+``last_checkpoint``        ``{"file", "episode", "at", "source"}``: the newest checkpoint; ``source`` is
+                           ``"manifest"`` (its recorded save time) or ``"file time"`` (the file's modification time)
+``last_sync``              ``{"at", "source"}``: when the mirror's manifest was last written (``"mirror manifest"``),
+                           or its file's modification time (``"file time"``); ``null`` without a mirror
+``mirror``                 ``{"state", "url", "episode", "detail"}``; ``state`` is ``"up to date"``, ``"behind"``,
+                           ``"ahead"``, ``"none"`` (no mirror) or ``"unknown"``; ``episode`` is the mirror's newest
+``lock``                   ``{"state", "host", "pid", "since", "run_id", "detail"}``; ``state`` is ``"held"``
+                           (a live trainer on this host), ``"free"``, ``"stale"`` (a killed trainer's record) or
+                           ``"unknown"`` (another host, or a mirror: the lock is not mirrored)
+``manifest``, ``log``      ``{"state", "detail"}``; ``state`` is ``"ok"``, ``"missing"`` or ``"damaged"``;
+                           ``log`` adds ``written_at`` (the log's own ISO time stamp)
+``checked_at``             when this status was taken
+=========================  ======================================================================================
+
+Exit codes: 0 printed (a damaged file is a line of the status, not an error), 2 RUN missing or not a run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import sys
+import time
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any
+
+import psutil
+import yaml
+from fsspec import AbstractFileSystem
+from fsspec.core import url_to_fs
+from fsspec.implementations.local import LocalFileSystem
+from fsspec.utils import get_protocol
+
+from atheria_lightning.errors import ConfigError, OneLineArgumentParser
+from atheria_lightning.files import join
+from atheria_lightning.lock import HOLDER_NAME, LOCK_NAME
+from atheria_lightning.platform import default_mirror_url
+from atheria_lightning.report import EXPORTS, LOG_FILE, parse_training_log
+from atheria_lightning.store.manifest import (
+    CHECKPOINTS,
+    MANIFEST_NAME,
+    DamagedManifest,
+    Manifest,
+    Side,
+    read_as_is,
+    same,
+)
+from atheria_lightning.store.mirror import remote_run_dir
+
+__all__ = ["main", "run_status", "status_lines"]
+
+#: The session's settings as LightningCLI saved them: where the run says its mirror is.
+CONFIG_FILE = "logs/config.yaml"
+#: ``--watch`` without a number: seconds between two refreshes.
+WATCH_DEFAULT_S = 30.0
+#: A process started this long after the lock record's time is another process that reused the pid.
+PID_START_SLACK_S = 2.0
+#: Longest text kept from any string of the run's files (they are untrusted, and printed to a terminal).
+MAX_TEXT = 200
+#: Later time stamps in a run's files are garbage (the year 5000; dates end at 9999).
+MAX_TIME = 95_617_584_000.0
+
+#: The pause between two refreshes of ``--watch``: a seam for tests (a fake that counts, or ends the loop with
+#: KeyboardInterrupt as Ctrl+C would), not an option.
+sleep: Callable[[float], Any] = time.sleep
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``atheria status RUN [--json] [--watch [SECONDS]]``; see the module's docstring for what is printed."""
+    parser = OneLineArgumentParser(
+        prog="atheria status",
+        description="Where a run stands, from its files only (MANIFEST.json, training_log.json, logs/config.yaml, "
+        "the lock record): episode, time, best checkpoint, mirror, lock. Reads a run folder or its mirror; writes "
+        "nothing.",
+    )
+    parser.add_argument("run", metavar="RUN", help="A run folder, its mirror copy, or an fsspec URL (s3://…).")
+    parser.add_argument("--json", action="store_true", help="One JSON object (keys: see the module's docstring).")
+    parser.add_argument(
+        "--watch",
+        nargs="?",
+        type=float,
+        const=WATCH_DEFAULT_S,
+        default=None,
+        metavar="SECONDS",
+        help=f"Refresh every SECONDS (default {WATCH_DEFAULT_S:g}) until Ctrl+C.",
+    )
+    try:
+        args = parser.parse_args(argv)
+        if args.watch is not None and not (math.isfinite(args.watch) and args.watch > 0):
+            raise ConfigError(f"--watch={args.watch:g} must be a positive number of seconds")
+        refreshes = 0
+        while True:
+            status = run_status(args.run)
+            if args.json:
+                print(json.dumps(status, allow_nan=False), flush=True)
+            else:
+                if args.watch is not None and refreshes and sys.stdout.isatty():
+                    print("\033[H\033[2J", end="")  # clear the screen: the new status replaces the old one
+                elif refreshes:
+                    print()
+                print("\n".join(status_lines(status)), flush=True)
+            if args.watch is None:
+                return 0
+            refreshes += 1
+            sleep(args.watch)
+    except ConfigError as err:
+        print(f"atheria: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:  # the way to end --watch
+        return 0
+
+
+# ----- gathering -----
+def run_status(run: str, now: float | None = None) -> dict[str, Any]:
+    """The status of run ``run`` (a folder or an fsspec URL) as the dict ``--json`` prints.
+
+    Raises:
+        ConfigError: ``run`` does not exist, cannot be opened, or holds none of a run's files.
+    """
+    now = time.time() if now is None else now
+    fs, root = _open(run)
+    manifest, manifest_state = _read_manifest(fs, join(root, CHECKPOINTS), "")
+    training_log, log_state = _read_log(fs, root)
+    config = _read_config(fs, root)
+    holder, lock_file = _read_lock(fs, root)
+    if manifest_state["state"] == "missing" and log_state["state"] == "missing" and holder is None and not lock_file:
+        raise ConfigError(
+            f"RUN={run!r} is not a run folder: it has no {CHECKPOINTS}/{MANIFEST_NAME}, no {EXPORTS}/{LOG_FILE} "
+            f"and no {LOCK_NAME}; give <run_root>/<experiment_name> or its mirror <mirror_url>/<experiment_name>"
+        )
+    log = training_log or {}
+    # Only a local RUN can be a trainer's run folder; a mirror's own config is never followed elsewhere.
+    mirror = _mirror_location(config, _basename(root)) if isinstance(fs, LocalFileSystem) else None
+    where = _where(fs, root, log, config, mirror)
+    newest = _newest(manifest, fs, root)
+    log_done = _int(log.get("episodes_done"))
+    episodes = [value for value in (newest["episode"] if newest else None, log_done) if value is not None]
+    episode = max(episodes) if episodes else None
+    total = _int(log.get("total_episodes")) or _int(_path(config, "data", "total_episodes"))
+    sessions = [session for session in _list(log.get("sessions")) if isinstance(session, dict)]
+    seconds_per_episode = _seconds_per_episode(sessions)
+    left = None
+    if seconds_per_episode is not None and total is not None and episode is not None:
+        left = max(0, total - episode) * seconds_per_episode / 3600.0
+    time_used = log.get("time") if isinstance(log.get("time"), dict) else {}
+    status: dict[str, Any] = {
+        "run": run,
+        "where": where,
+        "experiment": _text(log.get("experiment")) or _text(config.get("experiment_name")) or _basename(root),
+        "phase": _text(log.get("phase")),
+        "episode": episode,
+        "total_episodes": total,
+        "sessions": _int(time_used.get("sessions")),
+        "training_hours": _num(time_used.get("total_training_hours")),
+        "seconds_per_episode": seconds_per_episode,
+        "hours_left": left,
+        "best": _best(manifest, log, config),
+        "last_checkpoint": newest,
+        "last_sync": None,
+        "mirror": None,
+        "lock": _lock_status(holder, lock_file, where, isinstance(fs, LocalFileSystem)),
+        "manifest": manifest_state,
+        "log": log_state,
+        "checked_at": now,
+    }
+    if where != "mirror":
+        status["mirror"], status["last_sync"] = _compare_with_mirror(manifest, mirror)
+    if where == "mirror" or (where == "copy" and status["mirror"]["state"] in ("unknown", "none")):
+        # A mirror, or a copy whose recorded mirror is out of reach here (the Drive mirror synced to a laptop, where
+        # mirror_url "auto" means none), knows only what it says about itself.
+        status["mirror"] = _self_report(manifest, log, total, run)
+        status["last_sync"] = _updated(manifest, fs, join(join(root, CHECKPOINTS), MANIFEST_NAME))
+    status["mirror"] = {key: status["mirror"][key] for key in ("state", "url", "episode", "detail")}
+    return status
+
+
+def _open(run: str) -> tuple[AbstractFileSystem, str]:
+    if get_protocol(run) == "file" and "://" not in run:
+        run = os.path.expanduser(run)  # as a shell would have; fsspec leaves "~" alone
+    try:
+        fs, root = url_to_fs(run)
+    except Exception as err:  # an unknown protocol, a missing package, bad credentials: each backend has its own
+        raise ConfigError(f"RUN={run!r} cannot be opened: {_one_line(err)}") from None
+    root = root.rstrip("/") or root
+    try:
+        fs.invalidate_cache()  # s3fs and gcsfs cache listings; --watch must see new files
+        found = fs.isdir(root)
+    except Exception as err:  # unreachable, denied
+        raise ConfigError(f"RUN={run!r} cannot be read: {_one_line(err)}") from None
+    if not found:
+        raise ConfigError(f"RUN={run!r} does not exist (or is not a folder): give a run folder or its mirror URL")
+    return fs, root
+
+
+def _read_manifest(fs: AbstractFileSystem, folder: str, label: str) -> tuple[Manifest | None, dict[str, Any]]:
+    """The manifest of ``folder`` as written (never rebuilt: that reads checkpoints), and its state."""
+    where = f"{label}{CHECKPOINTS}/{MANIFEST_NAME}"
+    try:
+        manifest = read_as_is(Side(fs, folder, "status"))
+    except FileNotFoundError:
+        return None, {"state": "missing", "detail": f"{where} is missing (no checkpoint saved yet)"}
+    except DamagedManifest as err:
+        return None, {
+            "state": "damaged",
+            "detail": f"{where} is damaged ({_one_line(err)}); the next fit rebuilds it from the checkpoint files",
+        }
+    except Exception as err:  # unreadable: a permission, a lost connection
+        return None, {"state": "damaged", "detail": f"{where} cannot be read ({_one_line(err)})"}
+    return manifest, {"state": "ok", "detail": f"{where}: {len(manifest.files)} checkpoint(s) listed"}
+
+
+def _read_log(fs: AbstractFileSystem, root: str) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+    where = f"{EXPORTS}/{LOG_FILE}"
+    try:
+        training_log = parse_training_log(fs.cat_file(join(join(root, EXPORTS), LOG_FILE)))
+    except FileNotFoundError:
+        state = {"state": "missing", "detail": f"{where} is missing (it is written when a session ends)"}
+        return None, {**state, "written_at": None}
+    except Exception as err:  # truncated, not JSON, not a log, unreadable
+        return None, {"state": "damaged", "detail": f"{where} {_one_line(err)}", "written_at": None}
+    written = _text(training_log.get("written_at"))
+    return training_log, {
+        "state": "ok",
+        "detail": f"{where} written {written or 'at an unrecorded time'}",
+        "written_at": written,
+    }
+
+
+def _read_config(fs: AbstractFileSystem, root: str) -> dict[str, Any]:
+    """``logs/config.yaml`` as a dict; empty when missing or not a mapping (it only adds to what the log says)."""
+    try:
+        config = yaml.safe_load(fs.cat_file(join(root, CONFIG_FILE)))
+    except Exception:  # missing, unreadable, not YAML: the status says what it can without it
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
+def _read_lock(fs: AbstractFileSystem, root: str) -> tuple[dict[str, Any] | None, bool]:
+    """The lock's holder record (or None) and whether the lock file itself is there."""
+    try:
+        lock_file = bool(fs.exists(join(root, LOCK_NAME)))
+    except Exception:  # unreadable: as if absent
+        lock_file = False
+    try:
+        holder = json.loads(fs.cat_file(join(root, HOLDER_NAME)))
+    except Exception:  # none, or being written or removed right now
+        return None, lock_file
+    return (holder if isinstance(holder, dict) else None), lock_file
+
+
+def _mirror_location(config: dict[str, Any], experiment: str) -> tuple[str, Any, str] | str | None:
+    """Where the session's config says the run is mirrored: (its URL for messages, filesystem, folder); a line
+    saying why it cannot be opened from here; or None without a mirror."""
+    # MirrorSync's own url, else mirror_url: the trainer's order. "auto" is resolved for this platform, as the
+    # trainer did on its own (a run folder is read on the machine that trains it).
+    sync = _callback_args(config, "MirrorSync")
+    url = sync.get("url") or config.get("mirror_url")
+    if url == "auto":
+        url = default_mirror_url()
+    if not isinstance(url, str) or not url.strip():
+        return None
+    options = sync.get("storage_options")
+    shown = join(url, experiment)
+    try:
+        fs, folder = remote_run_dir(url, experiment, options if isinstance(options, dict) else None)
+    except ConfigError as err:
+        return f"{shown} cannot be opened from here ({_one_line(err)})"
+    return shown, fs, folder
+
+
+def _where(fs: AbstractFileSystem, root: str, log: dict[str, Any], config: dict[str, Any], mirror: Any) -> str:
+    """What RUN is: the trainer's run folder, its mirror, or a copy of the run (neither)."""
+    if not isinstance(fs, LocalFileSystem):
+        return "mirror"  # a trainer writes its run folder on its own disk
+    here = os.path.realpath(root)
+    if isinstance(mirror, tuple) and isinstance(mirror[1], LocalFileSystem) and os.path.realpath(mirror[2]) == here:
+        return "mirror"
+    recorded = _text(log.get("run_dir"))
+    if recorded is None and _text(config.get("run_root")) and _text(config.get("experiment_name")):
+        recorded = os.path.join(str(config["run_root"]), str(config["experiment_name"]))
+    if recorded is None or os.path.realpath(os.path.expanduser(recorded)) == here:
+        return "run folder"
+    return "copy"
+
+
+def _callback_args(config: dict[str, Any], name: str) -> dict[str, Any]:
+    for callback in _list(_path(config, "trainer", "callbacks")):
+        if isinstance(callback, dict) and str(callback.get("class_path", "")).rsplit(".", 1)[-1] == name:
+            init_args = callback.get("init_args")
+            return init_args if isinstance(init_args, dict) else {}
+    return {}
+
+
+def _newest(manifest: Manifest | None, fs: AbstractFileSystem, root: str) -> dict[str, Any] | None:
+    if not manifest or not manifest.files:
+        return None
+    name, entry = manifest.newest_first()[0]
+    if _time(entry.saved_at) is not None:
+        return {"file": name, "episode": entry.episode, "at": entry.saved_at, "source": "manifest"}
+    # Manifests of earlier versions recorded no save time: the file's own time is the next best.
+    return {
+        "file": name,
+        "episode": entry.episode,
+        "at": _mtime(fs, join(join(root, CHECKPOINTS), name)),
+        "source": "file time",
+    }
+
+
+def _updated(manifest: Manifest | None, fs: AbstractFileSystem, path: str) -> dict[str, Any] | None:
+    """When a mirror's manifest was last written: at every sync that changed its checkpoints."""
+    if manifest is not None and _time(manifest.updated) is not None:
+        return {"at": manifest.updated, "source": "mirror manifest"}
+    at = _mtime(fs, path)
+    return None if at is None else {"at": at, "source": "file time"}
+
+
+def _best(manifest: Manifest | None, log: dict[str, Any], config: dict[str, Any]) -> dict[str, Any] | None:
+    monitor = (
+        _text(log.get("monitor")) or _text(_callback_args(config, "SmartCheckpoint").get("monitor")) or "val/combined"
+    )
+    if manifest is not None:
+        ranked = [(name, entry) for name, entry in manifest.ranked_best() if _num(entry.metric) is not None]
+        if not ranked:
+            return None
+        name, entry = ranked[0]
+        return {"monitor": monitor, "value": _num(entry.metric), "episode": entry.episode, "file": name}
+    # No readable manifest: the log lists the checkpoints kept when its session ended.
+    listed = [item for item in _list(log.get("checkpoints")) if isinstance(item, dict) and item.get("kind") == "best"]
+    ranked = sorted(
+        (_num(item.get("metric")), _int(item.get("episode")) or 0, _text(item.get("file")) or "?")
+        for item in listed
+        if _num(item.get("metric")) is not None
+    )
+    if not ranked:
+        return None
+    value, episode, name = ranked[0]
+    return {"monitor": monitor, "value": value, "episode": episode, "file": name}
+
+
+def _seconds_per_episode(sessions: list[dict[str, Any]]) -> float | None:
+    """The last recorded session's pace (the recent one: a resumed run may be on another GPU)."""
+    for session in reversed(sessions):
+        count, seconds = _int(session.get("episodes")), _num(session.get("training_seconds"))
+        if count and seconds is not None:
+            return seconds / count
+    return None
+
+
+def _lock_status(holder: dict[str, Any] | None, lock_file: bool, where: str, local: bool) -> dict[str, Any]:
+    status: dict[str, Any] = {"state": "unknown", "host": None, "pid": None, "since": None, "run_id": None}
+    if holder is None:
+        if lock_file:
+            detail = f"{LOCK_NAME} is there without a readable {HOLDER_NAME} (a trainer starting, or killed early)"
+        elif where == "run folder":
+            return {**status, "state": "free", "detail": "free: no trainer holds this folder"}
+        else:
+            detail = (
+                "not mirrored (it stays in the trainer's own run folder): whether a trainer runs cannot be "
+                "seen from here"
+            )
+        return {**status, "detail": detail}
+    host, pid = _text(holder.get("host")), _int(holder.get("pid"))
+    since, run_id = _time(holder.get("started")), _text(holder.get("run_id"))
+    status.update(host=host, pid=pid, since=since, run_id=run_id)
+    who = f"run {run_id} (pid {pid} on {host})"
+    if not local or host != socket.gethostname() or not pid:
+        return {**status, "detail": f"recorded by {who}: its process cannot be checked from here"}
+    if _alive(pid, since):
+        return {**status, "state": "held", "detail": f"held by {who}"}
+    return {
+        **status,
+        "state": "stale",
+        "detail": f"free: {who} is no longer running (killed); its record stays until the next fit",
+    }
+
+
+def _alive(pid: int, since: float | None) -> bool:
+    """Whether ``pid`` is the live process that wrote the record at ``since`` (not a later one reusing its pid)."""
+    try:
+        process = psutil.Process(pid)
+        if process.status() == psutil.STATUS_ZOMBIE:
+            return False  # ended: its lock went with its file descriptors
+        return since is None or process.create_time() <= since + PID_START_SLACK_S
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.AccessDenied:  # someone else's process: alive, and not ours to inspect further
+        return True
+
+
+def _compare_with_mirror(manifest: Manifest | None, mirror: Any) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """A run folder (or a copy of one) against the mirror its config names."""
+    if mirror is None:
+        return {
+            "state": "none",
+            "url": None,
+            "episode": None,
+            "detail": f"none (mirror_url null, or no {CONFIG_FILE} naming one)",
+        }, None
+    if isinstance(mirror, str):
+        return {"state": "unknown", "url": None, "episode": None, "detail": mirror}, None
+    mirror_dir, fs, root = mirror
+    unknown = {"state": "unknown", "url": mirror_dir, "episode": None}
+    remote, state = _read_manifest(fs, join(root, CHECKPOINTS), f"{mirror_dir}/")
+    last_sync = _updated(remote, fs, join(join(root, CHECKPOINTS), MANIFEST_NAME))
+    if remote is None:
+        if state["state"] == "missing":
+            detail = f"{mirror_dir} has no {CHECKPOINTS}/{MANIFEST_NAME} (nothing synced yet, or not reachable here)"
+        else:
+            detail = state["detail"]
+        return {**unknown, "detail": detail}, last_sync
+    theirs = remote.newest_episode()
+    mirror = {"url": mirror_dir, "episode": theirs if theirs >= 0 else None}
+    if manifest is None:
+        return {
+            **mirror,
+            "state": "unknown",
+            "detail": f"the mirror holds episode {max(theirs, 0)}; this folder's manifest cannot be read",
+        }, last_sync
+    ours = manifest.newest_episode()
+    unsent = sorted(name for name, entry in manifest.files.items() if not same(remote.files.get(name), entry))
+    if theirs > ours:
+        return {
+            **mirror,
+            "state": "ahead",
+            "detail": f"ahead: the mirror holds episode {theirs}, this folder {max(ours, 0)} (trained elsewhere since)",
+        }, last_sync
+    if unsent:
+        return {
+            **mirror,
+            "state": "behind",
+            "detail": f"behind: the mirror holds episode {max(theirs, 0)}, this folder {ours} "
+            f"(not sent yet: {', '.join(unsent)})",
+        }, last_sync
+    return {**mirror, "state": "up to date", "detail": f"up to date at episode {ours}"}, last_sync
+
+
+def _self_report(manifest: Manifest | None, log: dict[str, Any], total: int | None, run: str) -> dict[str, Any]:
+    """A mirror against what its own training_log.json says the run folder held when the log was written."""
+    status: dict[str, Any] = {"state": "unknown", "url": run, "episode": None}
+    if manifest is None:
+        return {**status, "detail": "its manifest cannot be read"}
+    newest = manifest.newest_episode()
+    status["episode"] = newest if newest >= 0 else None
+    logged_done = _int(log.get("episodes_done"))
+    logged = {
+        str(_text(item.get("file"))): (_int(item.get("episode")), _int(item.get("size")))
+        for item in _list(log.get("checkpoints"))
+        if isinstance(item, dict)
+    }
+    listed = {name: (entry.episode, entry.size) for name, entry in manifest.files.items()}
+    missing = sorted(name for name, described in logged.items() if listed.get(name) != described)
+    if logged_done is None:
+        return {**status, "detail": "no training_log.json to compare with; the run folder cannot be seen from here"}
+    if newest > logged_done:  # the log is older than the checkpoints: nothing to compare them with
+        return {
+            **status,
+            "detail": f"unknown: checkpoints up to episode {newest}, newer than its training_log.json "
+            f"(episode {logged_done}): a session is running, or ended without writing it",
+        }
+    if missing or logged_done > newest:
+        lacks = f" (lacks {', '.join(missing)})" if missing else ""
+        return {
+            **status,
+            "state": "behind",
+            "detail": f"behind: its training_log.json says the run reached episode {logged_done}, its newest "
+            f"checkpoint is episode {max(newest, 0)}{lacks}: the last sync did not finish",
+        }
+    if total is not None and newest >= total:
+        return {
+            **status,
+            "state": "up to date",
+            "detail": f"up to date: the run finished (episode {newest} of "
+            f"{total}) and every checkpoint it listed is here",
+        }
+    return {
+        **status,
+        "detail": f"unknown from here: it holds all its training_log.json lists (episode {logged_done}); "
+        "a later session may have trained further",
+    }
+
+
+# ----- text -----
+def status_lines(status: dict[str, Any], now: float | None = None) -> list[str]:
+    """The status as the lines ``atheria status`` prints."""
+    now = status["checked_at"] if now is None else now
+    lines = [
+        f"run:         {status['run']} ({_where_text(status['where'])})",
+        f"experiment:  {status['experiment']}" + (f" (phase {status['phase']})" if status["phase"] else ""),
+    ]
+    episode, total, newest = status["episode"], status["total_episodes"], status["last_checkpoint"]
+    progress = "none yet" if episode is None else f"{episode} of {total if total is not None else '?'}"
+    if episode is not None and total:
+        progress += " (finished)" if episode >= total else f" ({100.0 * episode / total:.0f}%)"
+    if newest is not None:
+        progress += f", newest checkpoint {newest['file']} at episode {newest['episode']}"
+    lines.append(f"episode:     {progress}")
+    used = []
+    if status["sessions"] is not None:
+        used.append(f"{status['sessions']} session(s)")
+    if status["training_hours"] is not None:
+        used.append(f"{_duration(status['training_hours'] * 3600.0)} of training")
+    if status["seconds_per_episode"] is not None:
+        used.append(f"{status['seconds_per_episode']:.3g} s/episode in the last session")
+    if status["hours_left"]:
+        used.append(f"about {_duration(status['hours_left'] * 3600.0)} of training left at that pace")
+    lines.append("time:        " + (", ".join(used) or f"not recorded (no readable {LOG_FILE})"))
+    log_written = _iso_seconds(status["log"].get("written_at"))
+    if log_written is not None and newest is not None and newest["at"] and newest["at"] > log_written + 1:
+        lines.append(
+            f"             as of {LOG_FILE}, written {_when(log_written, now)}: the checkpoints are newer "
+            "(a session is running, or ended without writing it)"
+        )
+    best = status["best"]
+    if best is None:
+        lines.append("best:        none yet (no best checkpoint listed)")
+    else:
+        lines.append(
+            f"best:        {best['monitor']} {best['value']:.4g} at episode {best['episode']} ({best['file']})"
+        )
+    if newest is None:
+        lines.append("checkpoint:  none saved yet")
+    else:
+        lines.append(f"checkpoint:  last saved {_when(newest['at'], now)}{_source(newest['source'])}")
+    mirror, sync = status["mirror"], status["last_sync"]
+    if sync is not None:
+        recorded = ", when the mirror's MANIFEST.json was last written" if sync["source"] != "file time" else ""
+        lines.append(f"sync:        last {_when(sync['at'], now)}{recorded}{_source(sync['source'])}")
+    elif mirror["state"] != "none":
+        lines.append("sync:        unknown (no readable MANIFEST.json on the mirror)")
+    shown = f" [{mirror['url']}]" if mirror.get("url") and mirror["url"] != status["run"] else ""
+    lines.append(f"mirror:      {mirror['detail']}{shown}")
+    lines.append(f"lock:        {_lock_text(status['lock'], now)}")
+    for part in ("manifest", "log"):
+        if status[part]["state"] != "ok":
+            lines.append(f"{part + ':':<13}{status[part]['detail']}")
+    return lines
+
+
+def _where_text(where: str) -> str:
+    return {
+        "run folder": "the run folder",
+        "mirror": "a mirror: a copy the trainer syncs",
+        "copy": "a copy: not where its run folder or mirror were recorded, e.g. the mirror synced here",
+    }.get(where, where)
+
+
+def _lock_text(lock: dict[str, Any], now: float) -> str:
+    if lock["since"] is not None and lock["state"] in ("held", "unknown"):
+        return f"{lock['detail']}, since {_when(lock['since'], now)}"
+    return lock["detail"]
+
+
+def _source(source: str) -> str:
+    return " (the file's modification time: no time recorded)" if source == "file time" else ""
+
+
+def _when(at: float | None, now: float) -> str:
+    if at is None:
+        return "at an unknown time"
+    stamp = datetime.fromtimestamp(at).astimezone().strftime("%Y-%m-%d %H:%M:%S %Z")
+    age = now - at
+    if age < -60:
+        return f"{stamp} (ahead of this clock by {_duration(-age)})"
+    return f"{stamp} ({_duration(max(age, 0.0))} ago)"
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 10:
+        return f"{seconds:.1f} s"
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 48 * 3600:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} days"
+
+
+# ----- untrusted values -----
+def _int(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
+def _num(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def _time(value: Any) -> float | None:
+    """A time stamp (Unix seconds) that a date can be made of: positive, before the year 5000."""
+    seconds = _num(value)
+    return seconds if seconds is not None and 0 < seconds < MAX_TIME else None
+
+
+def _text(value: Any) -> str | None:
+    """A string from a run's file, safe to print: one line, no control characters, bounded."""
+    if not isinstance(value, str) or not value:
+        return None
+    return "".join(char if char.isprintable() else "?" for char in value[:MAX_TEXT])
+
+
+def _one_line(err: BaseException) -> str:
+    return _text(" ".join(str(err).split())) or type(err).__name__
+
+
+def _list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else []
+
+
+def _path(data: Any, *keys: str) -> Any:
+    for key in keys:
+        if not isinstance(data, dict):
+            return None
+        data = data.get(key)
+    return data
+
+
+def _basename(root: str) -> str:
+    return root.rstrip("/").rsplit("/", 1)[-1]
+
+
+def _iso_seconds(value: str | None) -> float | None:
+    if value is None:
+        return None
+    try:
+        return _time(datetime.fromisoformat(value).timestamp())
+    except (ValueError, OverflowError, OSError):
+        return None
+
+
+def _mtime(fs: AbstractFileSystem, path: str) -> float | None:
+    """A file's modification time from its fsspec ``info`` (each backend names it its own way), or None."""
+    try:
+        info = fs.info(path)
+    except Exception:  # missing or unreadable: no time to give
+        return None
+    for key in ("mtime", "LastModified", "last_modified", "updated", "created"):
+        value = info.get(key)
+        if isinstance(value, datetime):
+            return _time(value.timestamp())
+        if _time(value) is not None:
+            return float(value)
+        if isinstance(value, str) and (seconds := _time(_iso_seconds(value.replace("Z", "+00:00")))) is not None:
+            return seconds
+    return None
