@@ -1,9 +1,10 @@
 """The real notebook, executed headless top to bottom in its CI mode: twice locally in the checkout (it trains,
 exports and then continues), and once on the Kaggle path outside any clone, as Kaggle runs it (with the package
-installed and --preset; it continues a previous version's run from a read-only input)."""
+installed and --preset; it continues a previous version's run from a read-only input, logging to W&B offline)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 import sys
@@ -128,6 +129,14 @@ def test_notebook_on_kaggle_continues_the_previous_versions_output(
     env = {"ATHERIA_NOTEBOOK_CI": "1", "ATHERIA_NOTEBOOK_RUN_ROOT": str(run_root), "ATHERIA_NOTEBOOK_EPISODES": "6",
            "OMP_NUM_THREADS": "1", "KAGGLE_KERNEL_RUN_TYPE": "Interactive",
            "ATHERIA_KAGGLE_INPUT": str(input_root)}  # fmt: skip
+    # Kaggle without internet, on the W&B path: no API key, so the run is recorded offline in the run folder.
+    wandb = importlib.util.find_spec("wandb") is not None
+    if wandb:
+        env["ATHERIA_NOTEBOOK_WANDB"] = "1"
+        for var in ("WANDB_API_KEY", "WANDB_MODE"):
+            monkeypatch.delenv(var, raising=False)
+        for var in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR"):
+            env[var] = str(tmp_path / "wandb-home" / var.lower())
     notebook, text = _execute(env, monkeypatch, folder=working)
 
     assert f"platform: kaggle; working folder: {working}\n" in text, "no clone found: no change of folder"
@@ -136,8 +145,15 @@ def test_notebook_on_kaggle_continues_the_previous_versions_output(
     tensorboard_cell = next(cell for cell in notebook.cells if "load_ext" in cell.source)
     outputs = tensorboard_cell.get("outputs", [])
     assert [output.get("output_type") for output in outputs] == ["stream"], "no %tensorboard panel on Kaggle"
-    assert "TensorBoard does not render on Kaggle" in outputs[0]["text"]
-    assert f"{run_root / experiment / 'logs'}" in outputs[0]["text"]
+    if wandb:  # the notebook and the run's summary name the logger in use, W&B, and how to upload it
+        assert "Weights & Biases: the training cell prints the run id" in outputs[0]["text"]
+        assert "W&B: offline (no API key)" in text and "W&B: run " in text
+        assert f"W&B (offline): wandb sync {run_root / experiment / 'logs' / 'wandb'}" in text
+        assert "TensorBoard: tensorboard --logdir" not in text
+        assert list((run_root / experiment / "logs" / "wandb").glob("offline-run-*")), "W&B's files in the run"
+    else:
+        assert "TensorBoard does not render on Kaggle" in outputs[0]["text"]
+        assert f"{run_root / experiment / 'logs'}" in outputs[0]["text"]
     assert snapshot(input_root) == before, "the input is never written"
     log = json.loads((run_root / experiment / "exports" / "training_log.json").read_text())
     assert [row["episode"] for row in log["episodes"]] == list(range(6)), "the previous version's history came along"
