@@ -129,9 +129,10 @@ def _copy_sources(destination: Path) -> Path:
 
 
 def _pip(*args: str) -> None:
-    # No build isolation and no index: the test needs no network (setuptools is a dev dependency).
+    # No build isolation and no index: the test needs no network (setuptools is a dev dependency). Without
+    # PYTHONPATH: pip would take the checkout's atheria_lightning.egg-info on it for an installed atheria_lightning.
     command = [sys.executable, "-m", "pip", "-q", "--disable-pip-version-check", *args]
-    subprocess.run(command, check=True, env=env_without_warnings(), timeout=300)
+    subprocess.run(command, check=True, env=_isolated_env(), timeout=300)
 
 
 def _isolated_env(**extra: str) -> dict[str, str]:
@@ -166,16 +167,19 @@ def test_a_wheel_in_a_fresh_venv_trains_from_its_own_presets_elsewhere(tmp_path:
     python = fresh / "bin" / "python"
     site_packages = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                                    check=True, capture_output=True, text=True).stdout.strip()  # fmt: skip
-    Path(site_packages, "dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     _pip("--python", str(python), "install", "--no-deps", "--no-index", str(wheel))
+    # After pip: it would take this venv's editable install of atheria_lightning for the one to install.
+    Path(site_packages, "dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     fit = ["fit", "--preset", "demo", "--data.total_episodes", "2", "--data.val_every_episodes", "1", *TINY]
     curriculum = ["curriculum", "--preset", "curriculum", "--mirror_url", "null", "--data.total_episodes", "1",
                   "--data.val_every_episodes", "1", "--trainer.accelerator", "cpu", "--trainer.precision", "32-true",
                   *TINY]  # fmt: skip
     where = subprocess.run(
         [python, "-c", "import atheria_lightning.presets as p; print(p.__file__); print(p.presets_folder())"],
-        cwd=elsewhere, env=_isolated_env(), check=True, capture_output=True, text=True, timeout=120,
-    ).stdout.split()  # fmt: skip
+        cwd=elsewhere, env=_isolated_env(), capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert where.returncode == 0, where.stderr[-3000:]
+    where = where.stdout.split()
     assert where == [f"{site_packages}/atheria_lightning/presets.py", f"{site_packages}/atheria_lightning/configs"]
     for command in (fit, curriculum):
         result = subprocess.run([fresh / "bin" / "atheria", *command], cwd=elsewhere, env=_isolated_env(),
