@@ -50,6 +50,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from bench_speed import device_name  # benchmarks/ is this script's folder, first on sys.path
 
 from atheria_lightning.cli import main as atheria
 
@@ -202,18 +203,8 @@ def produce(folder: Path, episodes: int) -> list[tuple[str, Path]]:
     ]
 
 
-def device_name() -> str:
-    model = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    return f"{model} ({os.cpu_count()} cores)"
-
-
 def measure(files: list[tuple[str, Path]], chosen: list[Method], repeats: int) -> list[dict[str, Any]]:
-    head = {"device": device_name(), "torch": torch.__version__, "python": platform.python_version()}
+    head = {"device": device_name(torch.device("cpu")), "torch": torch.__version__, "python": platform.python_version()}
     for module in ("zstandard", "blosc2"):
         with contextlib.suppress(ImportError):
             head[module] = importlib.import_module(module).__version__
