@@ -6,6 +6,7 @@ import hashlib
 import os
 import stat
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -144,6 +145,8 @@ def s3_server(monkeypatch: pytest.MonkeyPatch):
     endpoint = f"http://{host}:{port}"
     import s3fs
 
+    # moto keeps its buckets in this process, whatever server serves them: each test starts from none.
+    urllib.request.urlopen(urllib.request.Request(f"{endpoint}/moto-api/reset", method="POST"), timeout=30).close()
     s3fs.S3FileSystem.clear_instance_cache()
     fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint})
     fs.mkdir("atheria-runs")
