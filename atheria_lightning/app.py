@@ -60,7 +60,7 @@ from atheria_lightning.report import write_report
 from atheria_lightning.scalars import BufferedTensorBoardLogger
 from atheria_lightning.settings import changed_settings, refuse_fixed_changes
 from atheria_lightning.store import META_KEY, Checkpoint, MirrorStatus, RunStore, UsesRunStore
-from atheria_lightning.trackers import WandbRun, check_logger_packages, logger_lines
+from atheria_lightning.trackers import WandbRun, WandbRunId, check_logger_packages, logger_lines
 
 log = logging.getLogger(__name__)
 
@@ -299,6 +299,8 @@ class AtheriaCLI(LightningCLI):
         if wandb_loggers:
             self.wandb_run = WandbRun(wandb_loggers[0], self.run_dir)
             callbacks.append(self.wandb_run)
+        else:  # a session without W&B keeps the run id of the checkpoints for a later session with it
+            callbacks.append(WandbRunId())
         return loggers
 
     def _apply_session_budget(self, callbacks: list[Any]) -> None:

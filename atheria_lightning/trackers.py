@@ -56,7 +56,33 @@ def logger_lines(loggers: Sequence[Logger], run_dir: str, wandb_run: WandbRun | 
     return lines
 
 
-class WandbRun(Callback):
+class WandbRunId(Callback):
+    """The W&B run id that a run's checkpoints carry, kept through sessions that log without W&B.
+
+    ``AtheriaCLI`` adds it when no ``WandbLogger`` is configured: a checkpoint written with W&B then still finds the
+    callback its state belongs to (Lightning warns about state no callback takes), and the id goes on into the
+    next checkpoints, so a later session with W&B again continues the same W&B run.
+    """
+
+    def __init__(self) -> None:
+        self.id: str | None = None
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return "WandbRun"  # one key for both classes: the checkpoint's id is the run's, whichever kept it
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"id": self.id}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        value = state_dict.get("id") if isinstance(state_dict, dict) else None
+        self.id = value if _is_safe(value) else None  # a checkpoint is untrusted: only an id W&B could have made
+
+
+class WandbRun(WandbRunId):
     """Keeps a ``WandbLogger`` on one W&B run across the sessions of a run, with W&B's files inside the run folder.
 
     Before each session trains, :meth:`choose` picks the run's id: the ``id`` (or ``version``) given to the logger;
@@ -76,6 +102,7 @@ class WandbRun(Callback):
     """
 
     def __init__(self, logger: WandbLogger, run_dir: str) -> None:
+        super().__init__()
         self.logger = logger
         self.log_dir = os.path.join(os.path.abspath(run_dir), "logs")
         self.id_file = os.path.join(self.log_dir, ID_FILE)
@@ -159,8 +186,8 @@ class WandbRun(Callback):
         wandb.finish(exit_code=1 if failed else 0)
 
     @override
-    def state_dict(self) -> dict[str, Any]:
-        return {"id": self.id}
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        pass  # the id was chosen by choose() before fit, from this same checkpoint unless the config gives one
 
 
 def new_run_id() -> str:

@@ -76,6 +76,23 @@ def test_the_same_command_again_continues_the_same_wandb_run(tmp_path: Path, cap
 
 
 @pytest.mark.slow
+def test_a_session_without_wandb_keeps_the_run_id_for_the_next_one_with_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture, recwarn: pytest.WarningsRecorder
+) -> None:
+    run = run_dir(tmp_path)
+    assert main(demo_args(tmp_path, *WANDB, "--trainer.max_steps", "2", episodes=6, val_every=2)) == 0
+    ((run_id, _),) = chosen_ids(capsys.readouterr().out)
+    recwarn.clear()
+    assert main(demo_args(tmp_path, "--trainer.max_steps", "4", episodes=6, val_every=2)) == 0  # TensorBoard only
+    assert "resuming from episode 2 of 6" in capsys.readouterr().out
+    assert not [w for w in recwarn if "add the following callbacks" in str(w.message)], "no warning about W&B's state"
+    assert checkpoint_id(run) == run_id, "the session without W&B passed the id on"
+    assert main(demo_args(tmp_path, *WANDB, episodes=6, val_every=2)) == 0
+    assert chosen_ids(capsys.readouterr().out) == [(run_id, "id from the checkpoint")]
+    assert list(sessions(run).values()) == [run_id, run_id]
+
+
+@pytest.mark.slow
 def test_a_new_machine_continues_the_wandb_run_of_the_mirror(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(demo_args(tmp_path, *WANDB, "--trainer.max_steps", "2", episodes=4, val_every=2)) == 0
     ((run_id, _),) = chosen_ids(capsys.readouterr().out)
