@@ -24,7 +24,7 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import Trainer
 from lightning.pytorch.accelerators import AcceleratorRegistry
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from typing_extensions import override
@@ -116,6 +116,7 @@ class AtheriaCLI(LightningCLI):
         kwargs.setdefault("model_class", QCAModule)
         kwargs.setdefault("datamodule_class", EpisodeDataModule)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        kwargs.setdefault("save_config_callback", SaveConfigWithoutSecrets)
         # max_epochs -1: the episode stream ends the run (it stops the trainer after the last episode).
         defaults = {"gradient_clip_val": 1.0, "max_epochs": -1, "log_every_n_steps": 1, "num_sanity_val_steps": 0}
         kwargs["trainer_defaults"] = {**defaults, **kwargs.get("trainer_defaults", {})}
@@ -528,6 +529,18 @@ def _settings_by_key(
             saved["TimeLimitGuard.max_hours"] = hours
         now["TimeLimitGuard.max_hours"] = guard.max_hours
     return saved, now
+
+
+class SaveConfigWithoutSecrets(SaveConfigCallback):
+    """Lightning's ``<run>/logs/config.yaml``, without the ``notify`` URLs: they hold services' tokens, and the run
+    folder is mirrored (a shared Drive folder, a bucket). The saved config says ``notify: null``; the command line or
+    the preset that gave them keeps them."""
+
+    def __init__(self, parser: LightningArgumentParser, config: Any, *args: Any, **kwargs: Any) -> None:
+        if config.get("notify") is not None:
+            config = config.clone()
+            config["notify"] = None
+        super().__init__(parser, config, *args, **kwargs)
 
 
 def run_reporting_errors(run: Callable[[], int]) -> int:

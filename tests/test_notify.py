@@ -103,6 +103,10 @@ def test_a_finished_run_notifies_every_url_once_with_the_best_value(
     assert f"val/loss {best:.4g} " in message["message"]
     # Memory is read at a bounded rate: 6 quick episodes fit in one MEMORY_CHECK_SECONDS, so once.
     assert len(reads) == 1 and set(reads[0]) == {"RAM"} and 0.0 < reads[0]["RAM"] <= 100.0
+    # The URLs hold tokens: the run folder (and so its mirror) never records them.
+    saved = [path for path in tmp_path.rglob("*") if path.is_file() and sink.url.encode() in path.read_bytes()]
+    assert saved == [], saved
+    assert (tmp_path / "runs" / EXPERIMENT / "logs" / "config.yaml").is_file()
 
 
 def test_a_time_guard_stop_says_where_and_how_to_continue(tmp_path: Path, sink: Sink) -> None:
