@@ -18,7 +18,7 @@ nbclient = pytest.importorskip("nbclient")
 nbformat = pytest.importorskip("nbformat")
 pytest.importorskip("ipykernel")
 
-from conftest import REPO, make_read_only, snapshot  # noqa: E402
+from conftest import REPO, Sink, make_read_only, snapshot  # noqa: E402
 
 pytestmark = pytest.mark.slow  # trains in subprocesses or over several sessions: out of the quick loop
 
@@ -65,12 +65,16 @@ def test_notebook_is_committed_clean() -> None:
     assert "ATHERIA_NOTEBOOK_CI" in code_cells[0].source, "the first code cell reads the CI switch"
 
 
-def test_notebook_runs_top_to_bottom_then_continues(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_notebook_runs_top_to_bottom_then_continues(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sink: Sink
+) -> None:
     run_root = tmp_path / "runs"
     env = {"ATHERIA_NOTEBOOK_CI": "1", "ATHERIA_NOTEBOOK_RUN_ROOT": str(run_root), "OMP_NUM_THREADS": "1"}
 
+    notify = importlib.util.find_spec("apprise") is not None  # the notify extra: NOTIFY reaches a local service
     started = time.monotonic()
-    notebook, text = _execute({**env, "ATHERIA_NOTEBOOK_EPISODES": "6"}, monkeypatch)
+    notify_env = {"ATHERIA_NOTEBOOK_NOTIFY": sink.url} if notify else {}
+    notebook, text = _execute({**env, "ATHERIA_NOTEBOOK_EPISODES": "6", **notify_env}, monkeypatch)
     first_run_s = time.monotonic() - started
     exports = run_root / "demo" / "exports"
     for name in EXPORTS:
@@ -79,6 +83,9 @@ def test_notebook_runs_top_to_bottom_then_continues(tmp_path: Path, monkeypatch:
     train_cell = next(cell for cell in notebook.cells if "exit_code = main(ARGS)" in cell.source)
     assert _images_in(train_cell) >= 1, "the live loss plot and the summary are shown in the training cell"
     assert "curriculum skipped" in text
+    if notify:  # the session's end reached the service, and the printed command hides the URL
+        assert [message["title"] for message in sink.received] == ["atheria demo: finished"]
+        assert "--notify <url>" in text and sink.url not in text
     assert (tmp_path / "runs_mirror" / "demo" / "checkpoints" / "MANIFEST.json").is_file(), "mirrored"
     first_log = json.loads((exports / "training_log.json").read_text())
     assert [row["episode"] for row in first_log["episodes"]] == list(range(6))

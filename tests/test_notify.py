@@ -9,16 +9,13 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from conftest import REPO, demo_args, env_without_warnings, run_dir, wait_for_first_checkpoint
+from conftest import REPO, Sink, demo_args, env_without_warnings, run_dir, wait_for_first_checkpoint
 
 from atheria_lightning import notifier as notifier_module
 from atheria_lightning.callbacks import notify as notify_module
@@ -27,38 +24,6 @@ from atheria_lightning.cli import main
 from atheria_lightning.module import QCAModule
 
 EXPERIMENT = "nightly"
-
-
-class Sink:
-    """A local HTTP server that keeps what apprise's ``json://`` service posts to it: path, title, message, type."""
-
-    def __init__(self) -> None:
-        received = self.received = []
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                received.append({"path": self.path, **body})
-                self.send_response(200)
-                self.end_headers()
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"json://127.0.0.1:{self.server.server_address[1]}/"
-        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
-@pytest.fixture
-def sink() -> Iterator[Sink]:
-    server = Sink()
-    yield server
-    server.close()
 
 
 def args(tmp_path: Path, *urls: str, episodes: int = 6, mirror: bool = False, extra: tuple[str, ...] = ()) -> list:
