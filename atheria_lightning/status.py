@@ -11,38 +11,44 @@ a checkpoint's content.
 ``--json`` prints one object with these keys, always present (``null`` where unknown), one per line with ``--watch``;
 times are Unix seconds:
 
-=========================  ======================================================================================
-``run``                    RUN as given
-``where``                  ``"run folder"`` (the trainer's own folder), ``"mirror"`` (its recorded mirror, or any
-                           URL), ``"copy"`` (a local folder that is neither: a synced Drive folder, a download)
-``experiment``             the run's name
-``phase``                  its curriculum phase, or ``null``
-``episode``                episodes done: the newest of the manifest's newest checkpoint and the log
-``total_episodes``         ``data.total_episodes`` of the log (else of ``logs/config.yaml``)
-``sessions``               sessions recorded in the log
-``training_hours``         training hours over those sessions
-``seconds_per_episode``    in the last recorded session
-``hours_left``             ``(total_episodes - episode) * seconds_per_episode``, in hours of training
-``best``                   ``{"monitor", "value", "episode", "file"}``: the best checkpoint kept, or ``null``
-``last_checkpoint``        ``{"file", "episode", "at", "source"}``: the newest checkpoint; ``source`` is
-                           ``"manifest"`` (its recorded save time) or ``"file time"`` (the file's modification time)
-``last_sync``              ``{"at", "source"}``: when the mirror's manifest was last written (``"mirror manifest"``),
-                           or its file's modification time (``"file time"``); ``null`` without a mirror
-``mirror``                 ``{"state", "url", "episode", "detail"}``; ``state`` is ``"up to date"``, ``"behind"``,
-                           ``"ahead"``, ``"none"`` (no mirror) or ``"unknown"``; ``episode`` is the mirror's newest
-``lock``                   ``{"state", "host", "pid", "since", "run_id", "detail"}``; ``state`` is ``"held"``
-                           (a live trainer on this host), ``"free"``, ``"stale"`` (a killed trainer's record) or
-                           ``"unknown"`` (another host, or a mirror: the lock is not mirrored)
-``manifest``, ``log``      ``{"state", "detail"}``; ``state`` is ``"ok"``, ``"missing"`` or ``"damaged"``;
-                           ``log`` adds ``written_at`` (the log's own ISO time stamp)
-``checked_at``             when this status was taken
-=========================  ======================================================================================
+==============================  =================================================================================
+``run``                         RUN as given
+``where``                       ``"run folder"`` (the trainer's own folder), ``"mirror"`` (its recorded mirror, or any
+                                URL), ``"copy"`` (a local folder that is neither: a synced Drive folder, a download)
+``experiment``                  the run's name
+``phase``                       its curriculum phase, or ``null``
+``episode``                     episodes done: the newest of the manifest's newest checkpoint and the log
+``total_episodes``              ``data.total_episodes`` of the log (else of ``logs/config.yaml``)
+``sessions``                    sessions recorded in the log
+``training_hours``              training hours over those sessions
+``seconds_per_episode``         in the last recorded session
+``recent_seconds_per_episode``  the pace since the log was written (a running or killed session), from the save
+                                times of the checkpoints written since: the fastest of their newest consecutive
+                                pairs (a pair across a restart holds the downtime); ``null`` with fewer than two
+``hours_left``                  ``(total_episodes - episode)`` times the recent pace (else ``seconds_per_episode``),
+                                in hours of training
+``best``                        ``{"monitor", "value", "episode", "file"}``: the best checkpoint kept, or ``null``
+``last_checkpoint``             ``{"file", "episode", "at", "source"}``: the newest checkpoint; ``source`` is
+                                ``"manifest"`` (its recorded save time) or ``"file time"`` (the file's mtime)
+``last_sync``                   ``{"at", "source"}``: when the mirror's manifest was last written
+                                (``"mirror manifest"``), or its file's mtime (``"file time"``); ``null`` without a
+                                mirror
+``mirror``                      ``{"state", "url", "episode", "detail"}``; ``state`` is ``"up to date"``, ``"behind"``,
+                                ``"ahead"``, ``"none"`` (no mirror) or ``"unknown"``; ``episode`` is the mirror's newest
+``lock``                        ``{"state", "host", "pid", "since", "run_id", "detail"}``; ``state`` is ``"held"``
+                                (a live trainer on this host), ``"free"``, ``"stale"`` (a killed trainer's record) or
+                                ``"unknown"`` (another host, or a mirror: the lock is not mirrored)
+``manifest``, ``log``           ``{"state", "detail"}``; ``state`` is ``"ok"``, ``"missing"`` or ``"damaged"``;
+                                ``log`` adds ``written_at`` (the log's own ISO time stamp)
+``checked_at``                  when this status was taken
+==============================  =================================================================================
 
 Exit codes: 0 printed (a damaged file is a line of the status, not an error), 2 RUN missing or not a run.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -168,9 +174,12 @@ def run_status(run: str, now: float | None = None) -> dict[str, Any]:
     total = _int(log.get("total_episodes")) or _int(_path(config, "data", "total_episodes"))
     sessions = [session for session in _list(log.get("sessions")) if isinstance(session, dict)]
     seconds_per_episode = _seconds_per_episode(sessions)
+    log_written = _iso_seconds(_text(log.get("written_at")))
+    recent = _recent_seconds_per_episode(manifest, log_written)
+    pace = recent if recent is not None else seconds_per_episode
     left = None
-    if seconds_per_episode is not None and total is not None and episode is not None:
-        left = max(0, total - episode) * seconds_per_episode / 3600.0
+    if pace is not None and total is not None and episode is not None:
+        left = max(0, total - episode) * pace / 3600.0
     time_used = log.get("time") if isinstance(log.get("time"), dict) else {}
     status: dict[str, Any] = {
         "run": run,
@@ -182,6 +191,7 @@ def run_status(run: str, now: float | None = None) -> dict[str, Any]:
         "sessions": _int(time_used.get("sessions")),
         "training_hours": _num(time_used.get("total_training_hours")),
         "seconds_per_episode": seconds_per_episode,
+        "recent_seconds_per_episode": recent,
         "hours_left": left,
         "best": _best(manifest, log, config),
         "last_checkpoint": newest,
@@ -375,6 +385,23 @@ def _seconds_per_episode(sessions: list[dict[str, Any]]) -> float | None:
     return None
 
 
+#: Consecutive checkpoints looked at for the recent pace: the newest, where the current session is.
+RECENT_PAIRS = 4
+
+
+def _recent_seconds_per_episode(manifest: Manifest | None, since: float | None) -> float | None:
+    """The pace of the sessions the log does not hold yet, from the save times of checkpoints written after it
+    (``since``, to the second; all of them without a log): the fastest of the newest few consecutive pairs, because
+    a pair across a restart also holds the time the run was down."""
+    if manifest is None:
+        return None
+    saved = sorted((entry.episode, entry.saved_at) for entry in manifest.files.values()
+                   if _time(entry.saved_at) is not None and (since is None or entry.saved_at > since + 1))  # fmt: skip
+    paces = [(later_at - at) / (later - episode) for (episode, at), (later, later_at) in itertools.pairwise(saved)
+             if later > episode and later_at > at]  # fmt: skip
+    return min(paces[-RECENT_PAIRS:]) if paces else None
+
+
 def _lock_status(holder: dict[str, Any] | None, lock_file: bool, where: str, local: bool) -> dict[str, Any]:
     status: dict[str, Any] = {"state": "unknown", "host": None, "pid": None, "since": None, "run_id": None}
     if holder is None:
@@ -530,6 +557,8 @@ def status_lines(status: dict[str, Any], now: float | None = None) -> list[str]:
         used.append(f"{_duration(status['training_hours'] * 3600.0)} of training")
     if status["seconds_per_episode"] is not None:
         used.append(f"{status['seconds_per_episode']:.3g} s/episode in the last session")
+    if status["recent_seconds_per_episode"] is not None:
+        used.append(f"{status['recent_seconds_per_episode']:.3g} s/episode since (from the checkpoints' save times)")
     if status["hours_left"]:
         used.append(f"about {_duration(status['hours_left'] * 3600.0)} of training left at that pace")
     lines.append("time:        " + (", ".join(used) or f"not recorded (no readable {LOG_FILE})"))

@@ -342,7 +342,7 @@ def test_a_live_trainer_then_killed_held_behind_then_stale(tmp_path: Path, capsy
     # A checkpoint every episode, a sync every 4: the mirror trails the run folder most of the time.
     extra = callbacks_config(tmp_path, every=1, sync=4)
     command = [sys.executable, "-m", "atheria_lightning.cli",
-               *demo_args(tmp_path, "--config", extra, episodes=400, val_every=50)]  # fmt: skip
+               *demo_args(tmp_path, "--config", extra, episodes=400, val_every=2)]  # fmt: skip
     run, mirror = tmp_path / "runs" / "demo", tmp_path / "mirror" / "demo"
 
     def newest(folder: Path) -> int:
@@ -362,6 +362,12 @@ def test_a_live_trainer_then_killed_held_behind_then_stale(tmp_path: Path, capsy
         assert (live["lock"]["state"], live["lock"]["pid"]) == ("held", trainer.pid)
         assert (live["episode"], live["mirror"]["state"], live["mirror"]["episode"]) == (ours, "behind", theirs)
         assert live["log"]["state"] == "missing"
+        # No log yet in a first session: the pace comes from the checkpoints' save times, never above their average.
+        saved = sorted((entry["episode"], entry["saved_at"]) for entry in manifest(run)["files"].values())
+        assert saved[-1][0] > saved[0][0], "best checkpoints of earlier validations beside last.ckpt"
+        average = (saved[-1][1] - saved[0][1]) / (saved[-1][0] - saved[0][0])
+        assert 0 < live["recent_seconds_per_episode"] <= average
+        assert live["hours_left"] == pytest.approx((400 - ours) * live["recent_seconds_per_episode"] / 3600)
     finally:
         trainer.send_signal(signal.SIGKILL)
         trainer.wait(30)
