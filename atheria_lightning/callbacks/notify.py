@@ -17,6 +17,7 @@ from atheria_lightning.callbacks.stopping import StopsEarly
 from atheria_lightning.data import episodes_done, total_episodes
 from atheria_lightning.notifier import Notifier, progress_text
 from atheria_lightning.store import UsesRunStore
+from atheria_lightning.store.manifest import Manifest
 
 __all__ = ["Notify"]
 
@@ -103,12 +104,12 @@ class Notify(UsesRunStore, Callback):
         except Exception as err:  # the notification goes without it; the store's own checks report the manifest
             log.warning("the best checkpoint is not named in the notification: %s", err)
             return None
-        ranked = [entry for entry in entries.values() if entry.kind == "best"]
-        ranked = [entry for entry in ranked if entry.metric is not None and math.isfinite(entry.metric)]
+        # The manifest's own ranking, as the store's export chooses (without its verification of the files: a name
+        # in a message reads no checkpoint).
+        ranked = [entry for _, entry in Manifest(files=entries).ranked_best() if math.isfinite(entry.ranked_metric)]
         if not ranked:
             return None
-        best = min(ranked, key=lambda entry: (entry.ranked_metric, entry.episode))
-        return f"{self.store.monitor} {best.metric:.4g} (episode {best.episode})"
+        return f"{self.store.monitor} {ranked[0].metric:.4g} (episode {ranked[0].episode})"
 
 
 def _where(trainer: pl.Trainer) -> str:
