@@ -458,7 +458,7 @@ def _budget_spent(guard: TimeLimitGuard | None) -> bool:
     """The guard would stop at once: this process has used its share of the session budget already."""
     if guard is None:
         return False
-    return time_guard._process_age_seconds() >= guard.emergency_fraction * guard.budget_seconds
+    return time_guard.process_age_seconds() >= guard.emergency_fraction * guard.budget_seconds
 
 
 # ----- the phase-done marker -----

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import stat
 import threading
 import time
@@ -18,6 +19,7 @@ import pytest
 import torch
 from lightning_utilities.core.apply_func import apply_to_collection
 
+from atheria_lightning.callbacks import time_guard
 from atheria_lightning.testing import EpisodeClock as FakeEpisodeClock  # noqa: F401 (re-exported to the tests)
 
 # Tiny models on 2 cores: intra-op threads only contend (a grid-8 forward took ~1 s with 2 threads on a loaded
@@ -32,6 +34,34 @@ TINY = [
     "--model.architecture", "UNET", "--model.d_state", "2", "--model.hidden_channels", "4", "--model.grid_size", "8",
     "--model.qca_steps", "3", "--model.universes_per_episode", "1", "--trainer.enable_progress_bar", "false",
 ]  # fmt: skip
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--order", default="file", metavar="file|reverse|shuffle:SEED",
+                     help="run the collected tests in file order (default), reversed, or shuffled with SEED: "
+                     "no test may depend on what ran before it")  # fmt: skip
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    order = config.getoption("--order")
+    if order == "reverse":
+        items.reverse()
+    elif order.startswith("shuffle:") and order[len("shuffle:") :].isdigit():
+        random.Random(int(order[len("shuffle:") :])).shuffle(items)
+    elif order != "file":
+        raise pytest.UsageError(f"--order={order!r}: use file, reverse or shuffle:SEED (a whole number)")
+
+
+@pytest.fixture(autouse=True)
+def _a_fresh_session(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test's guards count the session from their own construction, not from the pytest process's start.
+
+    ``TimeLimitGuard`` counts the budget from the start of the process (in a notebook the kernel's age is the
+    session's), so an in-process fit late in a long suite would find the demo's 0.25 h spent. A test that needs
+    the real process age says so with ``@pytest.mark.real_process_age``; subprocess fits have their own age.
+    """
+    if request.node.get_closest_marker("real_process_age") is None:
+        monkeypatch.setattr(time_guard, "process_age_seconds", lambda: 0.0)
 
 
 @pytest.fixture(autouse=True)
@@ -103,11 +133,25 @@ def wait_for(predicate: Callable[[], bool], timeout: float) -> bool:
     return False
 
 
-def wait_for_first_checkpoint(run: Path, timeout: float = 180) -> Path:
-    """Wait until ``<run>/checkpoints/MANIFEST.json`` lists ``last.ckpt``; returns the manifest's path."""
+def listed_last_episode(checkpoints: Path) -> int | None:
+    """The episode of ``last.ckpt`` when ``checkpoints/MANIFEST.json`` lists it and the file verifies against that
+    entry; None otherwise (no manifest yet, only a pending entry, a replacement under way)."""
+    try:
+        entry = json.loads((checkpoints / "MANIFEST.json").read_text())["files"]["last.ckpt"]
+        data = (checkpoints / "last.ckpt").read_bytes()
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if len(data) != entry["size"] or hashlib.sha256(data).hexdigest() != entry["sha256"]:
+        return None
+    return entry["episode"]
+
+
+def wait_for_first_checkpoint(run: Path, timeout: float = 240, episode: int = 1) -> Path:
+    """Wait until ``<run>/checkpoints/MANIFEST.json`` lists a verified ``last.ckpt`` of at least ``episode``;
+    returns the manifest's path. A kill test waits for this state, never for a file to exist."""
     manifest = run / "checkpoints" / "MANIFEST.json"
-    if not wait_for(lambda: manifest.exists() and "last.ckpt" in manifest.read_text(), timeout):
-        raise AssertionError(f"no checkpoint appeared in {manifest.parent} within {timeout} s")
+    if not wait_for(lambda: (listed_last_episode(manifest.parent) or -1) >= episode, timeout):
+        raise AssertionError(f"no verified last.ckpt of episode >= {episode} in {manifest.parent} within {timeout} s")
     return manifest
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from any_module_run import fit
-from conftest import REPO, env_without_warnings, wait_for
+from conftest import REPO, env_without_warnings, wait_for_first_checkpoint
 
 pytestmark = pytest.mark.slow  # trains in subprocesses or over several sessions: out of the quick loop
 
@@ -30,7 +30,7 @@ def test_any_module_keeps_its_top_k_and_mirror_and_resumes_after_a_kill_and_from
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
                                env=env_without_warnings())  # fmt: skip
     try:
-        assert wait_for(lambda: (run / "checkpoints" / "MANIFEST.json").exists(), 120), "no checkpoint"
+        wait_for_first_checkpoint(run)
         process.send_signal(signal.SIGKILL)
         process.wait(30)
     finally:

@@ -133,7 +133,7 @@ def test_the_time_budget_is_shared_by_the_phases_of_one_session(
 ) -> None:
     clock = FakeEpisodeClock(60.0)  # a session clock shared by every phase of the process
     monkeypatch.setattr(time_guard, "time", types.SimpleNamespace(monotonic=clock, time=time.time))
-    monkeypatch.setattr(time_guard, "_process_age_seconds", lambda: clock.now)  # the session started at 0
+    monkeypatch.setattr(time_guard, "process_age_seconds", lambda: clock.now)  # the session started at 0
     # 0.1 h = 360 s, stop point 90% = 324 s: phase 1 (4 x 60 s) fits; phase 2 has time for one episode only.
     config = write_curriculum(tmp_path, max_hours=0.1)
     args = ["--config", config]

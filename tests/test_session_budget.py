@@ -7,12 +7,16 @@ from pathlib import Path
 import pytest
 from conftest import demo_args, run_dir
 
+from atheria_lightning.callbacks import time_guard
 from atheria_lightning.cli import main
 
 
-def test_max_hours_sets_this_sessions_budget_over_the_presets(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    # The budget counts from the process's start, and this test process is older than 90% of 0.0005 h (1.6 s):
-    # the guard stops after the first episode, with a checkpoint, where the preset's 0.25 h would train all 6.
+def test_max_hours_sets_this_sessions_budget_over_the_presets(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    # The budget counts from the process's start: a session a minute old is past 90% of 0.0005 h (1.6 s), so the
+    # guard stops after the first episode, with a checkpoint, where the preset's 0.25 h would train all 6.
+    monkeypatch.setattr(time_guard, "process_age_seconds", lambda: 60.0)
     assert main(demo_args(tmp_path, "--max_hours", "0.0005")) == 0
     out = capsys.readouterr().out
     assert "stopped at episode 1 of 6" in out and "of the 0.0005 h budget" in out

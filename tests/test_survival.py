@@ -49,7 +49,6 @@ def test_guard_stops_before_the_budget_with_a_checkpoint_and_the_same_command_re
 ) -> None:
     clock = FakeEpisodeClock(seconds_per_episode=60.0)  # the guard's budget runs out fast
     monkeypatch.setattr(time_guard, "time", types.SimpleNamespace(monotonic=clock, time=time.time))
-    monkeypatch.setattr(time_guard, "_process_age_seconds", lambda: 0.0)
     # demo.yaml's guard: 0.25 h = 900 s, stop point 90% = 810 s; 60 s episodes
     args = demo_args(tmp_path, episodes=40, val_every=5)
     AtheriaCLI(args=args, trainer_defaults={"callbacks": [clock]})

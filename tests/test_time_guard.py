@@ -120,3 +120,13 @@ def test_the_training_time_of_every_session_is_carried_by_the_checkpoint() -> No
     train_until_stopped(second, clock, fake_trainer())
     assert second.sessions == 2
     assert second.total_training_hours() == pytest.approx(2 * 3200.0 / HOUR)
+
+
+@pytest.mark.real_process_age
+def test_a_guard_counts_the_session_from_the_start_of_its_process() -> None:
+    # In a notebook the kernel's age is the session's: imports and earlier cells used the platform's quota too.
+    import psutil
+
+    age = time.time() - psutil.Process().create_time()
+    guard = TimeLimitGuard(max_hours=1.0)
+    assert guard.elapsed_seconds() >= age - 1.0 > 0

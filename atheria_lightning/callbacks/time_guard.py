@@ -41,8 +41,12 @@ def _check_hours(hours: float, setting: str) -> None:
     )
 
 
-def _process_age_seconds() -> float:
-    """Seconds since this process started (imports and platform start-up count against the quota too)."""
+def process_age_seconds() -> float:
+    """Seconds since this process started (imports and platform start-up count against the quota too).
+
+    Every guard reads the session's age through this module-level name: the one seam for code that runs many
+    sessions in one process (the test suite gives each test a fresh session by replacing it).
+    """
     try:
         import psutil
 
@@ -106,7 +110,7 @@ class TimeLimitGuard(UsesClock, UsesRunStore, Callback):
         self.clock: Callable[[], float] = time.monotonic
         self.log_every_n_episodes = log_every_n_episodes
         # The process's own start-up counts against the quota too.
-        self._start = self.clock() - _process_age_seconds()
+        self._start = self.clock() - process_age_seconds()
         self.episode_seconds: float | None = None
         self.episodes_measured = 0
         self.previous_sessions_seconds = 0.0
