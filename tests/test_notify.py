@@ -19,6 +19,7 @@ from conftest import REPO, Sink, demo_args, env_without_warnings, run_dir, wait_
 
 from atheria_lightning import notifier as notifier_module
 from atheria_lightning.callbacks import notify as notify_module
+from atheria_lightning.callbacks import time_guard
 from atheria_lightning.callbacks.resources import memory_percent
 from atheria_lightning.cli import main
 from atheria_lightning.module import QCAModule
@@ -74,8 +75,11 @@ def test_a_finished_run_notifies_every_url_once_with_the_best_value(
     assert (tmp_path / "runs" / EXPERIMENT / "logs" / "config.yaml").is_file()
 
 
-def test_a_time_guard_stop_says_where_and_how_to_continue(tmp_path: Path, sink: Sink) -> None:
-    # As in test_session_budget: this process is older than 90% of 0.0005 h, so the guard stops after episode 1.
+def test_a_time_guard_stop_says_where_and_how_to_continue(
+    tmp_path: Path, sink: Sink, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # As in test_session_budget: a session a minute old is past 90% of 0.0005 h, so the guard stops after episode 1.
+    monkeypatch.setattr(time_guard, "process_age_seconds", lambda: 60.0)
     assert main(args(tmp_path, sink.url, extra=("--max_hours", "0.0005"))) == 0
     assert_named(sink)
     assert titles(sink) == [f"atheria {EXPERIMENT}: stopped at episode 1 of 6 (17%)"]
