@@ -59,7 +59,7 @@ from atheria_lightning.presets import PresetAction, missing_config_line
 from atheria_lightning.report import write_report
 from atheria_lightning.scalars import BufferedTensorBoardLogger
 from atheria_lightning.settings import changed_settings, refuse_fixed_changes
-from atheria_lightning.store import META_KEY, Checkpoint, MirrorStatus, RunStore, UsesRunStore
+from atheria_lightning.store import META_KEY, Checkpoint, MirrorInUse, MirrorStatus, RunStore, UsesRunStore
 from atheria_lightning.trackers import WandbRun, WandbRunId, check_logger_packages, logger_lines
 
 log = logging.getLogger(__name__)
@@ -72,6 +72,8 @@ EXIT_DISK_FULL = 1
 EXIT_BAD_SETTINGS = 2
 EXIT_CANNOT_TRAIN = 3
 EXIT_MIRROR_BEHIND = 4
+#: Another session owns the run's mirror: it was refused at the start, or took the mirror over during training.
+EXIT_MIRROR_TAKEN = 5
 #: What every checkpoint was ranked by before the store recorded the monitor in each file.
 LEGACY_MONITOR = "val/combined"
 
@@ -178,6 +180,13 @@ class AtheriaCLI(LightningCLI):
             help="auto (newest verified checkpoint, local or mirror), never, or a checkpoint path.",
         )
         parser.add_argument(
+            "--take_over",
+            type=bool,
+            default=False,
+            help="Take the run's mirror over from another session that still holds its lease (a closed tab, a VM "
+            "that is gone); that session stops uploading at its next sync.",
+        )
+        parser.add_argument(
             "--max_hours",
             type=float | None,
             default=None,
@@ -269,7 +278,7 @@ class AtheriaCLI(LightningCLI):
         self._apply_session_budget(kwargs["callbacks"])
         loggers = self._use_loggers(kwargs.get("logger", trainer_config.get("logger")), kwargs["callbacks"])
         if self.notifier is not None:  # last: it reports what the stopping callbacks and the checkpoints did
-            stoppers = [cb for cb in kwargs["callbacks"] if isinstance(cb, TimeLimitGuard | StopOnSignal)]
+            stoppers = [cb for cb in kwargs["callbacks"] if isinstance(cb, TimeLimitGuard | StopOnSignal | MirrorSync)]
             kwargs["callbacks"].append(Notify(self.notifier, stoppers))
         # One store owns the run folder; the callbacks that act on its files get it, and Lightning's saves reach it.
         self.store = RunStore(self.run_dir)
@@ -361,7 +370,8 @@ class AtheriaCLI(LightningCLI):
             return Checkpoint(chosen, os.path.basename(chosen), -1, None, "rank 0") if chosen else None
         assert self.store is not None
         resume = ckpt_path or self.run_settings["resume"]
-        point = self.store.start(with_mirror=with_mirror, with_previous=with_mirror and resume == "auto")
+        point = self.store.start(with_mirror=with_mirror, with_previous=with_mirror and resume == "auto",
+                                 take_over=bool(self.run_settings.get("take_over")))  # fmt: skip
         if resume == "auto":
             return point
         if resume == "never":
@@ -412,7 +422,9 @@ class AtheriaCLI(LightningCLI):
                 self._notify_end(datamodule, failure, status)
         if status is not None:
             print(status.line(), flush=True)
-            if status.behind:
+            if status.superseded_by is not None:
+                self.exit_code = EXIT_MIRROR_TAKEN
+            elif status.behind:
                 self.exit_code = EXIT_MIRROR_BEHIND
 
     def _notify_end(
@@ -428,6 +440,8 @@ class AtheriaCLI(LightningCLI):
                 self.notifier.failed(code, where, line)
             else:
                 self.notifier.ended(line)
+        elif status is not None and status.superseded_by is not None:
+            self.notifier.mirror_behind(EXIT_MIRROR_TAKEN, status.line())
         elif status is not None and status.behind:
             self.notifier.mirror_behind(EXIT_MIRROR_BEHIND, status.line())
         self.notifier.close()
@@ -537,9 +551,10 @@ class SaveConfigWithoutSecrets(SaveConfigCallback):
     the preset that gave them keeps them."""
 
     def __init__(self, parser: LightningArgumentParser, config: Any, *args: Any, **kwargs: Any) -> None:
-        if config.get("notify") is not None:
+        if config.get("notify") is not None or config.get("take_over"):
             config = config.clone()
             config["notify"] = None
+            config["take_over"] = False  # this session's decision, never a later one's
         super().__init__(parser, config, *args, **kwargs)
 
 
@@ -548,7 +563,8 @@ def run_reporting_errors(run: Callable[[], int]) -> int:
 
     Exit codes: 0 done or stopped cleanly, 1 out of disk space, 2 bad settings or a refused checkpoint,
     3 training cannot go on (non-finite losses, out of GPU memory), 4 done but the mirror is behind (run the same
-    command again to retry). Anything else is a bug and keeps its traceback. SIGTERM or Ctrl+C outside training
+    command again to retry), 5 another session owns the mirror (refused at the start, or taken over during
+    training). Anything else is a bug and keeps its traceback. SIGTERM or Ctrl+C outside training
     (start-up, final flush) ends with exit 0 and one line: training itself stops through ``StopOnSignal``.
     """
     try:
@@ -592,7 +608,8 @@ def error_outcome(err: BaseException) -> tuple[int, str] | None:
     config_error = find_config_error(err) if isinstance(err, Exception) else None
     if config_error is None:
         return None
-    return EXIT_BAD_SETTINGS, f"atheria: error: {config_error}"
+    code = EXIT_MIRROR_TAKEN if isinstance(config_error, MirrorInUse) else EXIT_BAD_SETTINGS
+    return code, f"atheria: error: {config_error}"
 
 
 def exit_status(err: BaseException) -> tuple[int, str]:

@@ -186,8 +186,9 @@ def test_retention_removes_from_the_mirror_only_after_its_new_manifest(run_dir: 
     assert store.flush(10)
     assert_mirrored(url, run_dir)
     order = [f"{kind}:{os.path.basename(path)}" for kind, path in flaky.events]
-    assert order.index("copy:best-e000020.ckpt") < order.index("copy:MANIFEST.json")
-    assert order.index("copy:MANIFEST.json") < order.index("rm:best-e000010.ckpt")
+    manifests = [index for index, event in enumerate(order) if event == "copy:MANIFEST.json"]
+    # The journal (the new file as pending) first, the file, the manifest listing it, and only then the removal.
+    assert manifests[0] < order.index("copy:best-e000020.ckpt") < manifests[1] < order.index("rm:best-e000010.ckpt")
 
 
 def test_a_flaky_mirror_ends_complete_with_retries(run_dir: Path, mirror_root: str, flaky: Any) -> None:
@@ -279,8 +280,8 @@ def test_flush_and_close_are_safe_without_a_mirror_or_a_start(tmp_path: Path, mi
 
 def test_other_ranks_touch_no_file(run_dir: Path, mirror_root: str) -> None:
     store = RunStore(run_dir)
-    trainer = SimpleNamespace(is_global_zero=False, default_root_dir=str(run_dir), loggers=[],
-                              strategy=SimpleNamespace(broadcast=lambda obj, src=0: obj))  # fmt: skip
+    trainer = SimpleNamespace(is_global_zero=False, default_root_dir=str(run_dir), loggers=[], datamodule=None,
+                              global_step=0, strategy=SimpleNamespace(broadcast=lambda obj, src=0: obj))  # fmt: skip
     mirror = MirrorSync(f"memory://{mirror_root}", every_n_episodes=1).use_store(store)
     mirror.setup(trainer, None, "fit")
     mirror.on_train_batch_end(trainer, None, None, None, 0)

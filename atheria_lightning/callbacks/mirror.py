@@ -10,6 +10,8 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import Self, override
 
+from atheria_lightning.callbacks.stopping import say
+from atheria_lightning.data import episodes_done, total_episodes
 from atheria_lightning.errors import ConfigError, require
 from atheria_lightning.scalars import BufferedTensorBoardLogger, send_to_loggers
 from atheria_lightning.store import RunStore, UsesRunStore, check_mirror_url
@@ -33,6 +35,11 @@ class MirrorSync(UsesRunStore, Callback):
     sync is retried with exponential backoff and jitter; when retries run out it counts as a failure, is logged once
     and training goes on. At every start the store compares the mirror with the local folder, whatever it held
     (damaged manifest, a stale copy, a new machine), before anything trains.
+
+    One session owns a run's mirror at a time (the store's lease). When another session takes it over
+    (``--take_over``, or a heartbeat gone stale), this session is *superseded*: it uploads nothing more, stops after
+    the episode where rank 0 sees it (checked every ``every_n_episodes`` episodes) with ``last.ckpt`` kept in the
+    local run folder, and the command ends with exit code 5.
 
     When a sync takes more than ``max_share`` of the wall time between two sync requests, the interval doubles (up to
     16 times ``every_n_episodes``); under a quarter of that share it halves back towards ``every_n_episodes``.
@@ -98,6 +105,7 @@ class MirrorSync(UsesRunStore, Callback):
         self._syncs_seen = 0
         self._last_request_at: float | None = None
         self._last_gap: float | None = None
+        self._taken_by: str | None = None  # the session that took the mirror over, once this one has stopped for it
 
     def use_clock(self, clock: Callable[[], float] | None = None, sleep: Callable[[float], Any] | None = None) -> Self:
         """Tests: a clock for the interval adaptation and a sleep for the retries, so that none waits; before
@@ -141,10 +149,21 @@ class MirrorSync(UsesRunStore, Callback):
             raise ConfigError(problem)
         self._episodes_since_request, self._last_request_at, self._sync_due = 0, None, False
 
+    @property
+    def stopped_because(self) -> str | None:
+        """Why this session stopped early, once another session took the mirror over (:class:`StopsEarly`)."""
+        return None if self._taken_by is None else f"the mirror was taken over by another session ({self._taken_by})"
+
     @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        if self.store is not None and episodes_done(trainer) % self.every_n_episodes == 0:
+            # Decided on rank 0 and shared at episodes every rank counts alike, so all ranks stop together.
+            taken = trainer.strategy.broadcast(self.store.superseded_by if trainer.is_global_zero else None, src=0)
+            if taken is not None and self._taken_by is None:
+                self._taken_by = taken
+                trainer.should_stop = True
         if not trainer.is_global_zero or self.store is None:
             return
         self._episodes_since_request += 1
@@ -180,6 +199,11 @@ class MirrorSync(UsesRunStore, Callback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.is_global_zero and self.store is not None:
             self.store.flush(self.flush_timeout_s)
+        if trainer.is_global_zero and self._taken_by is not None:
+            done, total = episodes_done(trainer), total_episodes(trainer)
+            where = f"step {done}" if total is None else f"episode {done} of {total}"
+            say(f"stopped at {where}: {self.stopped_because}; this session's checkpoints stay in "
+                f"{self.store.run_dir if self.store else 'the run folder'} and are not uploaded")  # fmt: skip
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:

@@ -10,11 +10,14 @@ Callbacks decide *when* (episode cadence, validation, time budget, signals); the
   holds across kills, resumes and a changed folder;
 - the mirror (:mod:`~atheria_lightning.store.mirror`): each write tells its queue what to send; a sync sends what is
   queued, writes the mirror's manifest, then removes what retention dropped; a flush waits for that with a bound;
+- the mirror's lease (:mod:`~atheria_lightning.store.lease`): one session owns a run's mirror at a time; a later
+  one that takes it over supersedes it, and the mirror never goes backwards;
 - the start of every session: a damaged manifest is rebuilt from the files, the mirror and the local folder are
   compared, what the mirror has newer is downloaded (verified), what it lacks is queued for upload;
 - the choices: the checkpoint to resume from (newest) and the one to export or hand to the next phase (best).
 """
 
+from atheria_lightning.store.lease import MirrorInUse
 from atheria_lightning.store.manifest import META_KEY, Entry, best_name, is_checkpoint_name, unsound
 from atheria_lightning.store.mirror import MirrorStatus, check_mirror_url, remote_run_dir
 from atheria_lightning.store.run_store import Checkpoint, RunStore, StoreCheckpointIO, UsesRunStore, serialized
@@ -23,6 +26,7 @@ __all__ = [
     "META_KEY",
     "Checkpoint",
     "Entry",
+    "MirrorInUse",
     "MirrorStatus",
     "RunStore",
     "StoreCheckpointIO",

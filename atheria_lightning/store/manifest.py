@@ -1,8 +1,9 @@
 """MANIFEST.json: what it may list, how it is read (or rebuilt from the files) and written; nothing else touches one.
 
-Layout (``<run>/checkpoints/MANIFEST.json``, the same on the mirror)::
+Layout (``<run>/checkpoints/MANIFEST.json``, the same on the mirror, where ``generation`` names the lease of the
+session that wrote it)::
 
-    {"version": 1, "updated": 1732600000.0,
+    {"version": 1, "updated": 1732600000.0, "generation": 3,
      "files": {"last.ckpt": {"episode": 40, "metric": 1.23, "size": 1391075, "sha256": "ab...", "kind": "last",
                              "saved_at": 1732600000.0}},
      "pending": {...}}
@@ -91,10 +92,14 @@ class Manifest:
     files: dict[str, Entry] = field(default_factory=dict)
     pending: dict[str, Entry] = field(default_factory=dict)
     updated: float = 0.0
+    #: On a mirror: the lease generation of the session that wrote it (see :mod:`~atheria_lightning.store.lease`).
+    generation: int = 0
 
     def to_json(self) -> bytes:
         files = {name: asdict(entry) for name, entry in sorted(self.files.items())}
         data: dict[str, Any] = {"version": MANIFEST_VERSION, "updated": self.updated, "files": files}
+        if self.generation:
+            data["generation"] = self.generation
         if self.pending:
             data["pending"] = {name: asdict(entry) for name, entry in sorted(self.pending.items())}
         return json.dumps(data, indent=1).encode()
@@ -127,7 +132,10 @@ def _parse_manifest(text: str | bytes, where: str) -> Manifest:
     sections = {key: data.get(key, {}) for key in ("files", "pending")}
     if not all(isinstance(section, dict) for section in sections.values()):
         raise DamagedManifest("'files' and 'pending' must be mappings")
-    manifest = Manifest(updated=_number(data.get("updated", 0.0), "updated"))
+    generation = data.get("generation", 0)
+    if not (_is_int(generation) and generation >= 0):
+        raise DamagedManifest("'generation' must be a whole number >= 0")
+    manifest = Manifest(updated=_number(data.get("updated", 0.0), "updated"), generation=generation)
     for key, section in sections.items():
         for name, raw in section.items():
             if not isinstance(name, str) or not is_checkpoint_name(name):

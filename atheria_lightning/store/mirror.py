@@ -9,6 +9,7 @@ import os
 import posixpath
 import random
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import IO, Any
@@ -22,14 +23,17 @@ from fsspec.utils import get_protocol
 
 from atheria_lightning.errors import ConfigError, require
 from atheria_lightning.files import TMP_MARKER, atomic_write, copy_measured, join, tmp_path_for, verify
+from atheria_lightning.store.lease import HEARTBEAT_S, Holder, Lease, Superseded
 from atheria_lightning.store.manifest import (
     CHECKPOINTS,
     QUARANTINE,
+    DamagedManifest,
     Entry,
     Manifest,
     Side,
     adopt_unlisted,
     episode_in,
+    read_as_is,
     read_or_rebuild,
     same,
     settle,
@@ -59,8 +63,14 @@ class MirrorStatus:
     mirror_episode: int
     behind: bool
     failures: int
+    #: The session that took the mirror over from this one, described; None while this session owns it.
+    superseded_by: str | None = None
 
     def line(self) -> str:
+        if self.superseded_by is not None:
+            return (f"mirror taken over by another session ({self.superseded_by}): this session stopped uploading "
+                    f"with the mirror at episode {max(self.mirror_episode, 0)}; its own checkpoints up to episode "
+                    f"{self.local_episode} stay in the local run folder; the run goes on in that session")  # fmt: skip
         if self.behind:
             return (f"mirror behind: episode {max(self.mirror_episode, 0)} of {self.local_episode} "
                     f"({self.remote}) — run the same command again to retry")  # fmt: skip
@@ -144,6 +154,9 @@ class Mirror:
         self.flush_timeout_s, self.max_retries, self.backoff_s = flush_timeout_s, max_retries, backoff_s
         self.clock, self.sleep = clock, sleep
         self.side = Side(fs, join(self.root, CHECKPOINTS), "mirror")
+        self.lease = Lease(fs, self.root, url)
+        #: Set once a later session has taken the mirror over; nothing is uploaded after that.
+        self.superseded: Superseded | None = None
         self.remote: Manifest | None = None  # the mirror's manifest as last read or written
         self.queue: dict[str, Entry | None] = {}  # name -> entry to upload, or None to remove
         self.failures = 0
@@ -176,6 +189,34 @@ class Mirror:
         except Exception as err:
             raise ConfigError(f"mirror_url={self.url!r} is not reachable: cannot write {self.root} ({err})") from err
         self._connected = True
+
+    def acquire(self, take_over: bool) -> Holder | None:
+        """Take the mirror's lease for this session (after :meth:`connect`, before the manifest is read); the
+        session it was taken from, when that one had not released it. Raises ``MirrorInUse`` (a ``ConfigError``)
+        while another live session holds it and ``take_over`` is False."""
+        if self.lease.mine is not None:
+            return None
+        try:
+            at_least = self._retrying(lambda: read_as_is(self.side)).generation
+        except (OSError, DamagedManifest):  # none yet, or damaged: the lease files alone number the sessions
+            at_least = 0
+        try:
+            return self._retrying(lambda: self.lease.acquire(take_over, at_least), give_up=(ConfigError,))
+        except ConfigError:
+            raise
+        except Exception as err:  # e.g. a file where the lease folder should be: nothing trains without the lease
+            raise ConfigError(f"mirror_url={self.url!r}: the lease of this session cannot be written in "
+                              f"{self.lease.folder} ({err}); move aside what is there, then run the same command "
+                              "again") from err  # fmt: skip
+
+    def superseded_by(self) -> str | None:
+        """Who took the mirror over from this session, in words; None while it owns the mirror."""
+        if self.superseded is None:
+            return None
+        successor = self.superseded.successor
+        if successor is None:
+            return f"lease generation {self.superseded.generation}"
+        return f"{successor.describe(time.time())}, lease generation {successor.generation}"
 
     def _probe(self) -> None:
         self.fs.makedirs(self.root, exist_ok=True)
@@ -220,7 +261,10 @@ class Mirror:
         older local state would later replace the mirror's newer file.
         """
         try:
-            matched = self._retrying(lambda: self._download_once(name, entry, local_path, journal))
+            matched = self._retrying(lambda: self._download_once(name, entry, local_path, journal),
+                                     give_up=(FileNotFoundError,))  # fmt: skip
+        except FileNotFoundError:
+            raise  # listed when the manifest was read, gone now: the caller reads the manifest again
         except Exception as err:  # each backend raises its own types for a lost connection or a denied read
             raise ConfigError(
                 f"mirror_url={self.url!r} holds {name} of episode {entry.episode}, which could not be downloaded "
@@ -235,6 +279,11 @@ class Mirror:
             self._write_manifest(self.remote)
             self.side.quarantine(name)
         return matched
+
+    def reread(self) -> Manifest:
+        """Read the mirror's manifest again (it changed since :meth:`open`: a file it listed is gone)."""
+        self.remote = None
+        return self.open()
 
     def download_plain_folders(self) -> int:
         """Copy the mirror's ``logs/`` and ``exports/`` files that the local run folder lacks; their count.
@@ -278,19 +327,26 @@ class Mirror:
             return done and self._last_ok and not self.queue
 
     def stop(self) -> None:
+        """Stop the worker, then give the lease back (the session is over: the next one needs no take-over)."""
         worker, stop = self._worker, self._stop
         self._worker = self._stop = None
-        if worker is None or stop is None:
-            return
-        with self._cond:
-            stop.set()
-            self._cond.notify_all()
-        worker.join(JOIN_TIMEOUT_S)
+        if worker is not None and stop is not None:
+            with self._cond:
+                stop.set()
+                self._cond.notify_all()
+            worker.join(JOIN_TIMEOUT_S)
+        if self.superseded is None and self._connected:
+            try:
+                with self._sync_lock:
+                    self.lease.release()
+            except Exception as err:  # an unreachable mirror: the lease goes stale by itself
+                log.warning("mirror: the lease of this session was not released (%s); the next session takes it "
+                            "over once its heartbeat is old", err)  # fmt: skip
 
     def status(self, local_episode: int) -> MirrorStatus:
         remote = self.remote.newest_episode() if self.remote is not None else -1
         behind = bool(self.queue) or not self._last_ok or remote < local_episode
-        return MirrorStatus(join(self.root, ""), local_episode, remote, behind, self.failures)
+        return MirrorStatus(join(self.root, ""), local_episode, remote, behind, self.failures, self.superseded_by())
 
     def _start_worker(self) -> None:
         if self._worker is not None:
@@ -302,11 +358,16 @@ class Mirror:
     def _work(self, stop: threading.Event) -> None:
         while True:
             with self._cond:
-                self._cond.wait_for(lambda: self._pending or stop.is_set())
+                # Between syncs the lease still needs its heartbeat, or another session would take it over.
+                woken = self._cond.wait_for(lambda: self._pending or stop.is_set(), timeout=HEARTBEAT_S)
                 if stop.is_set():
                     return
-                self._pending = False
-                self._started += 1
+                if woken:
+                    self._pending = False
+                    self._started += 1
+            if not woken:
+                self._heartbeat()  # outside the condition: a request must never wait for the network
+                continue
             try:
                 ok = self._sync()
             except Exception:  # a bug here must not kill the thread and leave flush waiting on nothing
@@ -317,14 +378,35 @@ class Mirror:
                 self._last_ok = ok
                 self._cond.notify_all()
 
+    def _heartbeat(self) -> None:
+        with self._sync_lock:
+            if self.superseded is not None:
+                return
+            try:
+                self.lease.heartbeat(force=True)
+            except Superseded as superseded:
+                self._supersede(superseded)
+            except Exception as err:  # the next sync retries, and counts a failure if it must
+                log.debug("mirror: lease heartbeat failed (%s)", err)
+
+    def _supersede(self, superseded: Superseded) -> None:
+        self.superseded = superseded
+        log.warning("mirror %s was taken over by another session (%s): this session uploads nothing more",
+                    self.root, self.superseded_by())  # fmt: skip
+
     # -- one sync --
     def _sync(self) -> bool:
         self.wait_for_writes(self.flush_timeout_s)  # the writes already queued first, so their entries are queued
         with self._sync_lock:
+            if self.superseded is not None:
+                return False
             started = self.clock()
             try:
                 self.connect()
-                self._retrying(self._sync_attempt)
+                self._retrying(self._sync_attempt, give_up=(Superseded,))
+            except Superseded as superseded:
+                self._supersede(superseded)
+                return False
             except Exception as err:  # whatever the backend raises, training must go on
                 self.failures += 1
                 self.syncs_ended += 1
@@ -338,9 +420,30 @@ class Mirror:
     def _sync_attempt(self) -> None:
         if self.remote is None:
             self.open()
+        self._check_owner()
         self._sync_checkpoints()
         for folder in PLAIN_FOLDERS:
             self._sync_plain_folder(folder)
+        self.lease.heartbeat()
+
+    def _check_owner(self) -> None:
+        """Before anything is replaced: raise :class:`Superseded` when a later session holds the lease or wrote the
+        manifest; take the manifest as the mirror has it now when another writer changed it meanwhile."""
+        self.lease.check()
+        try:
+            fresh = read_as_is(self.side)
+        except FileNotFoundError:
+            return  # nothing listed yet (or removed by a person): this session's view stands
+        except DamagedManifest:
+            return  # rewritten from this session's view at the end of this sync
+        if fresh.generation > self.lease.generation:
+            raise Superseded(None, fresh.generation)
+        assert self.remote is not None
+        if fresh.files != self.remote.files:
+            log.warning("mirror %s: MANIFEST.json was changed by another writer since this session wrote it; "
+                        "continuing from what it lists now (no upload replaces a newer episode)",
+                        self.side.folder)  # fmt: skip
+            self.remote = Manifest(dict(fresh.files))
 
     def _sync_checkpoints(self) -> None:
         assert self.remote is not None
@@ -348,12 +451,13 @@ class Mirror:
             batch = dict(self.queue)
         uploads = {name: entry for name, entry in batch.items()
                    if entry is not None and not same(self.remote.files.get(name), entry)}  # fmt: skip
-        replacing = {name: entry for name, entry in uploads.items() if name in self.remote.files}
-        if replacing and replacing != self._journalled:  # a retry finds its journal already written
-            # Before a listed file is overwritten: its new entry is journalled, so a kill after the move still
-            # leaves a file that verifies against one of the two.
-            self._write_manifest(Manifest(dict(self.remote.files), replacing))
-            self._journalled = replacing
+        older = self._older_than_the_mirror(uploads)
+        uploads = {name: entry for name, entry in uploads.items() if name not in older}
+        if uploads and uploads != self._journalled:  # a retry finds its journal already written
+            # Every file about to be sent is journalled first: a kill after a move still leaves files that verify
+            # against their pending entry, which the next start lists (with their metric) instead of setting aside.
+            self._write_manifest(Manifest(dict(self.remote.files), dict(uploads)))
+            self._journalled = dict(uploads)
         changed = []
         for name, entry in uploads.items():
             if same(self._verified.get(name), entry):
@@ -384,6 +488,18 @@ class Mirror:
             for name, entry in batch.items():
                 if name not in changed and self.queue.get(name, _NOTHING) == entry:
                     del self.queue[name]
+
+    def _older_than_the_mirror(self, uploads: dict[str, Entry]) -> set[str]:
+        """Names whose upload would replace a newer episode on the mirror: the mirror never goes backwards."""
+        assert self.remote is not None
+        older = set()
+        for name, entry in uploads.items():
+            theirs = self.remote.files.get(name)
+            if theirs is not None and theirs.episode > entry.episode:
+                log.warning("mirror %s/%s holds episode %d, newer than this session's %d: not replaced",
+                            self.side.folder, name, theirs.episode, entry.episode)  # fmt: skip
+                older.add(name)
+        return older
 
     def _upload_checkpoint(self, name: str, entry: Entry) -> bool:
         """Upload and verify one checkpoint; False when the local file no longer matches the queued entry."""
@@ -436,12 +552,16 @@ class Mirror:
         self._made_dirs.add(parent)
 
     def _write_manifest(self, manifest: Manifest) -> None:
+        manifest.generation = self.lease.generation
         write_manifest(self.side, manifest)
 
-    def _retrying(self, attempt: Callable[[], Any]) -> Any:
+    def _retrying(self, attempt: Callable[[], Any], give_up: tuple[type[BaseException], ...] = ()) -> Any:
+        """``attempt()``, retried with backoff; the ``give_up`` errors are raised at once (no retry changes them)."""
         for retry in range(self.max_retries + 1):
             try:
                 return attempt()
+            except give_up:
+                raise
             except Exception as err:
                 if retry == self.max_retries:
                     raise

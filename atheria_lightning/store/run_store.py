@@ -22,7 +22,7 @@ from lightning.fabric.utilities.types import _PATH
 from lightning_utilities.core.apply_func import apply_to_collection
 from typing_extensions import Self, override
 
-from atheria_lightning.errors import require
+from atheria_lightning.errors import ConfigError, require
 from atheria_lightning.files import MeasuredWriter, atomic_write, copy_measured, remove_stale_tmp, verify
 from atheria_lightning.store.manifest import (
     CHECKPOINTS,
@@ -46,6 +46,9 @@ from atheria_lightning.store.mirror import Mirror, MirrorStatus, copy_plain_file
 from atheria_lightning.store.previous import examine, find_run_folders, newest_first
 
 log = logging.getLogger(__name__)
+
+#: How often a start reads the mirror's manifest again when listed files vanish under it before giving up.
+VANISHED_REREADS = 3
 
 
 @dataclass(frozen=True)
@@ -155,7 +158,7 @@ class RunStore:
         self._previous = (root, label)
 
     # -- start of a session --
-    def start(self, with_mirror: bool = True, with_previous: bool = True) -> Checkpoint | None:
+    def start(self, with_mirror: bool = True, with_previous: bool = True, take_over: bool = False) -> Checkpoint | None:
         """Reconcile the run folder (and the mirror), then return the checkpoint to resume from, if any.
 
         Local: temporary files of killed writes are removed, a damaged manifest is rebuilt from the files, listed
@@ -165,11 +168,14 @@ class RunStore:
         (``with_previous``, after :meth:`look_in_previous_versions`): only when neither has a checkpoint, the run
         is copied from it, verified. Retention is applied. The resume point is the newest verified checkpoint
         whose weights are finite.
+
+        With a mirror, this session first takes its lease (:mod:`~atheria_lightning.store.lease`): refused with
+        ``MirrorInUse`` while another live session holds it, unless ``take_over``.
         """
         self.open()
         downloaded: set[str] = set()
         if with_mirror and self._mirror is not None:
-            self._mirror.connect()
+            self._connect_mirror(take_over)
             downloaded = self._download_newer(self._mirror.open())
             restored = self._mirror.download_plain_folders()
             if restored:
@@ -188,14 +194,28 @@ class RunStore:
             point = replace(point, source=f"{label}: {copied[point.name]}, copied to")
         return point
 
-    def start_mirror(self) -> None:
-        """Reach the mirror (``ConfigError`` when not) and queue what it lacks; a no-op once done or without one."""
+    def start_mirror(self, take_over: bool = False) -> None:
+        """Reach the mirror (``ConfigError`` when not), take its lease and queue what it lacks; a no-op once done
+        or without one."""
         if self._mirror is None or self._mirror.remote is not None:
             return
         self.open()
-        self._mirror.connect()
+        self._connect_mirror(take_over)
         self._mirror.open()
         self._mirror.reconcile(self._entries())
+
+    def _connect_mirror(self, take_over: bool) -> None:
+        assert self._mirror is not None
+        self._mirror.connect()
+        previous = self._mirror.acquire(take_over)
+        if previous is not None:
+            print(f"mirror: taken over from another session ({previous.describe(time.time())}); that session "
+                  "stops uploading at its next sync", flush=True)  # fmt: skip
+
+    @property
+    def superseded_by(self) -> str | None:
+        """Who took this run's mirror over from this session, in words; None while it owns it (or has none)."""
+        return self._mirror.superseded_by() if self._mirror is not None else None
 
     def open(self) -> None:
         """Read (or rebuild) the local manifest and check every file it lists; once per store."""
@@ -226,9 +246,29 @@ class RunStore:
             self._write_manifest()
 
     def _download_newer(self, remote: Manifest) -> set[str]:
-        """Bring every mirror checkpoint the local folder lacks, or has older, into it, verified; their names."""
+        """Bring every mirror checkpoint the local folder lacks, or has older, into it, verified; their names.
+
+        A listed file that vanished before it was downloaded (another session's retention between the manifest's
+        read and the download) means the manifest changed: it is read again, a few times at most.
+        """
+        assert self._mirror is not None
+        downloaded: set[str] = set()
+        for _ in range(VANISHED_REREADS):
+            try:
+                self._download_listed(remote, downloaded)
+                return downloaded
+            except FileNotFoundError as err:
+                log.warning("mirror: a listed checkpoint vanished during this start (%s): reading its manifest again",
+                            err)  # fmt: skip
+                remote = self._mirror.reread()
+        raise ConfigError(
+            f"mirror_url={self._mirror.url!r} keeps changing while this session starts (listed checkpoints vanish "
+            "before they can be read): another session is writing it; stop that session, then run the same command "
+            "again"
+        )
+
+    def _download_listed(self, remote: Manifest, downloaded: set[str]) -> None:
         assert self._mirror is not None and self._manifest is not None
-        downloaded = set()
         for name, entry in sorted(remote.files.items(), key=lambda item: -item[1].episode):
             mine = self._manifest.files.get(name)
             if mine is not None and (mine.sha256 == entry.sha256 or mine.episode >= entry.episode):
@@ -236,7 +276,6 @@ class RunStore:
             if self._mirror.download(name, entry, self._path(name), self._journal):
                 self._list(name, entry)
                 downloaded.add(name)
-        return downloaded
 
     def _copy_previous(self, root: str, label: str) -> dict[str, str]:
         """Copy the run from the previous version under ``root`` with the newest sound checkpoint: its listed

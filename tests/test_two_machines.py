@@ -1,0 +1,336 @@
+"""One run, many machines: the mirror's lease lets one trainer own it at a time, a take-over supersedes the other
+trainer, the mirror never goes backwards, and a start that loses a race with another session reads again."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from conftest import (
+    CONFIGS,
+    REPO,
+    TINY,
+    callbacks_config,
+    env_without_warnings,
+    snapshot,
+    wait_for,
+)
+
+from atheria_lightning.cli import main
+from atheria_lightning.store import RunStore
+from atheria_lightning.store.lease import LEASE_FOLDER, STALE_AFTER_S, lease_name
+from atheria_lightning.store.mirror import Mirror
+
+EXPERIMENT = "demo"
+
+
+def fit_args(tmp_path: Path, root: str, mirror: str, *extra: str, episodes: int = 400) -> list[str]:
+    """The demo preset, shrunk, with a checkpoint every episode and a sync every 2, in ``<tmp>/<root>``."""
+    return ["fit", "--config", str(CONFIGS / "demo.yaml"), "--config", callbacks_config(tmp_path, every=1, sync=2),
+            "--run_root", str(tmp_path / root), "--mirror_url", mirror, "--data.total_episodes", str(episodes),
+            "--data.val_every_episodes", "2", *TINY, *extra]  # fmt: skip
+
+
+def manifest_of(folder: Path) -> dict[str, Any]:
+    return json.loads((folder / "checkpoints" / "MANIFEST.json").read_text())
+
+
+def mirror_last(mirror_run: Path) -> int:
+    try:
+        return manifest_of(mirror_run)["files"]["last.ckpt"]["episode"]
+    except (OSError, ValueError, KeyError):
+        return -1
+
+
+class MirrorWatch:
+    """Reads the mirror's manifest every few milliseconds: every ``last.ckpt`` episode and generation it listed."""
+
+    def __init__(self, mirror_run: Path) -> None:
+        self.mirror_run, self.seen = mirror_run, []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+
+    def _watch(self) -> None:
+        while not self._stop.is_set():
+            try:
+                data = manifest_of(self.mirror_run)
+                entry = (data.get("generation", 0), data["files"]["last.ckpt"]["episode"])
+            except (OSError, ValueError, KeyError):
+                entry = None
+            if entry is not None and (not self.seen or self.seen[-1] != entry):
+                self.seen.append(entry)
+            time.sleep(0.005)
+
+    def stop(self) -> list[tuple[int, int]]:
+        self._stop.set()
+        self._thread.join(5)
+        return self.seen
+
+
+@pytest.fixture
+def trainer_a(tmp_path: Path) -> Iterator[tuple[subprocess.Popen, Path]]:
+    """Trainer A on machine A (``<tmp>/a``), mirroring to ``<tmp>/mirror``; its output goes to a file."""
+    log_path = tmp_path / "a.log"
+    command = [sys.executable, "-u", "-m", "atheria_lightning.cli", *fit_args(tmp_path, "a", str(tmp_path / "mirror"))]
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env_without_warnings())
+    try:
+        assert wait_for(lambda: mirror_last(tmp_path / "mirror" / EXPERIMENT) >= 4, 240), log_path.read_text()[-3000:]
+        yield process, log_path
+    finally:
+        process.kill()
+        process.wait(30)
+
+
+@pytest.mark.slow
+def test_a_second_machine_is_refused_while_the_first_trains(
+    tmp_path: Path, trainer_a: tuple[subprocess.Popen, Path], capsys: pytest.CaptureFixture
+) -> None:
+    process, _ = trainer_a
+    assert main(fit_args(tmp_path, "b", str(tmp_path / "mirror"))) == 5
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert f"is in use by another session (host {os.uname().nodename} pid {process.pid}, started" in err[0]
+    assert "--take_over" in err[0]
+    assert not (tmp_path / "b" / EXPERIMENT / "checkpoints").exists(), "nothing trained on machine B"
+    assert process.poll() is None, "A trains on"
+    # B took nothing: the mirror is still A's, the first and only lease.
+    assert manifest_of(tmp_path / "mirror" / EXPERIMENT)["generation"] == 1
+    assert sorted(os.listdir(tmp_path / "mirror" / EXPERIMENT / LEASE_FOLDER)) == [lease_name(1)]
+
+
+@pytest.mark.slow
+def test_take_over_supersedes_the_first_trainer_and_the_mirror_never_goes_backwards(
+    tmp_path: Path, trainer_a: tuple[subprocess.Popen, Path], capsys: pytest.CaptureFixture
+) -> None:
+    process, log_path = trainer_a
+    mirror_run = tmp_path / "mirror" / EXPERIMENT
+    watch = MirrorWatch(mirror_run)
+    start = mirror_last(mirror_run)
+    # Machine B takes the run over and trains 12 episodes past what the mirror had.
+    code = main(fit_args(tmp_path, "b", str(tmp_path / "mirror"), "--take_over", "true",
+                         "--trainer.max_steps", str(start + 12)))  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 0, out[-3000:]
+    assert f"mirror: taken over from another session (host {os.uname().nodename} pid {process.pid}" in out
+    resumed = int(re.search(r"resuming from episode (\d+) of 400", out).group(1))
+    assert resumed >= start
+    assert process.wait(120) == 5, "A ends superseded, with its own exit code"
+    a_out = log_path.read_text()
+    assert "the mirror was taken over by another session" in a_out
+    assert "mirror taken over by another session" in a_out, a_out[-2000:]
+    b_final = manifest_of(tmp_path / "b" / EXPERIMENT)["files"]["last.ckpt"]
+    # A's last sync came before B's lease or was refused: from B's lease on, only B's episodes reach the mirror.
+    seen = watch.stop()
+    episodes = [episode for _, episode in seen]
+    generations = [generation for generation, _ in seen]
+    assert episodes == sorted(episodes), f"the mirror's last.ckpt went backwards: {seen}"
+    assert generations == sorted(generations), seen
+    final = manifest_of(mirror_run)
+    assert final["files"]["last.ckpt"]["sha256"] == b_final["sha256"] and final["generation"] == generations[-1]
+    a_final = manifest_of(tmp_path / "a" / EXPERIMENT)["files"]["last.ckpt"]
+    assert a_final["sha256"] != final["files"]["last.ckpt"]["sha256"], "A's later state never replaced B's"
+
+    # A fresh machine resumes from B's newest episode, the newest any trainer put on the mirror.
+    assert main(fit_args(tmp_path, "c", str(tmp_path / "mirror"), "--trainer.max_steps", str(start + 12))) == 0
+    out = capsys.readouterr().out
+    assert "run finished" not in out
+    assert re.search(rf"resuming from episode {b_final['episode']} of 400 \[mirror", out) or (
+        f"episode {b_final['episode']}" in out
+    ), out[-2000:]
+
+
+def forge_lease(mirror_run: Path, generation: int, **fields: Any) -> None:
+    holder = {"version": 1, "generation": generation, "session": "x" * 32, "host": "another-vm", "boot": "b",
+              "pid": 4242, "started": time.time() - 3600, "heartbeat": time.time(), "released": False}  # fmt: skip
+    holder.update(fields)
+    (mirror_run / LEASE_FOLDER).mkdir(parents=True, exist_ok=True)
+    (mirror_run / LEASE_FOLDER / lease_name(generation)).write_text(json.dumps(holder))
+
+
+def small_args(tmp_path: Path, root: str, *extra: str) -> list[str]:
+    return ["fit", "--config", str(CONFIGS / "demo.yaml"), "--run_root", str(tmp_path / root),
+            "--mirror_url", str(tmp_path / "mirror"), "--data.total_episodes", "4", "--data.val_every_episodes", "2",
+            *TINY, *extra]  # fmt: skip
+
+
+def test_a_live_lease_of_another_machine_refuses_the_start_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    mirror_run = tmp_path / "mirror" / EXPERIMENT
+    forge_lease(mirror_run, 3, heartbeat=time.time() - 20)
+    before = snapshot(tmp_path / "mirror")
+    assert main(small_args(tmp_path, "b")) == 5
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [err[0]] and err[0].startswith("atheria: error: mirror_url=")
+    assert re.search(
+        r"in use by another session \(host another-vm pid 4242, started 6\d min ago, last heartbeat "
+        r"\d+ s ago\)",
+        err[0],
+    ), err[0]
+    assert snapshot(tmp_path / "mirror") == before, "a refused start writes nothing on the mirror"
+    assert not (tmp_path / "b" / EXPERIMENT / "checkpoints").exists()
+
+
+@pytest.mark.parametrize(
+    ("fields", "said"),
+    [
+        ({"heartbeat": time.time() - STALE_AFTER_S - 60}, "last heartbeat 6 min ago"),
+        ({"released": True}, None),
+    ],
+)
+def test_a_stale_or_released_lease_is_taken_without_take_over(
+    tmp_path: Path, capsys: pytest.CaptureFixture, fields: dict[str, Any], said: str | None
+) -> None:
+    mirror_run = tmp_path / "mirror" / EXPERIMENT
+    forge_lease(mirror_run, 3, **fields)
+    assert main(small_args(tmp_path, "b")) == 0
+    out = capsys.readouterr().out
+    if said is None:
+        assert "taken over" not in out
+    else:
+        assert "mirror: taken over from another session (host another-vm pid 4242" in out and said in out
+    assert manifest_of(mirror_run)["generation"] == 4
+    mine = json.loads((mirror_run / LEASE_FOLDER / lease_name(4)).read_text())
+    assert mine["released"] is True and mine["pid"] == os.getpid(), "a session that ends gives its lease back"
+
+
+def test_take_over_takes_a_live_lease_and_a_second_start_needs_none(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    mirror_run = tmp_path / "mirror" / EXPERIMENT
+    forge_lease(mirror_run, 7)
+    assert main(small_args(tmp_path, "b", "--take_over", "true")) == 0
+    assert "taken over from another session (host another-vm pid 4242" in capsys.readouterr().out
+    assert main(small_args(tmp_path, "c", "--data.total_episodes", "6")) == 0  # B released its lease
+    out = capsys.readouterr().out
+    assert "taken over" not in out and "resuming from episode 4 of 6" in out
+    assert manifest_of(mirror_run)["generation"] == 9
+    saved = (tmp_path / "c" / EXPERIMENT / "logs" / "config.yaml").read_text()
+    assert "take_over: false" in saved, "a take-over is this session's decision, never a later one's"
+
+
+@pytest.mark.parametrize(
+    "forged",
+    [b"{not json", b"x" * 100_000, json.dumps({"version": 1, "generation": 99}).encode()],
+    ids=["not-json", "huge", "wrong-generation"],
+)
+def test_a_forged_lease_file_holds_nothing_but_its_generation_counts(
+    tmp_path: Path, capsys: pytest.CaptureFixture, forged: bytes
+) -> None:
+    mirror_run = tmp_path / "mirror" / EXPERIMENT
+    (mirror_run / LEASE_FOLDER).mkdir(parents=True)
+    (mirror_run / LEASE_FOLDER / lease_name(5)).write_bytes(forged)
+    (mirror_run / LEASE_FOLDER / "g../../../escape.json").parent.mkdir(parents=True, exist_ok=True)
+    assert main(small_args(tmp_path, "b")) == 0
+    assert "taken over" not in capsys.readouterr().out
+    assert manifest_of(mirror_run)["generation"] == 6
+    assert not (tmp_path / "escape.json").exists()
+
+
+def test_a_file_where_the_lease_folder_should_be_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    mirror_run = tmp_path / "mirror" / EXPERIMENT
+    mirror_run.mkdir(parents=True)
+    (mirror_run / LEASE_FOLDER).write_text("not a folder")
+    assert main(small_args(tmp_path, "b", "--data.total_episodes", "2")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "the lease of this session cannot be written" in err[0], err
+
+
+# ----- a start that loses a race with another session's retention -----
+def _mirrored_run(tmp_path: Path) -> Path:
+    """A finished 6-episode run mirrored to ``<tmp>/mirror``: last.ckpt and best files there."""
+    assert main(["fit", "--config", str(CONFIGS / "demo.yaml"), "--run_root", str(tmp_path / "a"), "--mirror_url",
+                 str(tmp_path / "mirror"), "--data.total_episodes", "6", "--data.val_every_episodes", "2",
+                 *TINY]) == 0  # fmt: skip
+    return tmp_path / "mirror" / EXPERIMENT
+
+
+def test_a_file_that_vanishes_during_the_start_means_read_again_not_unreachable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    mirror_run = _mirrored_run(tmp_path)
+    capsys.readouterr()
+    listed = manifest_of(mirror_run)["files"]
+    oldest_best = min((name for name in listed if name.startswith("best-")), key=lambda name: listed[name]["episode"])
+    real_open = Mirror.open
+
+    def open_then_lose_a_race(self: Mirror) -> Any:
+        remote = real_open(self)
+        if (mirror_run / "checkpoints" / oldest_best).exists():  # another session's retention, right after the read
+            data = manifest_of(mirror_run)
+            del data["files"][oldest_best]
+            (mirror_run / "checkpoints" / "MANIFEST.json").write_text(json.dumps(data))
+            (mirror_run / "checkpoints" / oldest_best).unlink()
+        return remote
+
+    monkeypatch.setattr(Mirror, "open", open_then_lose_a_race)
+    store = RunStore(tmp_path / "b" / EXPERIMENT)
+    store.set_mirror(str(tmp_path / "mirror"))
+    point = store.start()
+    assert point is not None and point.source == "mirror" and point.episode == 6
+    assert oldest_best not in store.entries() and set(store.entries()) == set(listed) - {oldest_best}
+    store.close()
+
+
+# ----- a kill during an upload keeps the ranking -----
+class Killed(BaseException):
+    """Stands in for SIGKILL inside the uploader thread: nothing after it runs, nothing catches it."""
+
+
+def test_a_kill_during_an_upload_keeps_the_new_best_files_ranked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    mirror_run = _mirrored_run(tmp_path)  # the mirror at episode 6
+    # Machine A went on to episode 10 without reaching the mirror, with two new best files.
+    offline = RunStore(tmp_path / "a" / EXPERIMENT)
+    offline.keep_best(5, "val/loss")
+    offline.start()
+    state = torch.load(tmp_path / "a" / EXPERIMENT / "checkpoints" / "last.ckpt", weights_only=True)
+    for episode, metric in ((8, -5.0), (10, -6.0)):
+        offline.write_checkpoint(dict(state), "best", episode, metric)
+        offline.write_checkpoint(dict(state), "last", episode, metric)
+    offline.close()
+    # Its next start sends what the mirror lacks (the best files first, then last.ckpt) and is killed right after
+    # the mirror's last.ckpt was replaced, before the manifest lists any of them.
+    real_upload, killed = Mirror._upload_checkpoint, threading.Event()
+
+    def killed_after_last(self: Mirror, name: str, entry: Any) -> bool:
+        sent = real_upload(self, name, entry)
+        if name == "last.ckpt":
+            killed.set()
+            raise Killed
+        return sent
+
+    monkeypatch.setattr(Mirror, "_upload_checkpoint", killed_after_last)
+    monkeypatch.setattr(threading, "excepthook", lambda args: None)  # the "killed" thread dies quietly
+    store = RunStore(tmp_path / "a" / EXPERIMENT)
+    store.set_mirror(str(tmp_path / "mirror"))
+    store.start()
+    assert killed.wait(30)
+    time.sleep(0.2)
+    monkeypatch.undo()
+    assert manifest_of(mirror_run)["files"]["last.ckpt"]["episode"] == 6, "killed before the listing"
+
+    # A new machine resumes from the mirror alone: the verified new best files are listed, none set aside.
+    fresh = RunStore(tmp_path / "c" / EXPERIMENT)
+    fresh.set_mirror(str(tmp_path / "mirror"))
+    point = fresh.start()  # the killed session's lease is this very process's: free
+    assert point is not None and point.episode == 10
+    names = set(fresh.entries())
+    assert {"best-e000008.ckpt", "best-e000010.ckpt"} <= names, names
+    best = fresh.best()
+    assert best is not None and best.name == "best-e000010.ckpt"
+    assert not (mirror_run / "checkpoints" / "unlisted").exists()
+    fresh.close()
