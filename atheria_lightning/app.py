@@ -42,7 +42,7 @@ from atheria_lightning.callbacks import (
 )
 from atheria_lightning.data import EpisodeDataModule
 from atheria_lightning.errors import ConfigError, require, unknown_option_line
-from atheria_lightning.export import export_best
+from atheria_lightning.exports_record import make_exports
 from atheria_lightning.interrupts import StopRequested, signals_stop_the_command, stopped_line
 from atheria_lightning.lock import RunLock
 from atheria_lightning.module import EpisodeOutOfMemoryError, NonFiniteTrainingError, QCAModule
@@ -56,7 +56,6 @@ from atheria_lightning.platform import (
     kaggle_input_root,
 )
 from atheria_lightning.presets import PresetAction, missing_config_line
-from atheria_lightning.report import write_report
 from atheria_lightning.scalars import BufferedTensorBoardLogger
 from atheria_lightning.settings import changed_settings, refuse_fixed_changes
 from atheria_lightning.store import META_KEY, Checkpoint, MirrorStatus, RunStore, UsesRunStore
@@ -434,14 +433,14 @@ class AtheriaCLI(LightningCLI):
 
     def _write_exports(self) -> None:
         """After fit, on rank 0, for a run with a ``TrainingLog``: the best checkpoint to ``exports/model.ts``, then
-        ``summary.png`` and ``report.md`` from ``training_log.json``, before the final flush sends them to the mirror.
+        ``summary.png`` and ``report.md`` from ``training_log.json``, then ``EXPORTS.json`` (what they were made
+        from: :mod:`~atheria_lightning.exports_record`), before the final flush sends them to the mirror.
         A failure here is one warning: the checkpoints, not the report, are what a run must keep."""
         if self.training_log is None or not self.trainer.is_global_zero:
             return
         assert self.store is not None
         try:
-            exported = export_best(self.store, os.path.join(self.run_dir, "exports"))
-            report = write_report(self.run_dir, exported_model=exported)
+            report, exported = make_exports(self.store, self.run_dir)
         except Exception as err:  # a report must never turn a finished training into a failure
             log.warning("the report of %s was not written: %s", self.run_dir, err)
             return
