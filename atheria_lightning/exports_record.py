@@ -15,15 +15,16 @@ it to the mirror. So once every export is in place, ``EXPORTS.json`` is written,
 
 ``newest_checkpoint`` is the newest checkpoint listed in ``MANIFEST.json`` then (at an equal episode ``last.ckpt``),
 ``exported_model`` the checkpoint ``model.ts`` was made from (null when none was exported), both as the manifest
-lists them (through :meth:`RunStore.entries`: only the store reads the manifest); ``files`` the size and sha256
-of each export present. A start that finds the run finished asks :func:`stale_reason` whether the record still
+lists them (through :meth:`RunStore.entries`: only the store reads the manifest); ``files`` the size and sha256 of
+each export present. A start that finds the run finished asks :func:`stale_reason` whether the record still
 describes the run: no record (a session killed before writing it, or a run older than the record), a newest
-checkpoint or a model source not listed as recorded, or a file missing or not the one recorded all mean the
-exports are made again from the final checkpoint before the final flush sends them to the mirror. The files are
-compared by content, not only named: the mirror sends ``exports/`` file by file in name order, ``EXPORTS.json``
-first, so a copy restored from a mirror whose last upload was cut short can hold a new record beside an old
-report. A record is read as untrusted input (it may come from a shared mirror): it is only compared, and only the
-files named in :data:`RECORDED` are ever read.
+checkpoint or a model source not listed as recorded, or a file missing or not the one recorded all mean the exports
+are made again from the final checkpoint before the final flush sends them to the mirror (and ``training_log.json``
+from that checkpoint's copy of the log, when the killed session never wrote it:
+:meth:`~atheria_lightning.callbacks.TrainingLog.catch_up`). The files are compared by content, not only named: the
+mirror sends ``exports/`` file by file in name order, ``EXPORTS.json`` first, so a copy restored from a mirror whose
+last upload was cut short can hold a new record beside an old report. A record is read as untrusted input (it may
+come from a shared mirror): it is only compared, and only the files named in :data:`RECORDED` are ever read.
 """
 
 from __future__ import annotations
