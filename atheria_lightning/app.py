@@ -42,7 +42,7 @@ from atheria_lightning.callbacks import (
 )
 from atheria_lightning.data import EpisodeDataModule
 from atheria_lightning.errors import ConfigError, require, unknown_option_line
-from atheria_lightning.export import export_best
+from atheria_lightning.exports_record import make_exports, stale_reason
 from atheria_lightning.interrupts import StopRequested, signals_stop_the_command, stopped_line
 from atheria_lightning.lock import RunLock
 from atheria_lightning.module import EpisodeOutOfMemoryError, NonFiniteTrainingError, QCAModule
@@ -56,7 +56,6 @@ from atheria_lightning.platform import (
     kaggle_input_root,
 )
 from atheria_lightning.presets import PresetAction, missing_config_line
-from atheria_lightning.report import write_report
 from atheria_lightning.scalars import BufferedTensorBoardLogger
 from atheria_lightning.settings import changed_settings, refuse_fixed_changes
 from atheria_lightning.store import META_KEY, Checkpoint, MirrorInUse, MirrorStatus, RunStore, UsesRunStore
@@ -446,20 +445,36 @@ class AtheriaCLI(LightningCLI):
             self.notifier.mirror_behind(EXIT_MIRROR_BEHIND, status.line())
         self.notifier.close()
 
-    def _write_exports(self) -> None:
+    def _write_exports(self) -> bool:
         """After fit, on rank 0, for a run with a ``TrainingLog``: the best checkpoint to ``exports/model.ts``, then
-        ``summary.png`` and ``report.md`` from ``training_log.json``, before the final flush sends them to the mirror.
+        ``summary.png`` and ``report.md`` from ``training_log.json``, then ``EXPORTS.json`` (what they were made
+        from: :mod:`~atheria_lightning.exports_record`), before the final flush sends them to the mirror.
         A failure here is one warning: the checkpoints, not the report, are what a run must keep."""
+        if self.training_log is None or not self.trainer.is_global_zero:
+            return False
+        assert self.store is not None
+        try:
+            report, exported = make_exports(self.store, self.run_dir)
+        except Exception as err:  # a report must never turn a finished training into a failure
+            log.warning("the report of %s was not written: %s", self.run_dir, err)
+            return False
+        print(f"report: {report} (summary.png, training_log.json{', model.ts' if exported else ''})", flush=True)
+        return True
+
+    def _remake_stale_exports(
+        self, point: Checkpoint, header: dict[str, Any], model: QCAModule, datamodule: EpisodeDataModule
+    ) -> None:
+        """A finished run whose exports are not those of its final checkpoint (its last session was killed while
+        making them, or its mirror copy was cut short) gets them again, before the final flush sends them."""
         if self.training_log is None or not self.trainer.is_global_zero:
             return
         assert self.store is not None
-        try:
-            exported = export_best(self.store, os.path.join(self.run_dir, "exports"))
-            report = write_report(self.run_dir, exported_model=exported)
-        except Exception as err:  # a report must never turn a finished training into a failure
-            log.warning("the report of %s was not written: %s", self.run_dir, err)
-            return
-        print(f"report: {report} (summary.png, training_log.json{', model.ts' if exported else ''})", flush=True)
+        reason = stale_reason(self.store, self.run_dir)
+        if reason is not None:
+            if point.source != "explicit":  # a log that session never wrote is in its final checkpoint: ``header``
+                self.training_log.catch_up(header, self.trainer, model, datamodule)
+            if self._write_exports():
+                print(f"exports made again from the final checkpoint: {reason}", flush=True)
 
     def _purge_logs_after(self, header: dict[str, Any]) -> None:
         """TensorBoard keeps one value per step across sessions: events past the resumed checkpoint are dropped."""
@@ -486,6 +501,7 @@ class AtheriaCLI(LightningCLI):
         episode = int(header.get(META_KEY, {}).get("episode", 0))
         total = datamodule.total_episodes
         if episode >= total:
+            self._remake_stale_exports(point, header, model, datamodule)
             print(f"run finished: episode {episode} of {total} (100%), nothing to do; "
                   "raise data.total_episodes to train further", flush=True)  # fmt: skip
             return False

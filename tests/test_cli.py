@@ -73,7 +73,9 @@ def test_a_finished_run_says_so_and_exits_zero(tmp_path: Path, capsys: pytest.Ca
     assert main(demo_args(tmp_path, episodes=3)) == 0
     capsys.readouterr()
     assert main(demo_args(tmp_path, episodes=3)) == 0
-    assert "run finished: episode 3 of 3" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "run finished: episode 3 of 3" in out
+    assert "exports made again" not in out, "the exports the run ended with are those of its final checkpoint"
 
 
 @pytest.mark.slow

@@ -20,13 +20,13 @@ from lightning.pytorch.trainer.states import TrainerFn
 from typing_extensions import override
 
 from atheria_lightning.callbacks.clock import UsesClock
-from atheria_lightning.data import EpisodeDataModule, episodes_done, total_episodes
+from atheria_lightning.data import EpisodeDataModule, episodes_done
 from atheria_lightning.errors import require
 from atheria_lightning.figures import EPISODE_KEYS, VALIDATION_KEYS, empty_columns
 from atheria_lightning.files import atomic_write
-from atheria_lightning.report import EXPORTS, LOG_FILE
+from atheria_lightning.report import EXPORTS, LOG_FILE, parse_training_log
 from atheria_lightning.scalars import as_floats
-from atheria_lightning.store import RunStore, UsesRunStore
+from atheria_lightning.store import META_KEY, RunStore, UsesRunStore
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,8 @@ class TrainingLog(UsesClock, UsesRunStore, Callback):
 
     When fit ends, normally or by an early stop (the time guard sets ``trainer.should_stop``, so fit still ends
     cleanly), and on an exception once episodes ran (best effort), it writes ``<run_dir>/exports/training_log.json``
-    atomically, after the queued checkpoint writes finish (bounded wait):
+    atomically, after the queued checkpoint writes finish (bounded wait). A finished run whose last session was killed
+    before that gets the file again from its final checkpoint's copy of these records (:meth:`catch_up`):
 
     ==================  ===========================================================================================
     ``episodes``        one row per episode: ``episode`` and ``train/<key>`` for each key of
@@ -220,19 +221,65 @@ class TrainingLog(UsesClock, UsesRunStore, Callback):
         self.sessions = [session for session in self.sessions if session["first_episode"] < start]
 
     # ----- the file -----
-    def write(self, trainer: pl.Trainer, pl_module: pl.LightningModule, wait_s: float = CHECKPOINT_WAIT_S) -> str:
+    def write(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        wait_s: float = CHECKPOINT_WAIT_S,
+        datamodule: EpisodeDataModule | None = None,
+    ) -> str:
         """Write ``exports/training_log.json`` now, listing the checkpoints once their queued writes are done (or
-        ``wait_s`` passed); returns its path."""
-        training_log = self.training_log(trainer, pl_module, self._checkpoints(wait_s))
+        ``wait_s`` passed); returns its path. ``datamodule``: the run's, when the trainer has none attached."""
+        training_log = self.training_log(trainer, pl_module, self._checkpoints(wait_s), datamodule)
         path = os.path.join(self.exports_dir(trainer), LOG_FILE)
         data = json.dumps(training_log, indent=1).encode()
         atomic_write(LocalFileSystem(), path, lambda handle: handle.write(data))
         return path
 
+    def catch_up(
+        self, checkpoint: dict[str, Any], trainer: pl.Trainer, pl_module: pl.LightningModule,
+        datamodule: EpisodeDataModule,
+    ) -> bool:  # fmt: skip
+        """Write ``training_log.json`` again from ``checkpoint``'s copy of this log when the file is behind it (missing,
+        unreadable, or of another episode count): for a finished run whose last session was killed after its final
+        checkpoint, before it wrote the file (or before the mirror got it, for a run folder restored from there).
+
+        The checkpoint holds what the file would have: every episode, validation and save up to its own save, and each
+        session's episodes and training seconds as of then. Only the last session's seconds after its final save
+        are lost, and ``written_at`` and the trainer's settings are this start's. ``datamodule`` takes the checkpoint's
+        state, as on a resume. False, writing nothing, when the file is up to date or the checkpoint holds no log.
+        """
+        state = (checkpoint.get("callbacks") or {}).get(self.state_key)
+        episode = (checkpoint.get(META_KEY) or {}).get("episode")
+        if not isinstance(state, dict) or episode is None:
+            return False
+        try:
+            with open(os.path.join(self.exports_dir(trainer), LOG_FILE), "rb") as handle:
+                if parse_training_log(handle.read()).get("episodes_done") == episode:
+                    return False
+        except (OSError, ValueError):
+            pass  # missing or unreadable: the checkpoint's copy replaces it
+        try:
+            self.load_state_dict(state)
+            if episode not in self.saved_episodes:  # the checkpoint's own save: Lightning takes the state before it
+                self.saved_episodes.append(int(episode))
+            datamodule.load_state_dict(checkpoint[type(datamodule).__qualname__])
+            self.write(trainer, pl_module, datamodule=datamodule)
+        except Exception as err:  # the exports are then drawn from the file as it is
+            log.warning("TrainingLog: %s not written again from the final checkpoint: %s", LOG_FILE, err)
+            return False
+        return True
+
     def training_log(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoints: list[dict[str, Any]]
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        checkpoints: list[dict[str, Any]],
+        datamodule: EpisodeDataModule | None = None,
     ) -> dict[str, Any]:
         """Everything ``training_log.json`` holds, as plain JSON values (NaN becomes null)."""
+        datamodule = trainer.datamodule if datamodule is None else datamodule
+        by_episodes = isinstance(datamodule, EpisodeDataModule)
         sessions = self.sessions + ([self._session_summary()] if self._session is not None else [])
         total_seconds = sum(float(session["training_seconds"]) for session in sessions)
         recorded = len(self.episodes["episode"])
@@ -243,9 +290,9 @@ class TrainingLog(UsesClock, UsesRunStore, Callback):
             "run_dir": run_dir,
             "phase": self.phase,
             "written_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "episodes_done": episodes_done(trainer),
-            "total_episodes": total_episodes(trainer),
-            "config": _config(trainer, pl_module),
+            "episodes_done": datamodule.episodes_done if by_episodes else trainer.global_step,
+            "total_episodes": datamodule.total_episodes if by_episodes else None,
+            "config": _config(trainer, pl_module, datamodule),
             "time": {
                 "sessions": len(sessions),
                 "total_training_hours": total_seconds / 3600.0,
@@ -364,8 +411,7 @@ def _argmin(values: list[float]) -> int | None:
     return min(finite)[1] if finite else None
 
 
-def _config(trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
-    datamodule = trainer.datamodule
+def _config(trainer: pl.Trainer, pl_module: pl.LightningModule, datamodule: Any) -> dict[str, Any]:
     data = {key: getattr(datamodule, key) for key in ("total_episodes", "seed", "val_every_episodes", "val_universes")
             } if isinstance(datamodule, EpisodeDataModule) else {}  # fmt: skip
     return {
