@@ -307,6 +307,10 @@ class ThrottledFileSystem(AbstractFileSystem):
     bytes_written = 0
     files_written = 0
     sleep_seconds = 0.0
+    #: Seconds each read, listing or lookup waits (a request's round trip); 0 except in the lease figure.
+    op_latency_s = 0.0
+    reads = 0
+    listings = 0
 
     def __init__(self, **storage_options: Any) -> None:
         super().__init__(**storage_options)
@@ -314,7 +318,12 @@ class ThrottledFileSystem(AbstractFileSystem):
 
     @classmethod
     def reset_counters(cls) -> None:
-        cls.bytes_written, cls.files_written, cls.sleep_seconds = 0, 0, 0.0
+        cls.bytes_written, cls.files_written, cls.sleep_seconds, cls.reads, cls.listings = 0, 0, 0.0, 0, 0
+
+    @classmethod
+    def _round_trip(cls) -> None:
+        if cls.op_latency_s:
+            time.sleep(cls.op_latency_s)
 
     @classmethod
     def _strip_protocol(cls, path: Any) -> str:
@@ -324,14 +333,19 @@ class ThrottledFileSystem(AbstractFileSystem):
     def _open(self, path: str, mode: str = "rb", **kwargs: Any) -> Any:
         handle = self.local._open(self._strip_protocol(path), mode, **kwargs)
         if "r" in mode:
+            ThrottledFileSystem.reads += 1
+            self._round_trip()
             return handle
         ThrottledFileSystem.files_written += 1
         return _ThrottledWriter(handle, ThrottledFileSystem)
 
     def ls(self, path: str, detail: bool = True, **kwargs: Any) -> list[Any]:
+        ThrottledFileSystem.listings += 1
+        self._round_trip()
         return self.local.ls(self._strip_protocol(path), detail=detail)
 
     def info(self, path: str, **kwargs: Any) -> dict[str, Any]:
+        self._round_trip()
         return self.local.info(self._strip_protocol(path))
 
     def makedirs(self, path: str, exist_ok: bool = False) -> None:
@@ -563,6 +577,60 @@ def measure_guard_early_stop(
 # ----- summary and entry point ---------------------------------------------------------------------------------
 
 
+# ----- 4. the mirror lease's cost per sync ---------------------------------------------------------------------
+
+
+def lease_variant(root: str, variant: str, syncs: int) -> dict[str, Any]:
+    """``syncs`` syncs of one small ``last.ckpt`` each to a throttled mirror; with the lease's checks, or without
+    them (what a sync did before the lease: no successor listing, no manifest re-read, no heartbeat)."""
+    store = RunStore(os.path.join(root, "lease", variant, "run"))
+    store.set_mirror(f"throttled://{os.path.join(root, 'lease', variant, 'mirror')}")
+    store.start()
+    mirror = store._mirror  # the benchmark compares a sync with and without the lease's part of it
+    assert mirror is not None
+    if variant == "without the lease's checks":
+        mirror._check_owner = lambda: None  # type: ignore[method-assign]
+        mirror.lease.heartbeat = lambda force=False: None  # type: ignore[method-assign]
+    store.flush(60)
+    ThrottledFileSystem.reset_counters()
+    seconds = []
+    for episode in range(1, syncs + 1):
+        store.write_checkpoint({"state_dict": {"w": torch.full((4096,), float(episode))}, "global_step": episode},
+                               "last", episode)  # fmt: skip
+        store.wait()
+        started = time.perf_counter()
+        assert store.flush(60), "every sync completes"
+        seconds.append(time.perf_counter() - started)
+    counts = {"reads": ThrottledFileSystem.reads / syncs, "listings": ThrottledFileSystem.listings / syncs,
+              "files_written": ThrottledFileSystem.files_written / syncs}  # fmt: skip
+    store.close()
+    return {"per_sync": counts, "sync_seconds": milliseconds(seconds)}
+
+
+def measure_lease_cost(root: str, syncs: int, latency_s: float) -> dict[str, Any]:
+    """Figure 4: what the lease adds to one sync against a mirror where each read, listing and lookup waits
+    ``latency_s`` (a request's round trip to Drive or a bucket) and writes are throttled as in figure 2."""
+    fsspec.register_implementation(ThrottledFileSystem.protocol, ThrottledFileSystem, clobber=True)
+    ThrottledFileSystem.op_latency_s = latency_s
+    try:
+        results = {variant: lease_variant(root, variant, syncs)
+                   for variant in ("with the lease", "without the lease's checks")}  # fmt: skip
+    finally:
+        ThrottledFileSystem.op_latency_s = 0.0
+    with_lease, without = (results[key]["sync_seconds"]["median_ms"] for key in results)
+    return {**environment(), "figure": "lease cost per sync", "syncs": syncs, "op_latency_ms": 1000 * latency_s,
+            "results": results, "extra_ms_per_sync_median": round(with_lease - without, 1)}  # fmt: skip
+
+
+def lease_summary(figure: dict[str, Any]) -> list[str]:
+    lines = [f"4. lease, {figure['syncs']} syncs of one small last.ckpt, {figure['op_latency_ms']:g} ms per read:"]
+    for variant, result in figure["results"].items():
+        counts = ", ".join(f"{value:.1f} {key}" for key, value in result["per_sync"].items())
+        lines.append(f"     {variant:<28} median {result['sync_seconds']['median_ms']:.1f} ms per sync ({counts})")
+    lines.append(f"   the lease adds {figure['extra_ms_per_sync_median']:.1f} ms to a sync (median)")
+    return lines
+
+
 def checkpoint_summary(figure: dict[str, Any]) -> list[str]:
     """Figure 1 in a few lines."""
     lines = [
@@ -638,12 +706,20 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repetitions and episodes (a smoke test)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's own)")
+    parser.add_argument("--only", choices=["lease"], default=None, help="one figure only: lease (figure 4)")
+    parser.add_argument("--latency-ms", type=float, default=50.0, help="figure 4: each mirror read's round trip")
     args = parser.parse_args(argv)
     if args.threads is not None:
         # One thread avoids OpenMP barrier stalls when other processes share the cores; the default is what users get.
         torch.set_num_threads(args.threads)
     quiet()
     started = time.perf_counter()
+    if args.only == "lease":
+        with tempfile.TemporaryDirectory(prefix="atheria-bench-") as root:
+            lease = emit(measure_lease_cost(root, syncs=5 if args.quick else 20, latency_s=args.latency_ms / 1000))
+        print("\n".join(lease_summary(lease)))
+        print(f"total {time.perf_counter() - started:.0f} s", flush=True)
+        return
     with tempfile.TemporaryDirectory(prefix="atheria-bench-") as root:
         checkpoint = emit(measure_checkpoint_blocking(root, repetitions=4 if args.quick else 10))
         episodes, repetitions = (30, 1) if args.quick else (60, 3)
