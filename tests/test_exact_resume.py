@@ -1,0 +1,110 @@
+"""Exact resume: the random-number states a checkpoint carries, and Lightning's demo LightningTransformer (dropout,
+a shuffled DataLoader), a module no one here wrote, resumed at an epoch boundary, ending with the uninterrupted
+run's weights, bit for bit, on the CPU."""
+
+from __future__ import annotations
+
+import logging
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from lightning.pytorch import Trainer, seed_everything
+from lightning.pytorch.demos.boring_classes import BoringModel
+from lightning.pytorch.trainer.states import TrainerStatus
+from transformer_run import STEPS_PER_EPOCH, UserTransformer
+
+from atheria_lightning.callbacks import SmartCheckpoint
+from atheria_lightning.store import RunStore
+
+
+def draws() -> list[float]:
+    """A few numbers from each global generator (and CUDA's, where there is one)."""
+    numbers = [*torch.rand(3).tolist(), *np.random.rand(3).tolist(), random.random()]
+    return numbers + (torch.rand(3, device="cuda").tolist() if torch.cuda.is_available() else [])
+
+
+def scramble() -> None:
+    torch.manual_seed(12345)  # CUDA's too
+    np.random.seed(12345)
+    random.seed(12345)
+
+
+def test_a_checkpoint_written_by_the_store_loads_weights_only_and_restores_the_random_number_states(
+    tmp_path: Path,
+) -> None:
+    torch.manual_seed(3)
+    if torch.cuda.is_available():
+        torch.cuda.init()  # its states are saved once CUDA is in use
+    draws()  # away from the seeds: states in the middle of their streams
+    state = SmartCheckpoint().state_dict()
+    expected = draws()  # what the run drew after the save
+    store = RunStore(tmp_path / "run", async_write=False)
+    store.write_checkpoint({"state_dict": {}, "callbacks": {SmartCheckpoint().state_key: state}}, "last", 1)
+    scramble()
+
+    loaded = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)  # no numpy objects
+    SmartCheckpoint().load_state_dict(loaded["callbacks"]["SmartCheckpoint"])
+    assert draws() == expected
+
+
+def fit_transformer(root: Path, steps: int, validate: bool) -> tuple[dict[str, torch.Tensor], int | None]:
+    """The demo transformer to ``steps`` steps in this process, resuming from the run store of ``root``: its weights
+    and the step it resumed from. Without validation, ``last.ckpt`` is saved at the end of an epoch's last batch
+    instead of after the validation that follows it, and Lightning resumes the two differently."""
+    seed_everything(7, verbose=False)
+    model = UserTransformer()
+    store = RunStore(root / "run")
+    checkpoints = SmartCheckpoint(every_n_episodes=STEPS_PER_EPOCH, monitor="val_loss").use_store(store)
+    trainer = Trainer(max_steps=steps, limit_val_batches=None if validate else 0, logger=False,
+                      enable_progress_bar=False, enable_model_summary=False, plugins=[store.checkpoint_io],
+                      callbacks=[checkpoints])  # fmt: skip
+    point = store.start()
+    trainer.fit(model, ckpt_path=point.path if point else None)
+    store.close()
+    return model.state_dict(), point.episode if point else None
+
+
+@pytest.mark.parametrize("validate", [True, False], ids=["saved-after-validation", "saved-at-the-last-batch"])
+def test_a_resume_at_an_epoch_boundary_replays_the_uninterrupted_run(validate: bool, tmp_path: Path) -> None:
+    whole, _ = fit_transformer(tmp_path / "whole", 3 * STEPS_PER_EPOCH, validate)
+    fit_transformer(tmp_path / "resumed", 2 * STEPS_PER_EPOCH, validate)
+    again, resumed_at = fit_transformer(tmp_path / "resumed", 3 * STEPS_PER_EPOCH, validate)
+    assert resumed_at == 2 * STEPS_PER_EPOCH
+    assert [name for name in whole if not torch.equal(whole[name], again[name])] == []
+
+
+def fit_boring(root: Path, steps: int, ckpt_path: str | None = None) -> Trainer:
+    """BoringModel (4 batches an epoch) to ``steps`` steps through the run store of ``root``, a last.ckpt every 2
+    steps, resuming from ``ckpt_path`` or else the store's newest checkpoint."""
+    store = RunStore(root / "run")
+    trainer = Trainer(max_steps=steps, limit_train_batches=4, limit_val_batches=1, logger=False,
+                      enable_progress_bar=False, enable_model_summary=False, plugins=[store.checkpoint_io],
+                      callbacks=[SmartCheckpoint(every_n_episodes=2).use_store(store)])  # fmt: skip
+    point = store.start()
+    trainer.fit(BoringModel(), ckpt_path=ckpt_path or (point.path if point else None))
+    store.close()
+    return trainer
+
+
+def warnings_of(caplog: pytest.LogCaptureFixture, text: str) -> list[logging.LogRecord]:
+    return [record for record in caplog.records if text in record.getMessage()]
+
+
+@pytest.mark.parametrize("states", ["missing", "malformed"])
+def test_a_checkpoint_without_sound_states_still_resumes(
+    states: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    fit_boring(tmp_path, steps=4)
+    checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    if states == "missing":  # a checkpoint of an earlier version
+        checkpoint["callbacks"].pop("SmartCheckpoint", None)
+    else:
+        checkpoint["callbacks"]["SmartCheckpoint"]["rng"]["numpy"]["keys"] = torch.zeros(3, dtype=torch.int64)
+    torch.save(checkpoint, tmp_path / "earlier.ckpt")
+    with caplog.at_level(logging.WARNING, logger="atheria_lightning.callbacks.checkpoint"):
+        trainer = fit_boring(tmp_path / "again", steps=6, ckpt_path=str(tmp_path / "earlier.ckpt"))
+    assert trainer.state.status == TrainerStatus.FINISHED and trainer.global_step == 6
+    assert len(warnings_of(caplog, "random-number states are not restored")) == (states == "malformed")
