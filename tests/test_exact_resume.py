@@ -17,7 +17,11 @@ from lightning.pytorch.trainer.states import TrainerStatus
 from transformer_run import STEPS_PER_EPOCH, UserTransformer
 
 from atheria_lightning.callbacks import SmartCheckpoint
+from atheria_lightning.data import EpisodeDataModule
+from atheria_lightning.module import QCAModule
 from atheria_lightning.store import RunStore
+
+MID_EPOCH = "in the middle of an epoch"  # the warning at a resume that cannot replay exactly
 
 
 def draws() -> list[float]:
@@ -108,3 +112,34 @@ def test_a_checkpoint_without_sound_states_still_resumes(
         trainer = fit_boring(tmp_path / "again", steps=6, ckpt_path=str(tmp_path / "earlier.ckpt"))
     assert trainer.state.status == TrainerStatus.FINISHED and trainer.global_step == 6
     assert len(warnings_of(caplog, "random-number states are not restored")) == (states == "malformed")
+
+
+@pytest.mark.parametrize(("steps", "warns"), [(4, False), (6, True)], ids=["epoch-boundary", "mid-epoch"])
+def test_a_resume_in_the_middle_of_an_epoch_of_a_plain_dataloader_warns_once(
+    steps: int, warns: bool, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    fit_boring(tmp_path, steps=steps)  # last.ckpt at step 4 (the end of epoch 1) or 6 (half-way through epoch 2)
+    with caplog.at_level(logging.WARNING, logger="atheria_lightning.callbacks.checkpoint"):
+        trainer = fit_boring(tmp_path, steps=steps + 3)
+    assert trainer.global_step == steps + 3
+    assert len(warnings_of(caplog, MID_EPOCH)) == warns
+
+
+def test_a_resume_in_the_middle_of_the_episode_stream_does_not_warn(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Its one open-ended epoch makes every resume a mid-epoch one; it replays exactly, and says so.
+    for episodes in (4, 6):
+        store = RunStore(tmp_path / "run")
+        trainer = Trainer(max_epochs=-1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                          val_check_interval=2, check_val_every_n_epoch=None, num_sanity_val_steps=0,
+                          plugins=[store.checkpoint_io],
+                          callbacks=[SmartCheckpoint(every_n_episodes=2).use_store(store)])  # fmt: skip
+        point = store.start()
+        model = QCAModule(architecture="MLP", d_state=2, hidden_channels=4, grid_size=8, qca_steps=2)
+        with caplog.at_level(logging.WARNING, logger="atheria_lightning.callbacks.checkpoint"):
+            trainer.fit(model, datamodule=EpisodeDataModule(total_episodes=episodes, val_every_episodes=2),
+                        ckpt_path=point.path if point else None)  # fmt: skip
+        store.close()
+    assert point is not None and point.episode == 4 and trainer.global_step == 6
+    assert not warnings_of(caplog, MID_EPOCH)

@@ -10,6 +10,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import CombinedLoader
 from typing_extensions import Self, override
 
 from atheria_lightning.data import EpisodeDataModule, episodes_done
@@ -39,7 +40,9 @@ class SmartCheckpoint(UsesRunStore, Checkpoint):
     - On an out-of-memory error the last finished episode is saved; on other errors nothing half-done is.
     - Every checkpoint carries the random-number states (torch CPU and CUDA, numpy, Python) of the moment of the
       save, restored on resume: a module whose dropout or DataLoader shuffle draws from them replays exactly from a
-      checkpoint taken at an epoch boundary.
+      checkpoint taken at an epoch boundary. A resume in the middle of an epoch also needs a train dataloader that
+      saves its position (torchdata's ``StatefulDataLoader``, or one with ``replays_mid_epoch = True`` like
+      Atheria's episode stream): without one, a warning says so.
 
     Lightning runs checkpoint callbacks after all others, so a save at an episode's end includes what every other
     callback recorded for that episode.
@@ -129,6 +132,8 @@ class SmartCheckpoint(UsesRunStore, Checkpoint):
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._saved_episode = episodes_done(trainer)  # the state resumed from is on disk already
+        if trainer.ckpt_path is not None and trainer.is_global_zero:
+            _warn_if_inexact_mid_epoch(trainer)
 
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -250,6 +255,35 @@ class SmartCheckpoint(UsesRunStore, Checkpoint):
             or trainer.state.fn != TrainerFn.FITTING
             or trainer.sanity_checking
         )
+
+
+def _warn_if_inexact_mid_epoch(trainer: pl.Trainer) -> None:
+    """Warn when the run resumed in the middle of an epoch of a train dataloader that does not save its position:
+    the rest of that epoch is not the uninterrupted run's (restored random-number states do not bring it back)."""
+    if trainer.global_step == 0:
+        return
+    batches, hint = trainer.num_training_batches, ""
+    if math.isfinite(batches):
+        steps_per_epoch = math.ceil(batches / trainer.accumulate_grad_batches)
+        if trainer.global_step % steps_per_epoch == 0:
+            return  # an epoch boundary: the next epoch starts afresh, from the restored states
+        hint = f" (SmartCheckpoint.every_n_episodes a multiple of the {steps_per_epoch} steps per epoch)"
+    loaders = CombinedLoader(trainer.train_dataloader).flattened
+    inexact = [type(loader).__name__ for loader in loaders if not _replays_mid_epoch(loader)]
+    if inexact:
+        log.warning("resumed at step %d, in the middle of an epoch: the train dataloader (%s) does not save its "
+                    "position, so the rest of this epoch does not replay the uninterrupted run. For an exact resume, "
+                    "use torchdata's StatefulDataLoader, or checkpoints taken at epoch boundaries%s",
+                    trainer.global_step, ", ".join(inexact), hint)  # fmt: skip
+
+
+def _replays_mid_epoch(loader: object) -> bool:
+    """Whether a resume in the middle of ``loader``'s epoch goes on with the batches an uninterrupted run would get:
+    Lightning saves and restores a loader with ``state_dict``/``load_state_dict`` (torchdata's
+    ``StatefulDataLoader``); a loader whose position lives in other saved state says so with
+    ``replays_mid_epoch = True`` (:class:`~atheria_lightning.data.EpisodeStream`)."""
+    stateful = callable(getattr(loader, "state_dict", None)) and callable(getattr(loader, "load_state_dict", None))
+    return stateful or getattr(loader, "replays_mid_epoch", False) is True
 
 
 def _validation_follows(trainer: pl.Trainer, episode: int) -> bool:
