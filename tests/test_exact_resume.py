@@ -1,16 +1,22 @@
 """Exact resume: the random-number states a checkpoint carries, and Lightning's demo LightningTransformer (dropout,
-a shuffled DataLoader), a module no one here wrote, resumed at an epoch boundary, ending with the uninterrupted
-run's weights, bit for bit, on the CPU."""
+a shuffled DataLoader), a module no one here wrote, killed and resumed at an epoch boundary, ending with the
+uninterrupted run's weights, bit for bit, on the CPU."""
 
 from __future__ import annotations
 
+import json
 import logging
 import random
+import re
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import REPO, env_without_warnings, wait_for_first_checkpoint
 from lightning.pytorch import Trainer, seed_everything
 from lightning.pytorch.demos.boring_classes import BoringModel
 from lightning.pytorch.trainer.states import TrainerStatus
@@ -21,6 +27,8 @@ from atheria_lightning.data import EpisodeDataModule
 from atheria_lightning.module import QCAModule
 from atheria_lightning.store import RunStore
 
+RUN = str(Path(__file__).resolve().parent / "transformer_run.py")
+STEPS = 5 * STEPS_PER_EPOCH
 MID_EPOCH = "in the middle of an epoch"  # the warning at a resume that cannot replay exactly
 
 
@@ -143,3 +151,51 @@ def test_a_resume_in_the_middle_of_the_episode_stream_does_not_warn(
         store.close()
     assert point is not None and point.episode == 4 and trainer.global_step == 6
     assert not warnings_of(caplog, MID_EPOCH)
+
+
+def command(folder: Path, pace: float = 0.0) -> list[str]:
+    return [sys.executable, "-u", RUN, str(folder / "run"), str(folder / "mirror"), str(STEPS), str(pace)]
+
+
+def finish(folder: Path) -> str:
+    done = subprocess.run(command(folder), capture_output=True, text=True, cwd=REPO, env=env_without_warnings(),
+                          timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout
+
+
+def last(folder: Path) -> tuple[dict[str, torch.Tensor], float]:
+    """The final weights in ``last.ckpt`` and the validation loss its manifest entry records."""
+    checkpoints = folder / "run" / "checkpoints"
+    entry = json.loads((checkpoints / "MANIFEST.json").read_text())["files"]["last.ckpt"]
+    state = torch.load(checkpoints / "last.ckpt", map_location="cpu", weights_only=True)
+    assert state["global_step"] == entry["episode"] == STEPS
+    return state["state_dict"], entry["metric"]
+
+
+@pytest.mark.slow  # three training subprocesses
+def test_a_transformer_killed_and_resumed_at_an_epoch_boundary_ends_with_the_uninterrupted_weights(
+    tmp_path: Path,
+) -> None:
+    finish(tmp_path / "whole")
+
+    killed = tmp_path / "killed"
+    process = subprocess.Popen(command(killed, pace=0.2), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, cwd=REPO, env=env_without_warnings())  # fmt: skip
+    try:
+        wait_for_first_checkpoint(killed / "run", episode=2 * STEPS_PER_EPOCH)
+        process.send_signal(signal.SIGKILL)
+        process.wait(30)
+    finally:
+        process.kill()
+    out = finish(killed)  # the same command again: it resumes after the kill
+    resumed = re.search(r"resumed from step (\d+)", out)
+    assert resumed, out[-3000:]
+    step = int(resumed.group(1))
+    assert 2 * STEPS_PER_EPOCH <= step < STEPS and step % STEPS_PER_EPOCH == 0, "an epoch boundary, before the end"
+
+    (whole, whole_loss), (again, again_loss) = last(tmp_path / "whole"), last(killed)
+    assert whole.keys() == again.keys()
+    differ = [name for name in whole if not torch.equal(whole[name], again[name])]
+    assert not differ, f"resumed at step {step}: {len(differ)} of {len(whole)} tensors differ, e.g. {differ[:3]}"
+    assert again_loss == whole_loss
