@@ -23,6 +23,10 @@ class EpisodeStream:
     however many epochs Lightning has counted, and a second pass never replays an episode.
     """
 
+    #: A resume in the middle of its one epoch goes on exactly: it starts at the datamodule's restored episode and
+    #: draws no random numbers (SmartCheckpoint reads this, and so does not warn at such a resume).
+    replays_mid_epoch = True
+
     def __init__(self, start: Callable[[], int], total: int, seed: int, on_exhausted: Callable[[], None]) -> None:
         self.start = start
         self.total = total

@@ -10,10 +10,12 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import CombinedLoader
 from typing_extensions import Self, override
 
 from atheria_lightning.data import EpisodeDataModule, episodes_done
 from atheria_lightning.errors import require
+from atheria_lightning.rng import restore_rng_states, rng_states
 from atheria_lightning.store import RunStore, StoreCheckpointIO, UsesRunStore
 
 log = logging.getLogger(__name__)
@@ -36,6 +38,11 @@ class SmartCheckpoint(UsesRunStore, Checkpoint):
     - ``best-eNNNNNN.ckpt`` (episode number) when a validation's finite ``monitor`` value enters the ``top_k``
       lowest; the store keeps exactly those, from its manifest, across kills, resumes and moved folders.
     - On an out-of-memory error the last finished episode is saved; on other errors nothing half-done is.
+    - Every checkpoint carries the random-number states (torch CPU and CUDA, numpy, Python) of the moment of the
+      save, restored on resume: a module whose dropout or DataLoader shuffle draws from them replays exactly from a
+      checkpoint taken at an epoch boundary. A resume in the middle of an epoch also needs a train dataloader that
+      saves its position (torchdata's ``StatefulDataLoader``, or one with ``replays_mid_epoch = True`` like
+      Atheria's episode stream): without one, a warning says so.
 
     Lightning runs checkpoint callbacks after all others, so a save at an episode's end includes what every other
     callback recorded for that episode.
@@ -75,6 +82,8 @@ class SmartCheckpoint(UsesRunStore, Checkpoint):
         self._saved_episode = -1  # the newest last.ckpt asked for
         self._saved_after_validation = -1  # ... when it was asked for after that episode's validation
         self._sound = True  # the newest episode's training loss was finite
+        self._processes = 1  # the trainer's world size: random-number states are restored in one process only
+        self._restored_rng: dict[str, Any] | None = None  # restored at load, until the resumed run's first batch
 
     @override
     def use_store(self, store: RunStore) -> Self:
@@ -91,10 +100,55 @@ class SmartCheckpoint(UsesRunStore, Checkpoint):
         if trainer.is_global_zero and stage == "fit":
             self.store.open()
         self._after_validation, self._saved_episode, self._sound = None, -1, True
+        self._processes, self._restored_rng = trainer.world_size, None
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        # Lightning gathers callback states as it builds each checkpoint: these are the states at the save.
+        return {"rng": rng_states()}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the random-number states saved with the checkpoint (a checkpoint of an earlier version, without
+        them, resumes as it always did).
+
+        Lightning loads callback states before its fit loop creates the first train DataLoader iterator, which
+        draws the shuffle's seed from torch's generator, so the resumed epoch draws what the uninterrupted one did
+        (:meth:`on_train_epoch_start` handles the iterator Lightning creates and discards at an epoch's end).
+        Under DDP only rank 0 writes the file, so it holds rank 0's states: they are not restored, since rank 0's
+        stream on every rank would make ranks seeded apart draw the same numbers (each rank keeps the seeding of
+        the new session: the resume is sound, not exact).
+        """
+        states = state_dict.get("rng")
+        if states is None or self._processes > 1:
+            return
+        try:
+            restore_rng_states(states)
+            self._restored_rng = states
+        except ValueError as err:
+            log.warning("the checkpoint's random-number states are not restored (%s): the run resumes, but does "
+                        "not replay the uninterrupted run exactly", err)  # fmt: skip
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._saved_episode = episodes_done(trainer)  # the state resumed from is on disk already
+        if trainer.ckpt_path is not None and trainer.is_global_zero:
+            _warn_if_inexact_mid_epoch(trainer)
+
+    @override
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Resumed at an epoch's end, Lightning creates a train DataLoader iterator at the start of fit, finishes the
+        # saved epoch without a batch, and creates the next epoch's iterator after this hook: the first one drew
+        # from the restored generators, so they are restored again for the one whose batches the run gets.
+        if self._restored_rng is not None:
+            restore_rng_states(self._restored_rng)
+            self._restored_rng = None
+
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._restored_rng = None  # a batch came from the iterator created after the restore: nothing to redo
 
     @override
     def on_train_batch_end(
@@ -201,6 +255,35 @@ class SmartCheckpoint(UsesRunStore, Checkpoint):
             or trainer.state.fn != TrainerFn.FITTING
             or trainer.sanity_checking
         )
+
+
+def _warn_if_inexact_mid_epoch(trainer: pl.Trainer) -> None:
+    """Warn when the run resumed in the middle of an epoch of a train dataloader that does not save its position:
+    the rest of that epoch is not the uninterrupted run's (restored random-number states do not bring it back)."""
+    if trainer.global_step == 0:
+        return
+    batches, hint = trainer.num_training_batches, ""
+    if math.isfinite(batches):
+        steps_per_epoch = math.ceil(batches / trainer.accumulate_grad_batches)
+        if trainer.global_step % steps_per_epoch == 0:
+            return  # an epoch boundary: the next epoch starts afresh, from the restored states
+        hint = f" (SmartCheckpoint.every_n_episodes a multiple of the {steps_per_epoch} steps per epoch)"
+    loaders = CombinedLoader(trainer.train_dataloader).flattened
+    inexact = [type(loader).__name__ for loader in loaders if not _replays_mid_epoch(loader)]
+    if inexact:
+        log.warning("resumed at step %d, in the middle of an epoch: the train dataloader (%s) does not save its "
+                    "position, so the rest of this epoch does not replay the uninterrupted run. For an exact resume, "
+                    "use torchdata's StatefulDataLoader, or checkpoints taken at epoch boundaries%s",
+                    trainer.global_step, ", ".join(inexact), hint)  # fmt: skip
+
+
+def _replays_mid_epoch(loader: object) -> bool:
+    """Whether a resume in the middle of ``loader``'s epoch goes on with the batches an uninterrupted run would get:
+    Lightning saves and restores a loader with ``state_dict``/``load_state_dict`` (torchdata's
+    ``StatefulDataLoader``); a loader whose position lives in other saved state says so with
+    ``replays_mid_epoch = True`` (:class:`~atheria_lightning.data.EpisodeStream`)."""
+    stateful = callable(getattr(loader, "state_dict", None)) and callable(getattr(loader, "load_state_dict", None))
+    return stateful or getattr(loader, "replays_mid_epoch", False) is True
 
 
 def _validation_follows(trainer: pl.Trainer, episode: int) -> bool:
