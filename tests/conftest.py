@@ -52,16 +52,28 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         raise pytest.UsageError(f"--order={order!r}: use file, reverse or shuffle:SEED (a whole number)")
 
 
-@pytest.fixture(autouse=True)
-def _a_fresh_session(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every test's guards count the session from their own construction, not from the pytest process's start.
+#: The guard's own reading of the session's age, for the tests marked ``real_process_age``.
+REAL_PROCESS_AGE = time_guard.process_age_seconds
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _a_fresh_session() -> Iterator[None]:
+    """Every guard counts the session from its own construction, not from the pytest process's start.
 
     ``TimeLimitGuard`` counts the budget from the start of the process (in a notebook the kernel's age is the
-    session's), so an in-process fit late in a long suite would find the demo's 0.25 h spent. A test that needs
-    the real process age says so with ``@pytest.mark.real_process_age``; subprocess fits have their own age.
+    session's), so an in-process fit late in a long suite would find the demo's 0.25 h spent. Session-scoped, so
+    that module-scoped fixtures that train get it too. A test that needs the real process age says so with
+    ``@pytest.mark.real_process_age``; subprocess fits have their own age.
     """
-    if request.node.get_closest_marker("real_process_age") is None:
-        monkeypatch.setattr(time_guard, "process_age_seconds", lambda: 0.0)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(time_guard, "process_age_seconds", lambda: 0.0)
+        yield
+
+
+@pytest.fixture(autouse=True)
+def _the_real_process_age_where_marked(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    if request.node.get_closest_marker("real_process_age") is not None:
+        monkeypatch.setattr(time_guard, "process_age_seconds", REAL_PROCESS_AGE)
 
 
 @pytest.fixture(autouse=True)
