@@ -183,6 +183,11 @@ def forge_lease(mirror_run: Path, generation: int, **fields: Any) -> None:
     (mirror_run / LEASE_FOLDER / lease_name(generation)).write_text(json.dumps(holder))
 
 
+def files_of(root: Path) -> dict[str, Any]:
+    """:func:`snapshot` of the files alone (the start's write probe touches the folder's mtime, nothing else)."""
+    return {path: seen for path, seen in snapshot(root).items() if seen[4] is not None}
+
+
 def small_args(tmp_path: Path, root: str, *extra: str) -> list[str]:
     return ["fit", "--config", str(CONFIGS / "demo.yaml"), "--run_root", str(tmp_path / root),
             "--mirror_url", str(tmp_path / "mirror"), "--data.total_episodes", "4", "--data.val_every_episodes", "2",
@@ -194,7 +199,7 @@ def test_a_live_lease_of_another_machine_refuses_the_start_in_one_line(
 ) -> None:
     mirror_run = tmp_path / "mirror" / EXPERIMENT
     forge_lease(mirror_run, 3, heartbeat=time.time() - 20)
-    before = snapshot(tmp_path / "mirror")
+    before = files_of(tmp_path / "mirror")
     assert main(small_args(tmp_path, "b")) == 5
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [err[0]] and err[0].startswith("atheria: error: mirror_url=")
@@ -203,7 +208,7 @@ def test_a_live_lease_of_another_machine_refuses_the_start_in_one_line(
         r"\d+ s ago\)",
         err[0],
     ), err[0]
-    assert snapshot(tmp_path / "mirror") == before, "a refused start writes nothing on the mirror"
+    assert files_of(tmp_path / "mirror") == before, "a refused start leaves every file on the mirror as it was"
     assert not (tmp_path / "b" / EXPERIMENT / "checkpoints").exists()
 
 
@@ -212,7 +217,9 @@ def test_a_live_lease_of_another_machine_refuses_the_start_in_one_line(
     [
         ({"heartbeat": time.time() - STALE_AFTER_S - 60}, "last heartbeat 6 min ago"),
         ({"released": True}, None),
+        ({"heartbeat": time.time() + 86400}, "last heartbeat 0 s ago"),  # forged in the future: proves nothing
     ],
+    ids=["stale", "released", "future"],
 )
 def test_a_stale_or_released_lease_is_taken_without_take_over(
     tmp_path: Path, capsys: pytest.CaptureFixture, fields: dict[str, Any], said: str | None
@@ -261,6 +268,13 @@ def test_a_forged_lease_file_holds_nothing_but_its_generation_counts(
     assert "taken over" not in capsys.readouterr().out
     assert manifest_of(mirror_run)["generation"] == 6
     assert not (tmp_path / "escape.json").exists()
+
+
+def test_a_forged_last_generation_is_one_line_not_a_loop(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    forge_lease(tmp_path / "mirror" / EXPERIMENT, 999_999_999, released=True)
+    assert main(small_args(tmp_path, "b")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "its lease numbers are used up" in err[0] and "move lease/ aside" in err[0], err
 
 
 def test_a_file_where_the_lease_folder_should_be_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -52,7 +52,9 @@ STALE_AFTER_S = 300.0
 KEEP_GENERATIONS = 3
 #: A lease file is a few hundred bytes; anything longer is not ours and is not read further.
 MAX_LEASE_BYTES = 4096
-_NAME = re.compile(r"g(\d{8})\.json")
+_NAME = re.compile(r"g(\d{8,9})\.json")
+#: Generations stop here: a forged number beyond it (on the mirror, in its manifest) cannot be followed.
+MAX_GENERATION = 999_999_999
 
 
 def lease_name(generation: int) -> str:
@@ -108,7 +110,8 @@ class Holder:
             return not _pid_exists(self.pid)
 
     def is_live(self, now: float) -> bool:
-        return not self.released and now - self.heartbeat < STALE_AFTER_S and not self.is_gone()
+        # A heartbeat from the future (a forged file, a badly wrong clock) proves nothing: it is stale too.
+        return not self.released and abs(now - self.heartbeat) < STALE_AFTER_S and not self.is_gone()
 
 
 def parse_holder(data: bytes, generation: int) -> Holder | None:
@@ -196,7 +199,13 @@ class Lease:
                     f"whose heartbeat is {STALE_AFTER_S / 60:.0f} min old is taken over without it"
                 )
             host, boot = this_machine()
-            mine = Holder(max(top, at_least) + 1, uuid.uuid4().hex, host, boot, os.getpid(), now, now)
+            generation = max(top, at_least) + 1
+            if generation > MAX_GENERATION:
+                raise ConfigError(
+                    f"mirror_url={self.url!r}: its lease numbers are used up ({self.folder} or its MANIFEST.json "
+                    "names a forged generation); move lease/ aside, then run the same command again"
+                )
+            mine = Holder(generation, uuid.uuid4().hex, host, boot, os.getpid(), now, now)
             if self._create(mine):
                 self.mine, self._last_beat = mine, now
                 self._prune(mine.generation)

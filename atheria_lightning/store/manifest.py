@@ -133,8 +133,8 @@ def _parse_manifest(text: str | bytes, where: str) -> Manifest:
     if not all(isinstance(section, dict) for section in sections.values()):
         raise DamagedManifest("'files' and 'pending' must be mappings")
     generation = data.get("generation", 0)
-    if not (_is_int(generation) and generation >= 0):
-        raise DamagedManifest("'generation' must be a whole number >= 0")
+    if not (_is_int(generation) and 0 <= generation < 10**9):
+        raise DamagedManifest("'generation' must be a whole number from 0 to 999999999")
     manifest = Manifest(updated=_number(data.get("updated", 0.0), "updated"), generation=generation)
     for key, section in sections.items():
         for name, raw in section.items():

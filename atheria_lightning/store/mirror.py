@@ -462,6 +462,7 @@ class Mirror:
         for name, entry in uploads.items():
             if same(self._verified.get(name), entry):
                 continue  # sent and verified by an earlier attempt of this sync
+            self.lease.heartbeat()  # a long upload to a slow Drive must not look like a session that is gone
             self._verified.pop(name, None)  # from the move into place until verified, its content is unknown
             if self._upload_checkpoint(name, entry):
                 self._verified[name] = entry
