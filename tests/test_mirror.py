@@ -281,7 +281,8 @@ def test_flush_and_close_are_safe_without_a_mirror_or_a_start(tmp_path: Path, mi
 def test_other_ranks_touch_no_file(run_dir: Path, mirror_root: str) -> None:
     store = RunStore(run_dir)
     trainer = SimpleNamespace(is_global_zero=False, default_root_dir=str(run_dir), loggers=[], datamodule=None,
-                              global_step=0, strategy=SimpleNamespace(broadcast=lambda obj, src=0: obj))  # fmt: skip
+                              world_size=2, global_step=0,
+                              strategy=SimpleNamespace(broadcast=lambda obj, src=0: obj))  # fmt: skip
     mirror = MirrorSync(f"memory://{mirror_root}", every_n_episodes=1).use_store(store)
     mirror.setup(trainer, None, "fit")
     mirror.on_train_batch_end(trainer, None, None, None, 0)

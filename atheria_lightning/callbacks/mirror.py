@@ -38,7 +38,7 @@ class MirrorSync(UsesRunStore, Callback):
 
     One session owns a run's mirror at a time (the store's lease). When another session takes it over
     (``--take_over``, or a heartbeat gone stale), this session is *superseded*: it uploads nothing more, stops after
-    the episode where rank 0 sees it (checked every ``every_n_episodes`` episodes) with ``last.ckpt`` kept in the
+    the episode where it sees it (under DDP at the next multiple of ``every_n_episodes``) with ``last.ckpt`` kept in the
     local run folder, and the command ends with exit code 5.
 
     When a sync takes more than ``max_share`` of the wall time between two sync requests, the interval doubles (up to
@@ -158,8 +158,9 @@ class MirrorSync(UsesRunStore, Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if self.store is not None and episodes_done(trainer) % self.every_n_episodes == 0:
-            # Decided on rank 0 and shared at episodes every rank counts alike, so all ranks stop together.
+        if self.store is not None and (trainer.world_size == 1 or episodes_done(trainer) % self.every_n_episodes == 0):
+            # Decided on rank 0 and shared at episodes every rank counts alike, so all ranks stop together (under
+            # DDP every every_n_episodes episodes, to spare a collective per episode; alone, after each episode).
             taken = trainer.strategy.broadcast(self.store.superseded_by if trainer.is_global_zero else None, src=0)
             if taken is not None and self._taken_by is None:
                 self._taken_by = taken
