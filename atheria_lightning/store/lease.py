@@ -314,6 +314,8 @@ def _pid_exists(pid: int) -> bool:
 
 
 def _ago(seconds: float) -> str:
+    if seconds < -5:
+        return "in the future"
     seconds = max(0.0, seconds)
     if seconds < 120:
         return f"{seconds:.0f} s ago"
