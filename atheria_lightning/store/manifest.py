@@ -117,6 +117,10 @@ class Manifest:
         return sorted(bests, key=lambda item: (item[1].ranked_metric, item[1].episode))
 
 
+#: (manifest, refused name) pairs already warned about in this process.
+_REFUSED: set[tuple[str, str]] = set()
+
+
 def _parse_manifest(text: str | bytes, where: str) -> Manifest:
     """A manifest from its JSON; entries with names the store does not write are refused, one line each.
 
@@ -139,8 +143,12 @@ def _parse_manifest(text: str | bytes, where: str) -> Manifest:
     for key, section in sections.items():
         for name, raw in section.items():
             if not isinstance(name, str) or not is_checkpoint_name(name):
-                log.warning("%s lists %r: refused (a manifest entry must be last.ckpt or best-eNNNNNN.ckpt)",
-                            where, name)  # fmt: skip
+                # Once per manifest and name: a mirror's manifest is read at the start and again before each sync.
+                seen = (where, repr(name))
+                level = logging.DEBUG if seen in _REFUSED else logging.WARNING
+                _REFUSED.add(seen)
+                log.log(level, "%s lists %r: refused (a manifest entry must be last.ckpt or best-eNNNNNN.ckpt)",
+                        where, name)  # fmt: skip
                 continue
             getattr(manifest, key)[name] = _entry(raw, name)
     return manifest
