@@ -372,3 +372,64 @@ def test_a_kill_during_an_upload_keeps_the_new_best_files_ranked(
     assert best is not None and best.name == "best-e000010.ckpt"
     assert not (mirror_run / "checkpoints" / "unlisted").exists()
     fresh.close()
+
+
+def test_a_start_that_meets_the_last_upload_of_the_session_it_took_over_from_reads_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    mirror_run = _mirrored_run(tmp_path)  # last.ckpt of episode 6 on the mirror
+    machine_a = str(tmp_path / "a" / EXPERIMENT)
+    go, uploaded = threading.Event(), threading.Event()
+    real_upload, real_open = Mirror._upload_checkpoint, Mirror.open
+
+    def held_upload(self: Mirror, name: str, entry: Any) -> bool:
+        if self.run_dir == machine_a and name == "last.ckpt":
+            go.wait(30)  # A's sync is past its owner check; its last upload lands when B has read the manifest
+        sent = real_upload(self, name, entry)
+        if self.run_dir == machine_a:
+            uploaded.set()
+        return sent
+
+    def open_then_race(self: Mirror) -> Any:
+        remote = real_open(self)
+        if self.run_dir != machine_a and not go.is_set():
+            go.set()
+            assert uploaded.wait(30)
+        return remote
+
+    monkeypatch.setattr(Mirror, "_upload_checkpoint", held_upload)
+    monkeypatch.setattr(Mirror, "open", open_then_race)
+    a = RunStore(machine_a)
+    a.set_mirror(str(tmp_path / "mirror"))
+    a.start()
+    state = torch.load(Path(machine_a) / "checkpoints" / "last.ckpt", weights_only=True)
+    a.write_checkpoint(dict(state), "last", 8, -1.0)
+    a.wait()
+    a.request_sync()
+    assert wait_for(lambda: "last.ckpt" in manifest_of(mirror_run).get("pending", {}), 30), "A journals its upload"
+
+    b = RunStore(tmp_path / "b" / EXPERIMENT)
+    b.set_mirror(str(tmp_path / "mirror"))
+    point = b.start(take_over=True)
+    # The file that changed under B's read is A's newer upload, not a corrupt one: read again, resumed from it.
+    assert point is not None and (point.name, point.episode) == ("last.ckpt", 8)
+    assert not (mirror_run / "checkpoints" / "corrupt").exists()
+    a.close(10)
+    b.close(10)
+    assert manifest_of(mirror_run)["files"]["last.ckpt"]["episode"] == 8
+
+
+def test_a_refused_start_writes_nothing_on_the_way_out(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    mirror_run = _mirrored_run(tmp_path)  # machine A's run, on the mirror and in <tmp>/a
+    # Machine B (another VM) owns the mirror now and is in the middle of a sync: its journal lists an upload.
+    forge_lease(mirror_run, 5, heartbeat=time.time())
+    manifest = manifest_of(mirror_run)
+    manifest["generation"] = 5
+    manifest["pending"] = {"last.ckpt": dict(manifest["files"]["last.ckpt"], episode=8, sha256="0" * 64, size=123)}
+    (mirror_run / "checkpoints" / "MANIFEST.json").write_text(json.dumps(manifest))
+    (mirror_run / "exports" / "training_log.json").write_text('{"from": "machine B, the owner"}')
+    before = files_of(mirror_run)
+    capsys.readouterr()
+    # Machine A again, with its own run folder full, and without --take_over: refused, and nothing is sent.
+    assert main(small_args(tmp_path, "a", "--data.total_episodes", "10")) == 5
+    assert files_of(mirror_run) == before

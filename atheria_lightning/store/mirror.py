@@ -118,6 +118,10 @@ def remote_run_dir(
     return fs, join(root, experiment_name)
 
 
+class MirrorChanged(FileNotFoundError):
+    """A file the mirror's manifest listed when it was read is gone or replaced: read the manifest again."""
+
+
 class _LocalFileChanged(Exception):
     """The local file no longer matches the entry it was queued with (replaced or removed since)."""
 
@@ -263,14 +267,19 @@ class Mirror:
         try:
             matched = self._retrying(lambda: self._download_once(name, entry, local_path, journal),
                                      give_up=(FileNotFoundError,))  # fmt: skip
-        except FileNotFoundError:
-            raise  # listed when the manifest was read, gone now: the caller reads the manifest again
+        except FileNotFoundError as err:
+            # Listed when the manifest was read, gone now: the caller reads the manifest again.
+            raise MirrorChanged(f"{name} vanished from the mirror while this start read it ({err})") from err
         except Exception as err:  # each backend raises its own types for a lost connection or a denied read
             raise ConfigError(
                 f"mirror_url={self.url!r} holds {name} of episode {entry.episode}, which could not be downloaded "
                 f"({err}); nothing was trained: run the same command again when the mirror is reachable, or set "
                 "mirror_url to null to train from the local checkpoints"
             ) from err
+        if not matched and self._listing_changed(name, entry):
+            # The session this one took over from replaced the file after the manifest was read (its sync was past
+            # its check): the file is newer, not corrupt. The caller reads the manifest again.
+            raise MirrorChanged(f"{name} was replaced on the mirror while this start read it")
         if not matched:
             log.warning("mirror %s/%s does not match its MANIFEST.json entry (bytes or episode): not downloaded, "
                         "moved to the mirror's %s/", self.side.folder, name, QUARANTINE)  # fmt: skip
@@ -279,6 +288,14 @@ class Mirror:
             self._write_manifest(self.remote)
             self.side.quarantine(name)
         return matched
+
+    def _listing_changed(self, name: str, entry: Entry) -> bool:
+        """Whether the mirror's manifest now lists (or journals) ``name`` otherwise than ``entry``."""
+        try:
+            fresh = read_as_is(self.side)
+        except (OSError, DamagedManifest):
+            return False
+        return fresh.files.get(name) != entry or name in fresh.pending
 
     def reread(self) -> Manifest:
         """Read the mirror's manifest again (it changed since :meth:`open`: a file it listed is gone)."""
@@ -315,8 +332,8 @@ class Mirror:
     def flush(self, timeout_s: float | None) -> bool:
         """Request a sync and wait (at most ``timeout_s``) for one that started after this call; True when it
         completed and nothing is left in the queue."""
-        if not self._connected:
-            return False  # never reached: nothing was sent, and trying again here would only wait
+        if not self._connected or self.lease.mine is None:
+            return False  # never reached, or refused its lease: this session writes nothing on the mirror
         timeout_s = self.flush_timeout_s if timeout_s is None else timeout_s
         self._start_worker()
         with self._cond:
@@ -398,8 +415,8 @@ class Mirror:
     def _sync(self) -> bool:
         self.wait_for_writes(self.flush_timeout_s)  # the writes already queued first, so their entries are queued
         with self._sync_lock:
-            if self.superseded is not None:
-                return False
+            if self.superseded is not None or self.lease.mine is None:
+                return False  # superseded, or never given the lease (a refused start): nothing is written
             started = self.clock()
             try:
                 self.connect()

@@ -42,7 +42,14 @@ from atheria_lightning.store.manifest import (
     unsound,
     write_manifest,
 )
-from atheria_lightning.store.mirror import Mirror, MirrorStatus, copy_plain_files, download_verified, remote_run_dir
+from atheria_lightning.store.mirror import (
+    Mirror,
+    MirrorChanged,
+    MirrorStatus,
+    copy_plain_files,
+    download_verified,
+    remote_run_dir,
+)
 from atheria_lightning.store.previous import examine, find_run_folders, newest_first
 
 log = logging.getLogger(__name__)
@@ -248,8 +255,9 @@ class RunStore:
     def _download_newer(self, remote: Manifest) -> set[str]:
         """Bring every mirror checkpoint the local folder lacks, or has older, into it, verified; their names.
 
-        A listed file that vanished before it was downloaded (another session's retention between the manifest's
-        read and the download) means the manifest changed: it is read again, a few times at most.
+        A listed file that vanished or was replaced before it was downloaded (the retention or a last upload of the
+        session this one took the mirror over from) means the manifest changed: it is read again, a few times at
+        most.
         """
         assert self._mirror is not None
         downloaded: set[str] = set()
@@ -257,9 +265,8 @@ class RunStore:
             try:
                 self._download_listed(remote, downloaded)
                 return downloaded
-            except FileNotFoundError as err:
-                log.warning("mirror: a listed checkpoint vanished during this start (%s): reading its manifest again",
-                            err)  # fmt: skip
+            except MirrorChanged as err:
+                log.warning("mirror: %s: reading its manifest again", err)
                 remote = self._mirror.reread()
         raise ConfigError(
             f"mirror_url={self._mirror.url!r} keeps changing while this session starts (listed checkpoints vanish "
