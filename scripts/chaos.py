@@ -445,7 +445,9 @@ def _mirror_matches(local: Path, remote: Path) -> bool:
 
 def _check_resume(report: StormReport, round_number: int, run: Watched, reached: int, every: int) -> None:
     if run.resumed_from is None:
-        if reached > every:
+        # No checkpoint yet is within the bound below: on a loaded machine the first save (held one episode for
+        # its proof, then written in the background) may still be on its way when the kill comes.
+        if reached > 2 * every + 1:
             report.failures.append(f"round {round_number}: did not resume (previous run reached {reached})")
         return
     report.resumes += 1
