@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import threading
@@ -53,7 +54,7 @@ class Mirror2:
         if kind == "folder":
             self.url, self.run = str(tmp_path / "mirror"), str(tmp_path / "mirror" / EXPERIMENT)
             return
-        endpoint = request.getfixturevalue("s3_server")
+        endpoint = request.getfixturevalue("s3_server_process")
         monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)  # how boto finds a non-AWS S3; the trainers inherit it
         import s3fs
 
@@ -103,6 +104,40 @@ class MirrorWatch:
         return self.seen
 
 
+@pytest.fixture
+def s3_server_process(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """moto's S3 server in a process of its own: two trainers and this test talk to it over HTTP, and nothing in
+    the pytest process (its other tests' objects, its garbage collector) shares its buckets."""
+    pytest.importorskip("moto.server")
+    s3fs = pytest.importorskip("s3fs")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    endpoint = f"http://127.0.0.1:{port}"
+    for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                       "AWS_DEFAULT_REGION": "us-east-1"}.items():  # fmt: skip
+        monkeypatch.setenv(key, value)
+    try:
+        s3fs.S3FileSystem.clear_instance_cache()
+        fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint})
+        assert wait_for(lambda: _made_bucket(fs), 60), "moto's server did not start"
+        yield endpoint
+    finally:
+        s3fs.S3FileSystem.clear_instance_cache()
+        server.kill()
+        server.wait(30)
+
+
+def _made_bucket(fs: Any) -> bool:
+    try:
+        fs.mkdir("atheria-runs")
+        return True
+    except Exception:  # not listening yet
+        return False
+
+
 @pytest.fixture(params=["folder", "s3"])
 def shared(tmp_path: Path, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Mirror2:
     return Mirror2(tmp_path, request, monkeypatch, request.param)
@@ -116,7 +151,9 @@ def trainer_a(tmp_path: Path, shared: Mirror2) -> Iterator[tuple[subprocess.Pope
     with open(log_path, "w") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env_without_warnings())
     try:
-        assert wait_for(lambda: shared.last() >= 4, 240), log_path.read_text()[-3000:]
+        if not wait_for(lambda: shared.last() >= 4, 240):
+            said = [line for line in log_path.read_text().splitlines() if not line.startswith("[episode")]
+            raise AssertionError("A's checkpoints never reached the mirror: " + "\n".join(said[-40:]))
         yield process, log_path
     finally:
         process.kill()
