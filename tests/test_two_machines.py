@@ -46,7 +46,7 @@ def manifest_of(folder: Path) -> dict[str, Any]:
     return json.loads((folder / "checkpoints" / "MANIFEST.json").read_text())
 
 
-class Mirror2:
+class SharedMirror:
     """The shared mirror, a local folder or a bucket on moto's S3 server, as the tests read it."""
 
     def __init__(self, tmp_path: Path, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, kind: str):
@@ -83,7 +83,7 @@ class Mirror2:
 class MirrorWatch:
     """Reads the mirror's manifest every few milliseconds: every ``last.ckpt`` episode and generation it listed."""
 
-    def __init__(self, mirror: Mirror2) -> None:
+    def __init__(self, mirror: SharedMirror) -> None:
         self.mirror, self.seen = mirror, []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, daemon=True)
@@ -139,12 +139,12 @@ def _made_bucket(fs: Any) -> bool:
 
 
 @pytest.fixture(params=["folder", "s3"])
-def shared(tmp_path: Path, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Mirror2:
-    return Mirror2(tmp_path, request, monkeypatch, request.param)
+def shared(tmp_path: Path, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> SharedMirror:
+    return SharedMirror(tmp_path, request, monkeypatch, request.param)
 
 
 @pytest.fixture
-def trainer_a(tmp_path: Path, shared: Mirror2) -> Iterator[tuple[subprocess.Popen, Path]]:
+def trainer_a(tmp_path: Path, shared: SharedMirror) -> Iterator[tuple[subprocess.Popen, Path]]:
     """Trainer A on machine A (``<tmp>/a``), mirroring to the shared mirror; its output goes to a file."""
     log_path = tmp_path / "a.log"
     command = [sys.executable, "-u", "-m", "atheria_lightning.cli", *fit_args(tmp_path, "a", shared.url)]
@@ -162,7 +162,7 @@ def trainer_a(tmp_path: Path, shared: Mirror2) -> Iterator[tuple[subprocess.Pope
 
 @pytest.mark.slow
 def test_a_second_machine_is_refused_while_the_first_trains(
-    tmp_path: Path, shared: Mirror2, trainer_a: tuple[subprocess.Popen, Path], capsys: pytest.CaptureFixture
+    tmp_path: Path, shared: SharedMirror, trainer_a: tuple[subprocess.Popen, Path], capsys: pytest.CaptureFixture
 ) -> None:
     process, _ = trainer_a
     assert main(fit_args(tmp_path, "b", shared.url)) == 5
@@ -179,7 +179,7 @@ def test_a_second_machine_is_refused_while_the_first_trains(
 
 @pytest.mark.slow
 def test_take_over_supersedes_the_first_trainer_and_the_mirror_never_goes_backwards(
-    tmp_path: Path, shared: Mirror2, trainer_a: tuple[subprocess.Popen, Path], capsys: pytest.CaptureFixture
+    tmp_path: Path, shared: SharedMirror, trainer_a: tuple[subprocess.Popen, Path], capsys: pytest.CaptureFixture
 ) -> None:
     process, log_path = trainer_a
     watch = MirrorWatch(shared)

@@ -31,7 +31,6 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
-from typing import Any
 
 from fsspec import AbstractFileSystem
 from fsspec.implementations.local import LocalFileSystem
@@ -322,12 +321,3 @@ def _ago(seconds: float) -> str:
     if seconds < 7200:
         return f"{seconds / 60:.0f} min ago"
     return f"{seconds / 3600:.1f} h ago"
-
-
-def lease_summary(holder: Holder | None, now: float) -> dict[str, Any] | None:
-    """What ``atheria status`` may show of a lease (no secrets are in one)."""
-    if holder is None:
-        return None
-    state = "released" if holder.released else "live" if holder.is_live(now) else "stale"
-    return {"generation": holder.generation, "state": state, "host": holder.host, "pid": holder.pid,
-            "heartbeat_age_s": round(now - holder.heartbeat, 1)}  # fmt: skip
