@@ -90,8 +90,8 @@ def atomic_write(
 
     Local disks (and mounted Drive folders): a temporary file beside the target, flushed and fsynced, then
     ``os.replace`` and an fsync of the folder. Other filesystems: a temporary name then a move, which object
-    stores carry out as a single PUT followed by a server-side copy. ``before_replace`` (local only) is called with
-    the complete, fsynced temporary file just before the rename.
+    stores carry out as a single PUT followed by a server-side copy. ``before_replace`` is called with the complete
+    (locally: fsynced) temporary file just before the rename or move; what it raises leaves the target as it was.
     """
     if isinstance(fs, LocalFileSystem):
         _atomic_write_local(path, write, before_replace)
@@ -100,6 +100,8 @@ def atomic_write(
     try:
         with fs.open(tmp, "wb") as handle:
             write(handle)
+        if before_replace is not None:
+            before_replace(tmp)
         fs.mv(tmp, path)
     finally:
         if fs.exists(tmp):

@@ -27,6 +27,7 @@ from atheria_lightning.errors import ConfigError
 from atheria_lightning.files import sha256_of
 from atheria_lightning.module import QCAModule
 from atheria_lightning.store import RunStore, remote_run_dir
+from atheria_lightning.store import mirror as mirror_module
 
 
 class FlakyMemoryFileSystem(MemoryFileSystem):
@@ -252,6 +253,48 @@ def test_a_file_changed_after_it_was_queued_is_never_sent_under_its_old_entry(ru
     last.write_bytes(listed)
     assert store.flush(10)
     assert manifest_at(fs, f"{remote}/checkpoints")["last.ckpt"]["episode"] == 14
+
+
+@pytest.mark.parametrize("kind", ["memory", "folder"])
+def test_a_first_start_on_a_new_mirror_waits_for_no_retry(kind: str, run_dir: Path, tmp_path: Path,
+                                                          mirror_root: str) -> None:  # fmt: skip
+    """A mirror without a manifest is new, not failing: no backoff before the first episode."""
+    url = f"memory://{mirror_root}" if kind == "memory" else str(tmp_path / "mirror")
+    slept: list[float] = []
+    store = with_checkpoints(make_store(run_dir, url, sleep=slept.append))
+    store.start_mirror()
+    assert store.flush(10)
+    assert slept == []
+    store.close()
+
+
+def test_a_checkpoint_replaced_during_a_slow_sync_is_sent_as_it_was_queued(
+    run_dir: Path, mirror_root: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run that saves last.ckpt every episode, to a mirror slower than an episode: the next save lands during
+    every sync. The sync sends the state it queued; it is not refused as changed at every sync, never listed."""
+    url = f"memory://{mirror_root}"
+    fs, remote = remote_run_dir(url, "exp")
+    store = with_checkpoints(make_store(run_dir, url))
+    store.start_mirror()
+    assert store.flush(10)
+    save(store, "last", 14)
+    queued = json.loads((run_dir / "checkpoints" / "MANIFEST.json").read_text())["files"]["last.ckpt"]
+    last, real_write = run_dir / "checkpoints" / "last.ckpt", mirror_module.write_manifest
+
+    def the_next_episode_lands_during_the_journal(side: Any, manifest: Any, before_replace: Any = None) -> None:
+        if "last.ckpt" in manifest.pending:
+            newer = last.with_name("newer.tmp")
+            torch.save(checkpoint(seed=15), newer)
+            os.replace(newer, last)  # as the store replaces it
+        real_write(side, manifest, before_replace)
+
+    monkeypatch.setattr(mirror_module, "write_manifest", the_next_episode_lands_during_the_journal)
+    assert store.flush(10)
+    listed = manifest_at(fs, f"{remote}/checkpoints")["last.ckpt"]
+    assert listed["episode"] == 14 and listed["sha256"] == queued["sha256"]
+    assert sha256_of(fs, f"{remote}/checkpoints/last.ckpt") == queued["sha256"]
+    store.close()
 
 
 def test_a_new_machine_with_nothing_local_never_empties_the_mirror(run_dir: Path, tmp_path: Path,

@@ -3,6 +3,7 @@ trainer, the mirror never goes backwards, and a start that loses a race with ano
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -195,12 +196,15 @@ def test_take_over_supersedes_the_first_trainer_and_the_mirror_never_goes_backwa
     assert "mirror taken over by another session" in a_out, a_out[-2000:]
     b_final = manifest_of(tmp_path / "b" / EXPERIMENT)["files"]["last.ckpt"]
     assert b_final["episode"] == int(steps)
-    # A's last sync came before B's lease or was refused: from B's lease on, only B's episodes reach the mirror.
+    # A's writes are checked against the lease just before each lands: from B's lease on, only B's episodes reach
+    # the mirror, except one write of A's already past its check (no store offers a conditional write), which B's
+    # next sync undoes (test_a_late_write_of_the_session_taken_over_from_is_undone_at_the_next_sync).
     seen = watch.stop()
-    episodes = [episode for _, episode in seen]
-    generations = [generation for generation, _ in seen]
-    assert episodes == sorted(episodes), f"the mirror's last.ckpt went backwards: {seen}"
-    assert generations == sorted(generations) and generations[-1] == 2, seen
+    b_episodes = [episode for generation, episode in seen if generation == 2]
+    assert b_episodes == sorted(b_episodes), f"the mirror's last.ckpt went backwards: {seen}"
+    first_b = [generation for generation, _ in seen].index(2)
+    late = [entry for entry in seen[first_b:] if entry[0] != 2]
+    assert len(late) <= 1 and seen[-1][0] == 2, seen
     final = shared.manifest() or {}
     assert final["files"]["last.ckpt"]["sha256"] == b_final["sha256"] and final["generation"] == 2
     a_final = manifest_of(tmp_path / "a" / EXPERIMENT)["files"]["last.ckpt"]
@@ -381,8 +385,8 @@ def test_a_kill_during_an_upload_keeps_the_new_best_files_ranked(
     # the mirror's last.ckpt was replaced, before the manifest lists any of them.
     real_upload, killed = Mirror._upload_checkpoint, threading.Event()
 
-    def killed_after_last(self: Mirror, name: str, entry: Any) -> bool:
-        sent = real_upload(self, name, entry)
+    def killed_after_last(self: Mirror, name: str, entry: Any, source: Any) -> bool:
+        sent = real_upload(self, name, entry, source)
         if name == "last.ckpt":
             killed.set()
             raise Killed
@@ -416,16 +420,25 @@ def test_a_start_that_meets_the_last_upload_of_the_session_it_took_over_from_rea
 ) -> None:
     mirror_run = _mirrored_run(tmp_path)  # last.ckpt of episode 6 on the mirror
     machine_a = str(tmp_path / "a" / EXPERIMENT)
-    go, uploaded = threading.Event(), threading.Event()
+    checked, go, uploaded = threading.Event(), threading.Event(), threading.Event()
     real_upload, real_open = Mirror._upload_checkpoint, Mirror.open
 
-    def held_upload(self: Mirror, name: str, entry: Any) -> bool:
-        if self.run_dir == machine_a and name == "last.ckpt":
-            go.wait(30)  # A's sync is past its owner check; its last upload lands when B has read the manifest
-        sent = real_upload(self, name, entry)
-        if self.run_dir == machine_a:
+    def held_upload(self: Mirror, name: str, entry: Any, source: Any) -> bool:
+        if self.run_dir != machine_a or name != "last.ckpt":
+            return real_upload(self, name, entry, source)
+        real_check = self.lease.check
+
+        def checked_then_held() -> None:
+            real_check()  # A's last check before its file replaces the mirror's passes: B has no lease yet
+            checked.set()
+            go.wait(30)  # the move into place lands when B has taken the lease and read the manifest
+
+        self.lease.check = checked_then_held  # type: ignore[method-assign]
+        try:
+            return real_upload(self, name, entry, source)
+        finally:
+            del self.lease.check
             uploaded.set()
-        return sent
 
     def open_then_race(self: Mirror) -> Any:
         remote = real_open(self)
@@ -444,6 +457,7 @@ def test_a_start_that_meets_the_last_upload_of_the_session_it_took_over_from_rea
     a.wait()
     a.request_sync()
     assert wait_for(lambda: "last.ckpt" in manifest_of(mirror_run).get("pending", {}), 30), "A journals its upload"
+    assert checked.wait(30)
 
     b = RunStore(tmp_path / "b" / EXPERIMENT)
     b.set_mirror(str(tmp_path / "mirror"))
@@ -452,8 +466,48 @@ def test_a_start_that_meets_the_last_upload_of_the_session_it_took_over_from_rea
     assert point is not None and (point.name, point.episode) == ("last.ckpt", 8)
     assert not (mirror_run / "checkpoints" / "corrupt").exists()
     a.close(10)
+    assert a.superseded_by is not None, "A's manifest after its late upload is refused: B holds the lease"
     b.close(10)
-    assert manifest_of(mirror_run)["files"]["last.ckpt"]["episode"] == 8
+    final = manifest_of(mirror_run)
+    assert final["files"]["last.ckpt"]["episode"] == 8 and final["generation"] == 3 and not final.get("pending")
+
+
+def test_a_late_write_of_the_session_taken_over_from_is_undone_at_the_next_sync(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """No object store makes a write conditional on another file: a write of A's under way when B takes the lease
+    can land after it, once. B's next sync lists B's files again and sends again what that write replaced."""
+    mirror_run = _mirrored_run(tmp_path)  # A's run at episode 6, on the mirror and in <tmp>/a
+    a_manifest = manifest_of(mirror_run)
+    b = RunStore(tmp_path / "b" / EXPERIMENT)
+    b.set_mirror(str(tmp_path / "mirror"))
+    assert b.start(take_over=True) is not None
+    state = torch.load(tmp_path / "b" / EXPERIMENT / "checkpoints" / "last.ckpt", weights_only=True)
+    b.write_checkpoint(dict(state, global_step=8), "last", 8, -1.0)
+    b.wait()
+    b.request_sync()
+    assert wait_for(lambda: manifest_of(mirror_run)["files"]["last.ckpt"]["episode"] == 8, 30)
+    b_entry = manifest_of(mirror_run)["files"]["last.ckpt"]
+    # A's late upload and manifest (generation 1) land now: another last.ckpt, listed at a later episode.
+    late = dict(state, global_step=9, late="from A")
+    torch.save(late, mirror_run / "checkpoints" / "last.ckpt")
+    data = (mirror_run / "checkpoints" / "last.ckpt").read_bytes()
+    a_manifest["files"]["last.ckpt"].update(episode=9, size=len(data), sha256=hashlib.sha256(data).hexdigest())
+    (mirror_run / "checkpoints" / "MANIFEST.json").write_text(json.dumps(a_manifest))
+    capsys.readouterr()
+    b.request_sync()
+    assert wait_for(lambda: manifest_of(mirror_run)["generation"] == 2, 30)
+    healed = manifest_of(mirror_run)
+    assert healed["files"]["last.ckpt"] == b_entry, "B's view stands"
+    data = (mirror_run / "checkpoints" / "last.ckpt").read_bytes()
+    assert hashlib.sha256(data).hexdigest() == b_entry["sha256"], "the file A's write replaced is B's again"
+    assert b.superseded_by is None
+    b.close(10)
+    fresh = RunStore(tmp_path / "c" / EXPERIMENT)
+    fresh.set_mirror(str(tmp_path / "mirror"))
+    point = fresh.start()
+    assert point is not None and point.episode == 8 and point.source == "mirror"
+    fresh.close()
 
 
 def test_a_refused_start_writes_nothing_on_the_way_out(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -360,13 +360,14 @@ def settle(manifest: Manifest, matches: Callable[[str, Entry], bool]) -> bool:
     return True
 
 
-def write_manifest(side: Side, manifest: Manifest) -> None:
-    """Write ``manifest`` into ``side``'s folder atomically (a reader sees the old one or the new one)."""
+def write_manifest(side: Side, manifest: Manifest, before_replace: Callable[[str], Any] | None = None) -> None:
+    """Write ``manifest`` into ``side``'s folder atomically (a reader sees the old one or the new one);
+    ``before_replace`` as in :func:`atomic_write`."""
     manifest.updated = time.time()
     data = manifest.to_json()
     if not isinstance(side.fs, LocalFileSystem):
         side.fs.makedirs(side.folder, exist_ok=True)  # object stores have no folders; sftp and webdav need them
-    atomic_write(side.fs, join(side.folder, MANIFEST_NAME), lambda handle: handle.write(data))
+    atomic_write(side.fs, join(side.folder, MANIFEST_NAME), lambda handle: handle.write(data), before_replace)
 
 
 def same(entry: Entry | None, other: Entry) -> bool:

@@ -3,6 +3,7 @@ manifest as this process last wrote it."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -173,6 +174,7 @@ class Mirror:
         # replacements journalled in the mirror's manifest.
         self._verified: dict[str, Entry] = {}
         self._journalled: dict[str, Entry] = {}
+        self._rewrite = False  # the mirror's manifest must be written again, even if this session's view is unchanged
         self._queue_lock = threading.Lock()
         self._sync_lock = threading.Lock()
         self._cond = threading.Condition()
@@ -201,7 +203,9 @@ class Mirror:
         if self.lease.mine is not None:
             return None
         try:
-            at_least = self._retrying(lambda: read_as_is(self.side)).generation
+            # Not there (a new mirror) or damaged: no retry changes that, and a new mirror must not wait for one.
+            at_least = self._retrying(lambda: read_as_is(self.side), give_up=(FileNotFoundError, DamagedManifest))
+            at_least = at_least.generation
         except (OSError, DamagedManifest):  # none yet, or damaged: the lease files alone number the sessions
             at_least = 0
         try:
@@ -233,9 +237,13 @@ class Mirror:
         if self.remote is None:
             remote, changed = self._retrying(lambda: read_or_rebuild(self.side))
             sizes = self.side.sizes()
+            journal = dict(remote.pending)
             # A pending entry is a replacement the mirror was killed in: whichever entry the file matches wins.
             changed |= settle(remote, lambda name, entry: sizes.get(name) == entry.size
                              and verify(self.fs, join(self.side.folder, name), entry.size, entry.sha256))  # fmt: skip
+            # One that matches nothing yet stays journalled until this session's first sync: the session taken over
+            # from may be past its last check, its file about to land (a download then reads the manifest again).
+            remote.pending = {name: entry for name, entry in journal.items() if remote.files.get(name) != entry}
             for name, entry in list(remote.files.items()):
                 if sizes.get(name) != entry.size:
                     log.warning("mirror %s/%s is missing or not the size MANIFEST.json says: not trusted",
@@ -244,7 +252,10 @@ class Mirror:
             changed |= adopt_unlisted(remote, self.side)
             self.remote = remote
             if changed:
-                self._write_manifest(remote)
+                try:
+                    self._write_manifest(remote)
+                except Superseded as superseded:  # taken over since this session's lease: it trains on, unsent
+                    self._supersede(superseded)
         return Manifest(dict(self.remote.files))
 
     def reconcile(self, local: dict[str, Entry]) -> None:
@@ -456,11 +467,28 @@ class Mirror:
         if fresh.generation > self.lease.generation:
             raise Superseded(None, fresh.generation)
         assert self.remote is not None
-        if fresh.files != self.remote.files:
+        if fresh.generation < self.lease.generation and fresh.files != self.remote.files:
+            self._heal_late_write()
+        elif fresh.files != self.remote.files:
             log.warning("mirror %s: MANIFEST.json was changed by another writer since this session wrote it; "
                         "continuing from what it lists now (no upload replaces a newer episode)",
                         self.side.folder)  # fmt: skip
             self.remote = Manifest(dict(fresh.files))
+
+    def _heal_late_write(self) -> None:
+        """A superseded session's write that was under way when this session took the lease landed afterwards
+        (no object store offers a write conditional on another file): this session's view stands, and every file it
+        lists whose bytes that write replaced is sent again."""
+        assert self.remote is not None
+        replaced = [name for name, entry in self.remote.files.items()
+                    if not verify(self.fs, join(self.side.folder, name), entry.size, entry.sha256)]  # fmt: skip
+        log.warning("mirror %s: a superseded session wrote MANIFEST.json after this session took the lease; "
+                    "listing this session's files again%s", self.side.folder,
+                    f", sending {', '.join(replaced)} again" if replaced else "")  # fmt: skip
+        with self._queue_lock:
+            for name in replaced:
+                self.queue.setdefault(name, self.remote.files.pop(name))
+        self._rewrite = True
 
     def _sync_checkpoints(self) -> None:
         assert self.remote is not None
@@ -470,21 +498,28 @@ class Mirror:
                    if entry is not None and not same(self.remote.files.get(name), entry)}  # fmt: skip
         older = self._older_than_the_mirror(uploads)
         uploads = {name: entry for name, entry in uploads.items() if name not in older}
-        if uploads and uploads != self._journalled:  # a retry finds its journal already written
-            # Every file about to be sent is journalled first: a kill after a move still leaves files that verify
-            # against their pending entry, which the next start lists (with their metric) instead of setting aside.
-            self._write_manifest(Manifest(dict(self.remote.files), dict(uploads)))
-            self._journalled = dict(uploads)
         changed = []
-        for name, entry in uploads.items():
-            if same(self._verified.get(name), entry):
-                continue  # sent and verified by an earlier attempt of this sync
-            self.lease.heartbeat()  # a long upload to a slow Drive must not look like a session that is gone
-            self._verified.pop(name, None)  # from the move into place until verified, its content is unknown
-            if self._upload_checkpoint(name, entry):
-                self._verified[name] = entry
-            else:
-                changed.append(name)
+        with contextlib.ExitStack() as held:
+            # Each file is opened now, as queued: the store replaces files by rename, so what is read is the queued
+            # state even when a newer one lands during this sync. Opened after the journal, last.ckpt of a run that
+            # saves every episode would be newer than its entry at every sync on a slow mirror, and never be listed.
+            sources = {name: held.enter_context(source) for name in uploads
+                       if (source := self._open_local(name)) is not None}  # fmt: skip
+            if uploads and uploads != self._journalled:  # a retry finds its journal already written
+                # Every file about to be sent is journalled first: a kill after a move still leaves files that
+                # verify against their pending entry, which the next start lists (with their metric) instead of
+                # setting aside.
+                self._write_manifest(Manifest(dict(self.remote.files), dict(uploads)))
+                self._journalled = dict(uploads)
+            for name, entry in uploads.items():
+                if same(self._verified.get(name), entry):
+                    continue  # sent and verified by an earlier attempt of this sync
+                self.lease.heartbeat()  # a long upload to a slow Drive must not look like a session that is gone
+                self._verified.pop(name, None)  # from the move into place until verified, its content is unknown
+                if name in sources and self._upload_checkpoint(name, entry, sources[name]):
+                    self._verified[name] = entry
+                else:
+                    changed.append(name)
         listed = dict(self.remote.files)
         listed.update({name: entry for name, entry in uploads.items() if name not in changed})
         removed = [name for name, entry in batch.items() if entry is None and listed.pop(name, None) is not None]
@@ -492,9 +527,9 @@ class Mirror:
         for name, _ in kept.ranked_best()[self.top_k() :]:  # the mirror keeps top_k too, whatever it held
             del kept.files[name]
             removed.append(name)
-        if kept.files != self.remote.files or self._journalled:
+        if kept.files != self.remote.files or self._journalled or self._rewrite:
             self._write_manifest(kept)
-        self.remote, self._journalled = kept, {}
+        self.remote, self._journalled, self._rewrite = kept, {}, False
         for name in kept.files:
             self._verified.pop(name, None)
         for name in removed:  # only after the manifest that no longer lists them
@@ -519,11 +554,21 @@ class Mirror:
                 older.add(name)
         return older
 
-    def _upload_checkpoint(self, name: str, entry: Entry) -> bool:
-        """Upload and verify one checkpoint; False when the local file no longer matches the queued entry."""
-        target = join(self.side.folder, name)
+    def _open_local(self, name: str) -> IO[bytes] | None:
+        """The local checkpoint ``name``, open for reading; None when it was removed (retention) since queued."""
         try:
-            self._upload(os.path.join(self.run_dir, CHECKPOINTS, name), target, entry)
+            return open(os.path.join(self.run_dir, CHECKPOINTS, name), "rb")
+        except FileNotFoundError:
+            log.debug("mirror: %s was removed locally since it was queued", name)
+            return None
+
+    def _upload_checkpoint(self, name: str, entry: Entry, source: IO[bytes]) -> bool:
+        """Upload and verify one checkpoint from ``source`` (read from its start: a retry reads it again); False
+        when its bytes are not the queued entry's."""
+        target = join(self.side.folder, name)
+        source.seek(0)
+        try:
+            self._upload(source, target, entry)
         except _LocalFileChanged as err:
             log.debug("mirror: %s changed locally since it was queued; its newer entry follows (%s)", name, err)
             return False
@@ -546,20 +591,20 @@ class Mirror:
             if self._plain_stamps.get(key) == stamp:
                 continue
             try:
-                self._upload(path, join(self.root, key), expected=None)
-            except _LocalFileChanged:
+                source = open(path, "rb")
+            except FileNotFoundError:
                 continue  # removed locally meanwhile
+            with source:
+                self._upload(source, join(self.root, key), expected=None)
             self._plain_stamps[key] = stamp
 
-    def _upload(self, local_path: str, remote_path: str, expected: Entry | None) -> None:
-        """Stream ``local_path`` to ``remote_path`` atomically; with ``expected``, abort unless the bytes match it."""
-        try:
-            source = open(local_path, "rb")
-        except FileNotFoundError as err:
-            raise _LocalFileChanged(f"{local_path} was removed") from err
-        with source:
-            self._ensure_parent(remote_path)
-            atomic_write(self.fs, remote_path, lambda target: _copy_checked(source, target, expected))
+    def _upload(self, source: IO[bytes], remote_path: str, expected: Entry | None) -> None:
+        """Stream ``source`` to ``remote_path`` atomically; with ``expected``, abort unless the bytes match it."""
+        self._ensure_parent(remote_path)
+        # The lease is checked once more just before the file replaces what is there: a session taken over during a
+        # long upload leaves the successor's file alone.
+        atomic_write(self.fs, remote_path, lambda target: _copy_checked(source, target, expected),
+                     before_replace=lambda _: self.lease.check())  # fmt: skip
 
     def _ensure_parent(self, remote_path: str) -> None:
         # Local folders get theirs from atomic_write; object stores have none; others (sftp, webdav) need them.
@@ -571,7 +616,7 @@ class Mirror:
 
     def _write_manifest(self, manifest: Manifest) -> None:
         manifest.generation = self.lease.generation
-        write_manifest(self.side, manifest)
+        write_manifest(self.side, manifest, before_replace=lambda _: self.lease.check())
 
     def _retrying(self, attempt: Callable[[], Any], give_up: tuple[type[BaseException], ...] = ()) -> Any:
         """``attempt()``, retried with backoff; the ``give_up`` errors are raised at once (no retry changes them)."""
