@@ -22,12 +22,15 @@ $(STAMP): pyproject.toml
 demo: install
 	OMP_NUM_THREADS=1 $(VENV)/bin/atheria fit --preset demo
 
+# Two workers (pytest-xdist): most tests wait on one single-threaded training, so two cores run two at once.
+TEST_WORKERS ?= 2
+
 test: install
-	$(PY) -m pytest -q
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal
 
 # The inner loop: everything but the tests marked slow (subprocess trainings, DDP, the kill storm, the notebook).
 quick: install
-	$(PY) -m pytest -q -m "not slow"
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal -m "not slow"
 
 lint: install
 	$(VENV)/bin/ruff check atheria_lightning tests benchmarks scripts notebooks
