@@ -18,6 +18,7 @@ from conftest import demo_args, make_read_only, snapshot
 
 from atheria_lightning.cli import main
 from atheria_lightning.platform import KAGGLE_INPUT_ENV, KAGGLE_INPUT_ROOT, Platform, kaggle_input_root
+from atheria_lightning.store import mirror as mirror_module
 
 EPISODES = 4
 
@@ -248,3 +249,25 @@ def test_an_input_without_a_sound_checkpoint_means_a_new_run(
         "nothing of the unsound run came along"
     )
     assert snapshot(on_kaggle) == before
+
+
+def test_a_giant_or_sparse_file_in_the_input_is_not_copied_and_said_once(
+    previous: dict[int, Path], on_kaggle: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    attached = attach(previous[EPISODES], on_kaggle, "my-notebook", "atheria_runs")
+    with open(attached / "exports" / "holes.bin", "wb") as handle:
+        handle.truncate(3 * 2**30)  # 3 GiB listed, nothing on disk: reading it would write 3 GiB of zeros
+    (attached / "logs" / "big.bin").write_bytes(b"x" * (2 * 2**20))
+    (attached / "logs" / "small.txt").write_text("kept")
+    monkeypatch.setattr(mirror_module, "PLAIN_FILE_LIMIT", 2**20)  # a 2 MiB file stands in for one over 512 MiB
+    make_read_only(on_kaggle)
+    with caplog.at_level(logging.WARNING, logger="atheria_lightning.store"):
+        assert main(new_version(tmp_path)) == 0
+    run = local_run(tmp_path)
+    assert not (run / "exports" / "holes.bin").exists() and not (run / "logs" / "big.bin").exists()
+    assert (run / "logs" / "small.txt").read_text() == "kept"
+    said = logged(caplog)
+    assert said.count("holes.bin: not copied: ") == 1 and said.count("big.bin: not copied: ") == 1, said
+    assert "big.bin: not copied: 2097152 bytes, over the 1 MiB copied of a logs/ or exports/ file" in said
+    assert "holes.bin: not copied: a sparse file (3221225472 bytes listed, " in said, said

@@ -47,6 +47,12 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 QUARANTINE = "corrupt"
 #: Checkpoint files a sound manifest does not list (not written by this run's store) are moved here, never deleted.
 UNLISTED = "unlisted"
+#: Best files beyond ``top_k`` at a session's start (a lower ``top_k`` than an earlier session's) are moved here, on
+#: either side: a setting changed, and nothing saved is deleted because of that.
+BEYOND_TOP_K = "beyond_top_k"
+#: Key of the settings each callback records in a checkpoint as it is built (``SmartCheckpoint.top_k`` -> 5), keyed
+#: as the CLI names them: a resume reports those that changed.
+SETTINGS_KEY = "atheria_settings"
 #: Key of the metadata the store puts into every checkpoint it writes: the episode count and the monitored metric,
 #: so that a manifest can be rebuilt from the files alone.
 META_KEY = "atheria"
@@ -261,8 +267,8 @@ class Side:
         """Move ``name`` into ``corrupt/``."""
         self.set_aside(name, QUARANTINE)
 
-    def set_aside(self, name: str, subfolder: str) -> None:
-        """Move ``name`` into ``subfolder`` with a time stamp, never deleting anything."""
+    def set_aside(self, name: str, subfolder: str) -> str:
+        """Move ``name`` into ``subfolder`` with a time stamp, never deleting anything; where it went."""
         source = join(self.folder, name)
         target = join(join(self.folder, subfolder), f"{name}.{time.time_ns()}")
         try:
@@ -273,6 +279,7 @@ class Side:
             self.fs.mv(source, target)
         except FileNotFoundError:
             pass
+        return target
 
 
 class LocalSide(Side):

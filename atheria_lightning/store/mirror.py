@@ -26,6 +26,7 @@ from atheria_lightning.errors import ConfigError, require
 from atheria_lightning.files import TMP_MARKER, atomic_write, copy_measured, join, tmp_path_for, verify
 from atheria_lightning.store.lease import HEARTBEAT_S, Holder, Lease, Superseded
 from atheria_lightning.store.manifest import (
+    BEYOND_TOP_K,
     CHECKPOINTS,
     QUARANTINE,
     DamagedManifest,
@@ -175,6 +176,7 @@ class Mirror:
         self._verified: dict[str, Entry] = {}
         self._journalled: dict[str, Entry] = {}
         self._rewrite = False  # the mirror's manifest must be written again, even if this session's view is unchanged
+        self._beyond: dict[str, str] = {}  # best files this session set aside beyond top_k -> where they went
         self._queue_lock = threading.Lock()
         self._sync_lock = threading.Lock()
         self._cond = threading.Condition()
@@ -524,17 +526,26 @@ class Mirror:
         listed.update({name: entry for name, entry in uploads.items() if name not in changed})
         removed = [name for name, entry in batch.items() if entry is None and listed.pop(name, None) is not None]
         kept = Manifest(listed)
-        for name, _ in kept.ranked_best()[self.top_k() :]:  # the mirror keeps top_k too, whatever it held
+        beyond = [name for name, _ in kept.ranked_best()[self.top_k() :]]  # the mirror keeps top_k, whatever it held
+        for name in beyond:
             del kept.files[name]
-            removed.append(name)
         if kept.files != self.remote.files or self._journalled or self._rewrite:
             self._write_manifest(kept)
         self.remote, self._journalled, self._rewrite = kept, {}, False
         for name in kept.files:
             self._verified.pop(name, None)
-        for name in removed:  # only after the manifest that no longer lists them
+        # Only after the manifest that no longer lists them. What the mirror held beyond top_k (a lower top_k than
+        # an earlier session's) is set aside; a later removal by the local retention deletes it there.
+        for name in beyond:
+            self._beyond[name] = self.side.set_aside(name, BEYOND_TOP_K)
+        if beyond:
+            log.warning("mirror %s: %d best checkpoint(s) beyond top_k=%d moved to %s/, not deleted: %s",
+                        self.side.folder, len(beyond), self.top_k(), BEYOND_TOP_K,
+                        ", ".join(sorted(beyond)))  # fmt: skip
+        removed += [name for name, entry in batch.items() if entry is None and name in self._beyond]
+        for name in removed:
             try:
-                self.fs.rm(join(self.side.folder, name))
+                self.fs.rm(self._beyond.pop(name, None) or join(self.side.folder, name))
             except FileNotFoundError:
                 pass
         with self._queue_lock:  # done with, unless a newer write queued the name again meanwhile
@@ -635,23 +646,44 @@ class Mirror:
         return None
 
 
-def plain_files(fs: AbstractFileSystem, folder: str) -> list[str]:
-    """The regular files under ``folder``, relative to it with ``/``; links are neither listed nor entered, a
-    missing folder is empty."""
+#: The largest ``logs/`` or ``exports/`` file a start copies from a mirror or a previous version: a long run's
+#: TensorBoard events and exported model stay far below it; a planted (or sparse) giant would fill the disk.
+PLAIN_FILE_LIMIT = 512 * 2**20
+
+
+def plain_files(fs: AbstractFileSystem, folder: str) -> dict[str, dict[str, Any]]:
+    """The regular files under ``folder``, relative to it with ``/`` -> their listing info; links are neither
+    listed nor entered, a missing folder is empty."""
     try:
         if fs.info(folder).get("islink"):
-            return []
+            return {}
     except FileNotFoundError:
-        return []
-    found: list[str] = []
+        return {}
+    found: dict[str, dict[str, Any]] = {}
     top = None
     for root, folders, files in fs.walk(folder, detail=True):
         top = root if top is None else top  # walk is top-down: its first folder is ``folder`` as fs writes it
         for name in [name for name, info in folders.items() if info.get("islink")]:
             del folders[name]  # pruned: a link to a folder may lead anywhere
-        found += [posixpath.relpath(posixpath.join(root, name), top) for name, info in sorted(files.items())
-                  if info.get("type") == "file" and not info.get("islink")]  # fmt: skip
+        found.update({posixpath.relpath(posixpath.join(root, name), top): info for name, info in sorted(files.items())
+                      if info.get("type") == "file" and not info.get("islink")})  # fmt: skip
     return found
+
+
+def _too_big_or_sparse(fs: AbstractFileSystem, path: str, info: dict[str, Any]) -> str | None:
+    """Why a plain file is not copied, or None: over :data:`PLAIN_FILE_LIMIT`, or sparse (mostly holes: a few
+    blocks on disk that read as gigabytes of zeros)."""
+    size = int(info.get("size") or 0)
+    if isinstance(fs, LocalFileSystem) and size > 2**20:
+        try:
+            blocks = os.stat(path, follow_symlinks=False).st_blocks * 512
+        except (OSError, AttributeError):  # no st_blocks on this platform: the size bound alone
+            blocks = size
+        if blocks < size // 2:
+            return f"a sparse file ({size} bytes listed, {blocks} on disk)"
+    if size > PLAIN_FILE_LIMIT:
+        return f"{size} bytes, over the {PLAIN_FILE_LIMIT // 2**20} MiB copied of a logs/ or exports/ file"
+    return None
 
 
 def copy_plain_files(
@@ -675,14 +707,19 @@ def copy_plain_files(
         except Exception as err:  # each backend has its own errors for an unreadable folder
             log.warning("%s: not listed (%s); earlier sessions' %s/ stays there", source_dir, err, folder)
             continue
-        for relative in listing:
+        for relative, info in listing.items():
             target = os.path.realpath(os.path.join(local_dir, *relative.split("/")))
             inside = os.path.commonpath([target, local_dir]) == local_dir and target != local_dir
             if TMP_MARKER in posixpath.basename(relative) or not inside or os.path.lexists(target):
                 continue
+            refused = _too_big_or_sparse(fs, join(source_dir, relative), info)
+            if refused is not None:
+                log.warning("%s/%s: not copied: %s", source_dir, relative, refused)
+                continue
             try:
                 with fs.open(join(source_dir, relative), "rb") as source:
-                    atomic_write(LocalFileSystem(), target, lambda handle, source=source: copy_measured(source, handle))
+                    bounded = functools.partial(copy_measured, source, limit=PLAIN_FILE_LIMIT)
+                    atomic_write(LocalFileSystem(), target, bounded)
             except Exception as err:  # a history file is not worth failing the start of training
                 log.warning("%s/%s: not copied (%s)", source_dir, relative, err)
                 continue

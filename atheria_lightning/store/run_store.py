@@ -25,6 +25,7 @@ from typing_extensions import Self, override
 from atheria_lightning.errors import ConfigError, require
 from atheria_lightning.files import MeasuredWriter, atomic_write, copy_measured, remove_stale_tmp, verify
 from atheria_lightning.store.manifest import (
+    BEYOND_TOP_K,
     CHECKPOINTS,
     LAST,
     MANIFEST_NAME,
@@ -191,7 +192,7 @@ class RunStore:
         root, label = self._previous or ("", "")
         if with_previous and root and not self._entries():
             copied = self._copy_previous(root, label)
-        self._retain()
+        self._set_aside_beyond_top_k()
         if with_mirror and self._mirror is not None:
             self._mirror.reconcile(self._entries())
         point = self.resume_point()
@@ -567,29 +568,51 @@ class RunStore:
             self._journal(name, measured["entry"])
 
         atomic_write(self._local, self._path(name), write, before_replace=journal)
-        self._list(name, measured["entry"])
+        # A best file goes to the mirror's queue after the removal it causes: a sync never sees top_k + 1 of them
+        # and takes the one pushed out for a surplus to set aside.
+        self._list(name, measured["entry"], send=name == LAST)
         self.max_write_seconds = max(self.max_write_seconds, time.monotonic() - started)
         if name != LAST:
             self._retain()
+            if self._mirror is not None and name in self._entries():  # unless retention took it at once
+                self._mirror.enqueue(name, measured["entry"])
 
     def _journal(self, name: str, entry: Entry) -> None:
         with self._lock:
             self._manifest.pending[name] = entry  # type: ignore[union-attr]
         self._write_manifest()
 
-    def _list(self, name: str, entry: Entry) -> None:
+    def _list(self, name: str, entry: Entry, send: bool = True) -> None:
         with self._lock:
             self._manifest.files[name] = entry  # type: ignore[union-attr]
             self._manifest.pending.pop(name, None)  # type: ignore[union-attr]
             self._queued_best.pop(name, None)
         self._write_manifest()
-        if self._mirror is not None:
+        if send and self._mirror is not None:
             self._mirror.enqueue(name, entry)
 
     def _retain(self) -> None:
         """Remove the best files beyond ``top_k`` (listed ones only: they are unlisted first, then deleted)."""
         for name, _ in self._manifest_copy().ranked_best()[self.top_k :]:
             self._remove(name)
+
+    def _set_aside_beyond_top_k(self) -> None:
+        """At the start, best files beyond ``top_k`` are there because ``top_k`` is lower than an earlier session's
+        (or a copied folder held more): moved to ``checkpoints/beyond_top_k/``, never deleted, and said. The mirror
+        does the same with its own at its first sync."""
+        surplus = [name for name, _ in self._manifest_copy().ranked_best()[self.top_k :]]
+        if not surplus:
+            return
+        with self._lock:
+            for name in surplus:
+                self._manifest.files.pop(name, None)  # type: ignore[union-attr]
+        self._write_manifest()  # unlisted first: a kill before the move leaves files the next start adopts
+        for name in surplus:
+            LocalSide(self.checkpoint_dir).set_aside(name, BEYOND_TOP_K)
+        also = " (the mirror's too, at its first sync)" if self._mirror is not None else ""
+        print(f"top_k={self.top_k}: {len(surplus)} best checkpoint(s) beyond it moved to "
+              f"{os.path.join(self.checkpoint_dir, BEYOND_TOP_K)}/{also}, not deleted: {', '.join(sorted(surplus))}",
+              flush=True)  # fmt: skip
 
     def _remove(self, name: str) -> None:
         # Unlist first, then delete: a crash in between leaves an unlisted file, which the next start adopts.
