@@ -59,6 +59,7 @@ from atheria_lightning.presets import PresetAction, missing_config_line
 from atheria_lightning.scalars import BufferedTensorBoardLogger
 from atheria_lightning.settings import changed_settings, refuse_fixed_changes
 from atheria_lightning.store import META_KEY, Checkpoint, MirrorInUse, MirrorStatus, RunStore, UsesRunStore
+from atheria_lightning.store.manifest import LAST, SETTINGS_KEY, UNLISTED
 from atheria_lightning.trackers import WandbRun, WandbRunId, check_logger_packages, logger_lines
 
 log = logging.getLogger(__name__)
@@ -496,10 +497,17 @@ class AtheriaCLI(LightningCLI):
         ``header`` is the checkpoint's own metadata (weights_only): a manifest on a shared mirror may lie about it.
         """
         assert self.store is not None
-        saved, now = _settings_by_key(header, model, datamodule, self.trainer.callbacks, self.store.monitor)
-        refuse_fixed_changes(saved, now)
+        saved, now = _settings_by_key(header, model, datamodule, self.trainer.callbacks, self.store.monitor,
+                                      str(self.trainer.precision))  # fmt: skip
+        try:
+            refuse_fixed_changes(saved, now)
+        except ConfigError as err:
+            raise ConfigError(f"{err} (the checkpoint: {_whence(point)}{_how_to_set_aside(point)})") from err
         episode = int(header.get(META_KEY, {}).get("episode", 0))
         total = datamodule.total_episodes
+        suspicion = self._suspicious(point, episode, datamodule)
+        if suspicion is not None:
+            print(suspicion, flush=True)
         if episode >= total:
             self._remake_stale_exports(point, header, model, datamodule)
             print(f"run finished: episode {episode} of {total} (100%), nothing to do; "
@@ -512,6 +520,25 @@ class AtheriaCLI(LightningCLI):
             print(f"changed since that checkpoint, in effect from now on: {', '.join(changes)}", flush=True)
         return True
 
+    def _suspicious(self, point: Checkpoint, episode: int, datamodule: EpisodeDataModule) -> str | None:
+        """One line when the checkpoint to resume is at an episode nothing else of the run accounts for: beyond
+        data.total_episodes, or a best file past last.ckpt by more than a save interval and a validation explain (a
+        file planted on a shared mirror). It is still used: the run may have lost its other files."""
+        assert self.store is not None
+        last = self.store.entries().get(LAST)
+        every = max((callback.every_n_episodes for callback in self.trainer.callbacks
+                     if isinstance(callback, SmartCheckpoint)), default=10)  # fmt: skip
+        if episode > datamodule.total_episodes:
+            beyond = f"beyond data.total_episodes={datamodule.total_episodes}"
+        elif point.name != LAST and last is not None and episode > last.episode + every + datamodule.val_every_episodes:
+            beyond = f"{episode - last.episode} episodes past the run's {LAST} (episode {last.episode})"
+        else:
+            return None
+        return (
+            f"suspicious: {point.name} is at episode {episode}, {beyond}; it may not come from this run "
+            f"({_whence(point)}){_how_to_set_aside(point)}"
+        )
+
     def validate(
         self, model: QCAModule, datamodule: EpisodeDataModule, ckpt_path: str | None = None, **kwargs: Any
     ) -> Any:
@@ -521,6 +548,25 @@ class AtheriaCLI(LightningCLI):
             kwargs["weights_only"] = True
             return self.trainer.validate(model, datamodule=datamodule, ckpt_path=point.path if point else None,
                                          **kwargs)  # fmt: skip
+
+
+def _whence(point: Checkpoint) -> str:
+    """Where a checkpoint came from, in words: "from the mirror, now at PATH"."""
+    if point.source == "local":
+        return f"local, {point.path}"
+    if point.source == "explicit":
+        return f"given as ckpt_path, {point.path}"
+    return f"from the {point.source}, now at {point.path}"
+
+
+def _how_to_set_aside(point: Checkpoint) -> str:
+    if point.source == "explicit":
+        return ""
+    return (
+        f"; to set it aside, move it into {os.path.join(os.path.dirname(point.path), UNLISTED)}/"
+        + (" here and on the mirror" if point.source == "mirror" else "")
+        + ", then run the same command again"
+    )
 
 
 def _peek_checkpoint(path: str) -> dict[str, Any]:
@@ -538,7 +584,7 @@ def _peek_checkpoint(path: str) -> dict[str, Any]:
 
 def _settings_by_key(
     header: dict[str, Any], model: QCAModule, datamodule: EpisodeDataModule, callbacks: list[Any],
-    monitor: str | None,
+    monitor: str | None, precision: str,
 ) -> tuple[dict[str, Any], dict[str, Any]]:  # fmt: skip
     """The checkpoint's settings and this session's, keyed as the CLI names them (``model.lr``, ``data.seed``)."""
     saved = {f"model.{key}": value for key, value in (header.get("hyper_parameters") or {}).items()}
@@ -553,6 +599,13 @@ def _settings_by_key(
         # Checkpoints written before the monitor was recorded were all ranked by val/combined, the only one then.
         saved["SmartCheckpoint.monitor"] = meta.get("monitor") or LEGACY_MONITOR
         now["SmartCheckpoint.monitor"] = monitor
+    recorded = header.get(SETTINGS_KEY)
+    recorded = recorded if isinstance(recorded, dict) else {}  # checkpoints of earlier versions recorded none
+    now["trainer.precision"] = precision
+    for callback in callbacks:
+        if isinstance(callback, (SmartCheckpoint, MirrorSync)):
+            now.update(callback.resume_settings())
+    saved.update({key: value for key, value in recorded.items() if key in now})
     for guard in (callback for callback in callbacks if isinstance(callback, TimeLimitGuard)):
         hours = ((header.get("callbacks") or {}).get(guard.state_key) or {}).get("max_hours")
         if hours is not None:

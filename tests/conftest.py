@@ -102,6 +102,7 @@ def callbacks_config(
     sync: int = 20,
     monitor_every: int = 40,
     backoff_s: float = 1.0,
+    top_k: int = 5,
 ) -> str:
     """A second ``--config`` file replacing the demo's callback list, with the given settings."""
     path = tmp_path / "callbacks.yaml"
@@ -110,7 +111,7 @@ def callbacks_config(
     - class_path: atheria_lightning.callbacks.TimeLimitGuard
       init_args: {{max_hours: {guard_hours}}}
     - class_path: atheria_lightning.callbacks.SmartCheckpoint
-      init_args: {{top_k: 5, every_n_episodes: {every}}}
+      init_args: {{top_k: {top_k}, every_n_episodes: {every}}}
     - class_path: atheria_lightning.callbacks.MirrorSync
       init_args: {{every_n_episodes: {sync}, backoff_s: {backoff_s}}}
     - class_path: atheria_lightning.callbacks.ResourceMonitor

@@ -17,6 +17,7 @@ from atheria_lightning.data import EpisodeDataModule, episodes_done
 from atheria_lightning.errors import require
 from atheria_lightning.rng import restore_rng_states, rng_states
 from atheria_lightning.store import RunStore, StoreCheckpointIO, UsesRunStore
+from atheria_lightning.store.manifest import SETTINGS_KEY
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +102,17 @@ class SmartCheckpoint(UsesRunStore, Checkpoint):
             self.store.open()
         self._after_validation, self._saved_episode, self._sound = None, -1, True
         self._processes, self._restored_rng = trainer.world_size, None
+
+    def resume_settings(self) -> dict[str, Any]:
+        """This session's settings a resume reports when they differ from the checkpoint's, keyed as the CLI
+        names them."""
+        return {"SmartCheckpoint.top_k": self.top_k, "SmartCheckpoint.every_n_episodes": self.every_n_episodes}
+
+    @override
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        checkpoint.setdefault(SETTINGS_KEY, {}).update(
+            self.resume_settings(), **{"trainer.precision": str(trainer.precision)}
+        )
 
     @override
     def state_dict(self) -> dict[str, Any]:

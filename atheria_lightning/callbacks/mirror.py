@@ -15,6 +15,7 @@ from atheria_lightning.data import episodes_done, total_episodes
 from atheria_lightning.errors import ConfigError, require
 from atheria_lightning.scalars import BufferedTensorBoardLogger, send_to_loggers
 from atheria_lightning.store import RunStore, UsesRunStore, check_mirror_url
+from atheria_lightning.store.manifest import SETTINGS_KEY
 
 __all__ = ["MirrorSync", "check_mirror_url"]
 
@@ -217,6 +218,15 @@ class MirrorSync(UsesRunStore, Callback):
         # After on_fit_end, where the report wrote exports/: they go too.
         if stage == "fit" and trainer.is_global_zero and self.store is not None:
             self.store.flush(self.flush_timeout_s)
+
+    def resume_settings(self) -> dict[str, Any]:
+        """This session's settings a resume reports when they differ from the checkpoint's, keyed as the CLI
+        names them."""
+        return {"MirrorSync.every_n_episodes": self.every_n_episodes}
+
+    @override
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        checkpoint.setdefault(SETTINGS_KEY, {}).update(self.resume_settings())
 
     @override
     def state_dict(self) -> dict[str, Any]:
