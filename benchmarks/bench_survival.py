@@ -590,6 +590,7 @@ def lease_variant(root: str, variant: str, syncs: int) -> dict[str, Any]:
     assert mirror is not None
     if variant == "without the lease's checks":
         mirror._check_owner = lambda: None  # type: ignore[method-assign]
+        mirror.lease.check = lambda: None  # type: ignore[method-assign]  # also the one before each write lands
         mirror.lease.heartbeat = lambda force=False: None  # type: ignore[method-assign]
     store.flush(60)
     ThrottledFileSystem.reset_counters()
