@@ -56,6 +56,7 @@ from atheria_lightning.platform import (
     kaggle_input_root,
 )
 from atheria_lightning.presets import PresetAction, missing_config_line
+from atheria_lightning.redact import notify_urls
 from atheria_lightning.scalars import BufferedTensorBoardLogger
 from atheria_lightning.settings import changed_settings, refuse_fixed_changes
 from atheria_lightning.store import META_KEY, Checkpoint, MirrorInUse, MirrorStatus, RunStore, UsesRunStore
@@ -306,7 +307,7 @@ class AtheriaCLI(LightningCLI):
         require(len(wandb_loggers) <= 1, f"trainer.logger lists {len(wandb_loggers)} WandbLoggers: W&B records one "
                 "run per process, so give one")  # fmt: skip
         if wandb_loggers:
-            self.wandb_run = WandbRun(wandb_loggers[0], self.run_dir)
+            self.wandb_run = WandbRun(wandb_loggers[0], self.run_dir, notify_urls(self.config))
             callbacks.append(self.wandb_run)
         else:  # a session without W&B keeps the run id of the checkpoints for a later session with it
             callbacks.append(WandbRunId())
