@@ -12,7 +12,7 @@ from typing import Any
 
 from jsonargparse import Namespace
 
-__all__ = ["REDACTED", "argv_redacted", "notify_urls", "redacted_argv"]
+__all__ = ["REDACTED", "argv_redacted", "notify_urls", "redacted_argv", "without_notify_urls"]
 
 #: What a record of the command line says in place of a value that may hold a notification URL.
 REDACTED = "<redacted>"
@@ -29,6 +29,17 @@ def notify_urls(config: Any) -> list[str]:
         for value in values:
             found += [value] if isinstance(value, str) else [url for url in value or [] if isinstance(url, str)]
     return found
+
+
+def without_notify_urls(config: Namespace) -> Namespace:
+    """A copy of ``config`` whose ``notify`` is null and whose Notifiers have no URLs, to be saved in the run."""
+    config = config.clone()
+    for node in _nodes(config):
+        if isinstance(node, Namespace) and "notify" in vars(node):
+            node.notify = None
+        if _is_notifier(node) and _get(node, "init_args") is not None:
+            node["init_args"]["urls"] = []
+    return config
 
 
 def redacted_argv(argv: Sequence[str], urls: Sequence[str] = ()) -> list[str]:
