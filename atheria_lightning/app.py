@@ -56,6 +56,7 @@ from atheria_lightning.platform import (
     kaggle_input_root,
 )
 from atheria_lightning.presets import PresetAction, missing_config_line
+from atheria_lightning.redact import notify_urls, without_notify_urls
 from atheria_lightning.scalars import BufferedTensorBoardLogger
 from atheria_lightning.settings import changed_settings, refuse_fixed_changes
 from atheria_lightning.store import META_KEY, Checkpoint, MirrorInUse, MirrorStatus, RunStore, UsesRunStore
@@ -307,7 +308,7 @@ class AtheriaCLI(LightningCLI):
         require(len(wandb_loggers) <= 1, f"trainer.logger lists {len(wandb_loggers)} WandbLoggers: W&B records one "
                 "run per process, so give one")  # fmt: skip
         if wandb_loggers:
-            self.wandb_run = WandbRun(wandb_loggers[0], self.run_dir)
+            self.wandb_run = WandbRun(wandb_loggers[0], self.run_dir, notify_urls(self.config))
             callbacks.append(self.wandb_run)
         else:  # a session without W&B keeps the run id of the checkpoints for a later session with it
             callbacks.append(WandbRunId())
@@ -616,13 +617,12 @@ def _settings_by_key(
 
 class SaveConfigWithoutSecrets(SaveConfigCallback):
     """Lightning's ``<run>/logs/config.yaml``, without the ``notify`` URLs: they hold services' tokens, and the run
-    folder is mirrored (a shared Drive folder, a bucket). The saved config says ``notify: null``; the command line or
-    the preset that gave them keeps them."""
+    folder is mirrored (a shared Drive folder, a bucket). The saved config says ``notify: null`` (and a Notifier in
+    ``trainer.callbacks`` has no ``urls``); the command line or the preset that gave them keeps them."""
 
     def __init__(self, parser: LightningArgumentParser, config: Any, *args: Any, **kwargs: Any) -> None:
-        if config.get("notify") is not None or config.get("take_over"):
-            config = config.clone()
-            config["notify"] = None
+        if notify_urls(config) or config.get("take_over"):
+            config = without_notify_urls(config)
             config["take_over"] = False  # this session's decision, never a later one's
         super().__init__(parser, config, *args, **kwargs)
 

@@ -20,6 +20,7 @@ from typing_extensions import override
 
 from atheria_lightning.errors import ConfigError
 from atheria_lightning.files import atomic_write
+from atheria_lightning.redact import argv_redacted
 
 __all__ = ["ID_FILE", "WandbRun", "check_logger_packages", "logger_lines"]
 
@@ -91,7 +92,8 @@ class WandbRun(WandbRunId):
     is written to that file and, as this callback's state, into every checkpoint; W&B resumes it (``resume="allow"``,
     WandbLogger's default, unless the config sets another). W&B's files go to ``<run>/logs/wandb/``, mirrored with the
     run's other logs; a ``save_dir`` given in the config is replaced (one warning: outside the run folder they would
-    die with the machine). A ``name`` not given is the experiment's.
+    die with the machine). A ``name`` not given is the experiment's. W&B records the command line without the
+    notification URLs (:func:`~atheria_lightning.redact.redacted_argv`).
 
     ``AtheriaCLI`` adds it beside a configured ``WandbLogger`` and calls :meth:`choose` before ``trainer.fit`` and
     :meth:`finish` before the final mirror flush.
@@ -99,11 +101,14 @@ class WandbRun(WandbRunId):
     Args:
         logger: The run's ``WandbLogger``, before its experiment exists (it creates it lazily, at the start of fit).
         run_dir: The run folder.
+        notify_urls: The run's notification URLs (:func:`~atheria_lightning.redact.notify_urls`), kept out of
+            W&B's record of the command line wherever they stand in it.
     """
 
-    def __init__(self, logger: WandbLogger, run_dir: str) -> None:
+    def __init__(self, logger: WandbLogger, run_dir: str, notify_urls: Sequence[str] = ()) -> None:
         super().__init__()
         self.logger = logger
+        self.notify_urls = list(notify_urls)
         self.log_dir = os.path.join(os.path.abspath(run_dir), "logs")
         self.id_file = os.path.join(self.log_dir, ID_FILE)
         self.id: str | None = None
@@ -147,7 +152,8 @@ class WandbRun(WandbRunId):
         import wandb
 
         try:
-            _ = self.logger.experiment
+            with argv_redacted(self.notify_urls):  # W&B records the command line as its run starts
+                _ = self.logger.experiment
         except wandb.errors.Error as err:
             reason = " ".join(str(err).split()) or type(err).__name__
             raise ConfigError(
