@@ -87,7 +87,8 @@ def summary_figure(training_log: dict[str, Any]) -> Figure:
     title = f"{training_log.get('experiment', 'atheria')}" + (
         f" - {training_log['phase']}" if training_log.get("phase") else ""
     )
-    figure.suptitle(f"{title}: {training_log.get('episodes_done', 0)} episodes")
+    # Names from the log as they are: "$" would start matplotlib's math notation, and a bad one fail the drawing.
+    figure.suptitle(f"{title}: {training_log.get('episodes_done', 0)} episodes", parse_math=False)
     return figure
 
 
@@ -194,7 +195,8 @@ def _plot_timeline(axes: Any, training_log: dict[str, Any]) -> None:
         axes.legend(loc="upper left", fontsize=8)
     axes.set_yticks(list(rows.values()), list(rows))
     axes.set_ylim(-0.7, 3.0)
-    axes.set(title=f"Checkpoint timeline (top-k by {training_log.get('monitor') or 'val/combined'})", xlabel="episode")
+    axes.set_title(f"Checkpoint timeline (top-k by {training_log.get('monitor') or 'val/combined'})", parse_math=False)
+    axes.set_xlabel("episode")
     if training_log.get("total_episodes"):
         axes.set_xlim(-0.5, training_log["total_episodes"] + 0.5)
 
@@ -206,7 +208,13 @@ def _plot_histogram(axes: Any, losses: list[float]) -> None:
     if not len(values):
         axes.text(0.5, 0.5, "no episodes yet", ha="center", va="center", transform=axes.transAxes)
         return
-    axes.hist(values, bins=max(5, min(50, len(values) // 5)), color="tab:blue", alpha=0.7)
+    low, high = float(values.min()), float(values.max())
+    if low == high:
+        low, high = low - 0.5, high + 0.5  # one value: widened as numpy does
+    edges = np.linspace(low, high, max(5, min(50, len(values) // 5)) + 1)
+    if not np.all(np.diff(edges) > 0):  # values so large, or so close, that the bins would have no width: one bar
+        edges = np.array([low, high]) + np.array([-0.5, 0.5]) * max(abs(low), abs(high))
+    axes.hist(values, bins=edges, color="tab:blue", alpha=0.7)
     axes.axvline(float(np.median(values)), color="black", ls="--", lw=1, label=f"median {np.median(values):.3g}")
     axes.legend(loc="upper right", fontsize=8)
 

@@ -11,10 +11,33 @@ from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 
 from atheria_lightning.errors import ConfigError, OneLineArgumentParser
-from atheria_lightning.figures import png_bytes, summary_figure
+from atheria_lightning.figures import EPISODE_KEYS, VALIDATION_KEYS, png_bytes, summary_figure
 from atheria_lightning.files import atomic_write, join
+from atheria_lightning.untrusted import (
+    ANY,
+    MIB,
+    NUMBER,
+    TEXT,
+    WHOLE,
+    UntrustedFileError,
+    check,
+    info_of,
+    list_of,
+    load_json,
+    mapping,
+    optional,
+    read_bounded,
+)
 
-__all__ = ["FILE_NOTES", "main", "parse_training_log", "read_training_log", "report_markdown", "write_report"]
+__all__ = [
+    "FILE_NOTES",
+    "check_training_log",
+    "main",
+    "parse_training_log",
+    "read_training_log",
+    "report_markdown",
+    "write_report",
+]
 
 #: The run folder's subfolder of exports, and the log in it that the report is drawn from.
 EXPORTS = "exports"
@@ -31,6 +54,37 @@ FILE_NOTES = {
 
 #: What :func:`write_report` writes.
 WRITTEN = ("summary.png", "report.md")
+#: A log of 400 000 episodes is 63 MB; one over four times that is no log a run wrote, and is refused unread: the
+#: bound on what a read (and the JSON it parses into) takes in memory.
+MAX_LOG_BYTES = 256 * MIB
+
+_METRIC = optional(NUMBER)
+#: What the report and summary.png read of ``training_log.json``, as TrainingLog writes it (null where a value was
+#: not finite); other keys are left alone. Lists drawn item by item are bounded (more checkpoints than any top_k,
+#: more sessions than years of them): each costs the drawing time. The settings in ``config`` may be of any kind,
+#: written out as text: only their nesting is bounded.
+TRAINING_LOG = mapping({
+    "experiment": optional(TEXT), "run_dir": optional(TEXT), "phase": optional(TEXT), "written_at": optional(TEXT),
+    "monitor": optional(TEXT), "episodes_done": WHOLE, "total_episodes": optional(WHOLE),
+    "config": mapping({part: optional(mapping({}, others=ANY)) for part in ("model", "data", "trainer")}),
+    "time": mapping({"sessions": WHOLE, "total_training_hours": NUMBER, "episodes_per_second": _METRIC}),
+    # last_episode is first_episode - 1 in a session that ran no episode: -1 for the first.
+    "sessions": list_of(mapping({"session": WHOLE, "first_episode": WHOLE, "last_episode": NUMBER, "episodes": WHOLE,
+                                 "training_seconds": NUMBER}, required=True), most=10_000),
+    "best": mapping({**{key: _METRIC for key in ("val_loss", "val_combined", "train_loss", "last_train_loss",
+                                                  "last_train_survival")},
+                     **{key: optional(WHOLE) for key in ("val_loss_episode", "val_combined_episode",
+                                                         "train_loss_episode", "last_episode")}}),
+    "checkpoints": list_of(mapping({"file": TEXT, "kind": TEXT, "episode": WHOLE, "metric": _METRIC, "size": WHOLE},
+                                   required=("file", "kind", "episode", "size")), most=1_000),
+    "saved_episodes": list_of(WHOLE),
+    "exported_model": optional(mapping({"file": TEXT, "from_checkpoint": TEXT, "episode": WHOLE, "method": TEXT,
+                                        "metric": _METRIC, "monitor": optional(TEXT), "reason": optional(TEXT)},
+                                       required=("file", "from_checkpoint", "episode", "method"))),
+    "episodes": list_of(mapping({"episode": WHOLE, **{key: _METRIC for key in EPISODE_KEYS}}, required=("episode",))),
+    "validations": list_of(mapping({"episode": WHOLE, **{key: _METRIC for key in VALIDATION_KEYS}},
+                                   required=("episode",))),
+})  # fmt: skip
 
 
 def read_training_log(run_dir: str) -> dict[str, Any]:
@@ -39,34 +93,45 @@ def read_training_log(run_dir: str) -> dict[str, Any]:
     Raises:
         ConfigError: The file is missing, unreadable, or not a training log.
     """
-    fs, root = url_to_fs(run_dir)
-    path = join(join(root, EXPORTS), LOG_FILE)
     try:
-        return parse_training_log(fs.cat_file(path))
+        fs, root = url_to_fs(run_dir)
+    except Exception as err:  # an unknown protocol, a missing package: each backend has its own
+        raise ConfigError(f"RUN_DIR={run_dir!r} cannot be opened: {' '.join(str(err).split())}") from None
+    try:
+        training_log = parse_training_log(read_bounded(fs, root, f"{EXPORTS}/{LOG_FILE}", MAX_LOG_BYTES))
+        check_training_log(training_log)
     except FileNotFoundError:
         raise ConfigError(
             f"RUN_DIR={run_dir!r} has no {EXPORTS}/{LOG_FILE}: give a run folder (<run_root>/<experiment_name>) or "
             "its mirror copy, after a fit with TrainingLog (every preset lists it)"
         ) from None
-    except OSError as err:
-        raise ConfigError(f"RUN_DIR={run_dir!r}: {EXPORTS}/{LOG_FILE} cannot be read: {err}") from None
-    except ValueError as err:
+    except ValueError as err:  # UntrustedFileError: not a file, too large, not JSON, a wrong value
         raise ConfigError(f"RUN_DIR={run_dir!r}: {EXPORTS}/{LOG_FILE} {err}") from None
+    return training_log
 
 
 def parse_training_log(data: bytes | str) -> dict[str, Any]:
-    """A training log from the bytes of ``training_log.json`` (untrusted: only its outline is checked here).
+    """A training log from the bytes of ``training_log.json`` (untrusted: only its outline is checked here, the
+    rest by :func:`check_training_log`).
 
     Raises:
-        ValueError: Not JSON, or not a training log; the message completes "training_log.json …".
+        UntrustedFileError: Not JSON (nested too deep included), or not a training log; the message completes
+            "training_log.json …". It is a ValueError.
     """
-    try:
-        training_log = json.loads(data)
-    except ValueError as err:  # json's errors are ValueErrors
-        raise ValueError(f"cannot be read: {err}") from None
+    training_log = load_json(data)
     if not isinstance(training_log, dict) or not isinstance(training_log.get("episodes"), list):
-        raise ValueError("is not a training log (no list of episodes)")
+        raise UntrustedFileError("is not a training log (no list of episodes)")
     return training_log
+
+
+def check_training_log(training_log: dict[str, Any]) -> None:
+    """Raise unless every value the report reads of ``training_log`` has the type and range TrainingLog writes.
+
+    Raises:
+        UntrustedFileError: The first wrong value, named by its place (``episodes[6].loss``); the message completes
+            "training_log.json …".
+    """
+    check(training_log, TRAINING_LOG)
 
 
 def write_report(run_dir: str, exported_model: dict[str, Any] | None = None, output_dir: str | None = None) -> str:
@@ -87,7 +152,7 @@ def write_report(run_dir: str, exported_model: dict[str, Any] | None = None, out
     if exported_model is not None:
         training_log["exported_model"] = exported_model
         _write(fs, join(exports, LOG_FILE), json.dumps(training_log, indent=1).encode(), f"RUN_DIR={run_dir!r}")
-    files = [name for name in FILE_NOTES if name in WRITTEN or fs.exists(join(exports, name))]
+    files = [name for name in FILE_NOTES if name in WRITTEN or _exists(fs, join(exports, name))]
     summary = png_bytes(summary_figure(training_log))
     text = report_markdown(training_log, files)
     if output_dir is None:
@@ -98,6 +163,13 @@ def write_report(run_dir: str, exported_model: dict[str, Any] | None = None, out
     _write(out_fs, join(out_root, "report.md"), text.encode(), setting)
     report = join(out_root, "report.md")
     return report if isinstance(out_fs, LocalFileSystem) else out_fs.unstrip_protocol(report)
+
+
+def _exists(fs: AbstractFileSystem, path: str) -> bool:
+    try:
+        return info_of(fs, path)["type"] == "file"  # a link is not followed, nor listed
+    except Exception:  # missing or unreadable: not listed
+        return False
 
 
 def _write(fs: AbstractFileSystem, path: str, data: bytes, setting: str) -> None:

@@ -5,8 +5,11 @@ folder, or the same folder synced to a laptop), or any fsspec URL of either (``s
 ``memory://…``). Only these files are read, each as untrusted input (a missing, damaged or truncated one is a line
 saying so): ``checkpoints/MANIFEST.json`` (through the store's own parser), ``exports/training_log.json`` (written
 when a session ends), ``logs/config.yaml`` (the session's settings: ``mirror_url``, ``total_episodes``) and the lock
-record ``.atheria.lock.json``; for a run folder with a mirror, the mirror's ``checkpoints/MANIFEST.json`` too. Never
-a checkpoint's content.
+record ``.atheria.lock.json``; never a checkpoint's content. Each is read as :mod:`atheria_lightning.untrusted`
+reads: a regular file, no link followed, at most a few MiB (the log: 256 MiB). The mirror that ``logs/config.yaml``
+names is only named, never visited: a folder from someone else must not make this machine call an address of their
+choosing (a URL, or a path: a network mount, ``\\\\host\\share``). ``--follow-mirror`` compares a run folder
+with it (its ``checkpoints/MANIFEST.json`` is read too); giving the mirror itself as RUN reads it as any RUN.
 
 ``--json`` prints one object with these keys, always present (``null`` where unknown), one per line with ``--watch``;
 times are Unix seconds:
@@ -34,7 +37,8 @@ times are Unix seconds:
                                 (``"mirror manifest"``), or its file's mtime (``"file time"``); ``null`` without a
                                 mirror
 ``mirror``                      ``{"state", "url", "episode", "detail"}``; ``state`` is ``"up to date"``, ``"behind"``,
-                                ``"ahead"``, ``"none"`` (no mirror) or ``"unknown"``; ``episode`` is the mirror's newest
+                                ``"ahead"``, ``"none"`` (no mirror), ``"not read"`` (named, without
+                                ``--follow-mirror``) or ``"unknown"``; ``episode`` is the mirror's newest
 ``lock``                        ``{"state", "host", "pid", "since", "run_id", "detail"}``; ``state`` is ``"held"``
                                 (a live trainer on this host), ``"free"``, ``"stale"`` (a killed trainer's record) or
                                 ``"unknown"`` (another host, or a mirror: the lock is not mirrored)
@@ -60,7 +64,6 @@ from datetime import datetime
 from typing import Any
 
 import psutil
-import yaml
 from fsspec import AbstractFileSystem
 from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
@@ -70,17 +73,18 @@ from atheria_lightning.errors import ConfigError, OneLineArgumentParser
 from atheria_lightning.files import join
 from atheria_lightning.lock import HOLDER_NAME, LOCK_NAME
 from atheria_lightning.platform import default_mirror_url
-from atheria_lightning.report import EXPORTS, LOG_FILE, parse_training_log
-from atheria_lightning.store.manifest import (
-    CHECKPOINTS,
-    MANIFEST_NAME,
-    DamagedManifest,
-    Manifest,
-    Side,
-    read_as_is,
-    same,
-)
+from atheria_lightning.report import EXPORTS, LOG_FILE, MAX_LOG_BYTES, parse_training_log
+from atheria_lightning.store.manifest import CHECKPOINTS, MANIFEST_NAME, DamagedManifest, Manifest, parse_as_is, same
 from atheria_lightning.store.mirror import remote_run_dir
+from atheria_lightning.untrusted import (
+    MAX_SMALL_FILE,
+    MAX_WHOLE,
+    UntrustedFileError,
+    info_of,
+    load_json,
+    load_yaml,
+    read_bounded,
+)
 
 __all__ = ["main", "run_status", "status_lines"]
 
@@ -101,7 +105,7 @@ sleep: Callable[[float], Any] = time.sleep
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``atheria status RUN [--json] [--watch [SECONDS]]``; see the module's docstring for what is printed."""
+    """``atheria status RUN [--json] [--watch [SECONDS]] [--follow-mirror]``; see the module's docstring."""
     parser = OneLineArgumentParser(
         prog="atheria status",
         description="Where a run stands, from its files only (MANIFEST.json, training_log.json, logs/config.yaml, "
@@ -119,13 +123,19 @@ def main(argv: list[str] | None = None) -> int:
         metavar="SECONDS",
         help=f"Refresh every SECONDS (default {WATCH_DEFAULT_S:g}) until Ctrl+C.",
     )
+    parser.add_argument(
+        "--follow-mirror",
+        action="store_true",
+        help="Compare a run folder with the mirror its logs/config.yaml names, reading it there (a URL, a path). "
+        "Without it the mirror is only named: a folder from elsewhere must not decide what this machine contacts.",
+    )
     try:
         args = parser.parse_args(argv)
         if args.watch is not None and not (math.isfinite(args.watch) and args.watch > 0):
             raise ConfigError(f"--watch={args.watch:g} must be a positive number of seconds")
         refreshes = 0
         while True:
-            status = run_status(args.run)
+            status = run_status(args.run, follow_mirror=args.follow_mirror)
             if args.json:
                 print(json.dumps(status, allow_nan=False), flush=True)
             else:
@@ -146,15 +156,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # ----- gathering -----
-def run_status(run: str, now: float | None = None) -> dict[str, Any]:
-    """The status of run ``run`` (a folder or an fsspec URL) as the dict ``--json`` prints.
+def run_status(run: str, now: float | None = None, follow_mirror: bool = False) -> dict[str, Any]:
+    """The status of run ``run`` (a folder or an fsspec URL) as the dict ``--json`` prints; ``follow_mirror``
+    reads the mirror that ``run``'s config names, too.
 
     Raises:
         ConfigError: ``run`` does not exist, cannot be opened, or holds none of a run's files.
     """
     now = time.time() if now is None else now
     fs, root = _open(run)
-    manifest, manifest_state = _read_manifest(fs, join(root, CHECKPOINTS), "")
+    manifest, manifest_state = _read_manifest(fs, root, "")
     training_log, log_state = _read_log(fs, root)
     config = _read_config(fs, root)
     holder, lock_file = _read_lock(fs, root)
@@ -165,7 +176,7 @@ def run_status(run: str, now: float | None = None) -> dict[str, Any]:
         )
     log = training_log or {}
     # Only a local RUN can be a trainer's run folder; a mirror's own config is never followed elsewhere.
-    mirror = _mirror_location(config, _basename(root)) if isinstance(fs, LocalFileSystem) else None
+    mirror = _mirror_location(config, _basename(root), follow_mirror) if isinstance(fs, LocalFileSystem) else None
     where = _where(fs, root, log, config, mirror)
     newest = _newest(manifest, fs, root)
     log_done = _int(log.get("episodes_done"))
@@ -179,7 +190,7 @@ def run_status(run: str, now: float | None = None) -> dict[str, Any]:
     pace = recent if recent is not None else seconds_per_episode
     left = None
     if pace is not None and total is not None and episode is not None:
-        left = max(0, total - episode) * pace / 3600.0
+        left = _num(max(0, total - episode) * pace / 3600.0)  # None where absurd values overflow
     time_used = log.get("time") if isinstance(log.get("time"), dict) else {}
     status: dict[str, Any] = {
         "run": run,
@@ -204,11 +215,14 @@ def run_status(run: str, now: float | None = None) -> dict[str, Any]:
     }
     if where != "mirror":
         status["mirror"], status["last_sync"] = _compare_with_mirror(manifest, mirror)
-    if where == "mirror" or (where == "copy" and status["mirror"]["state"] in ("unknown", "none")):
-        # A mirror, or a copy whose recorded mirror is out of reach here (the Drive mirror synced to a laptop, where
-        # mirror_url "auto" means none), knows only what it says about itself.
+    if where == "mirror" or (where == "copy" and status["mirror"]["state"] in ("unknown", "none", "not read")):
+        # A mirror, or a copy whose recorded mirror is not read or out of reach here (the Drive mirror synced to a
+        # laptop, where mirror_url "auto" means none), knows only what it says about itself.
+        named = status["mirror"] if where == "copy" and status["mirror"]["state"] == "not read" else None
         status["mirror"] = _self_report(manifest, log, total, run)
         status["last_sync"] = _updated(manifest, fs, join(join(root, CHECKPOINTS), MANIFEST_NAME))
+        if named is not None:
+            status["mirror"]["detail"] += f"; its recorded mirror {named['url']} {NOT_FOLLOWED}"
     status["mirror"] = {key: status["mirror"][key] for key in ("state", "url", "episode", "detail")}
     return status
 
@@ -231,11 +245,11 @@ def _open(run: str) -> tuple[AbstractFileSystem, str]:
     return fs, root
 
 
-def _read_manifest(fs: AbstractFileSystem, folder: str, label: str) -> tuple[Manifest | None, dict[str, Any]]:
-    """The manifest of ``folder`` as written (never rebuilt: that reads checkpoints), and its state."""
+def _read_manifest(fs: AbstractFileSystem, root: str, label: str) -> tuple[Manifest | None, dict[str, Any]]:
+    """The manifest of the run folder ``root`` as written (never rebuilt: that reads checkpoints), and its state."""
     where = f"{label}{CHECKPOINTS}/{MANIFEST_NAME}"
     try:
-        manifest = read_as_is(Side(fs, folder, "status"))
+        manifest = parse_as_is(read_bounded(fs, root, f"{CHECKPOINTS}/{MANIFEST_NAME}", MAX_SMALL_FILE), where)
     except FileNotFoundError:
         return None, {"state": "missing", "detail": f"{where} is missing (no checkpoint saved yet)"}
     except DamagedManifest as err:
@@ -243,7 +257,9 @@ def _read_manifest(fs: AbstractFileSystem, folder: str, label: str) -> tuple[Man
             "state": "damaged",
             "detail": f"{where} is damaged ({_one_line(err)}); the next fit rebuilds it from the checkpoint files",
         }
-    except Exception as err:  # unreadable: a permission, a lost connection
+    except UntrustedFileError as err:  # a link, not a file, too large, unreadable
+        return None, {"state": "damaged", "detail": f"{where} {_one_line(err)}"}
+    except Exception as err:  # nested too deep for json
         return None, {"state": "damaged", "detail": f"{where} cannot be read ({_one_line(err)})"}
     return manifest, {"state": "ok", "detail": f"{where}: {len(manifest.files)} checkpoint(s) listed"}
 
@@ -251,11 +267,11 @@ def _read_manifest(fs: AbstractFileSystem, folder: str, label: str) -> tuple[Man
 def _read_log(fs: AbstractFileSystem, root: str) -> tuple[dict[str, Any] | None, dict[str, Any]]:
     where = f"{EXPORTS}/{LOG_FILE}"
     try:
-        training_log = parse_training_log(fs.cat_file(join(join(root, EXPORTS), LOG_FILE)))
+        training_log = parse_training_log(read_bounded(fs, root, where, MAX_LOG_BYTES))
     except FileNotFoundError:
         state = {"state": "missing", "detail": f"{where} is missing (it is written when a session ends)"}
         return None, {**state, "written_at": None}
-    except Exception as err:  # truncated, not JSON, not a log, unreadable
+    except Exception as err:  # truncated, not JSON, not a log, unreadable, a link, too large
         return None, {"state": "damaged", "detail": f"{where} {_one_line(err)}", "written_at": None}
     written = _text(training_log.get("written_at"))
     return training_log, {
@@ -268,8 +284,8 @@ def _read_log(fs: AbstractFileSystem, root: str) -> tuple[dict[str, Any] | None,
 def _read_config(fs: AbstractFileSystem, root: str) -> dict[str, Any]:
     """``logs/config.yaml`` as a dict; empty when missing or not a mapping (it only adds to what the log says)."""
     try:
-        config = yaml.safe_load(fs.cat_file(join(root, CONFIG_FILE)))
-    except Exception:  # missing, unreadable, not YAML: the status says what it can without it
+        config = load_yaml(read_bounded(fs, root, CONFIG_FILE, MAX_SMALL_FILE))
+    except Exception:  # missing, unreadable, not YAML, a link, too large: the status says what it can without it
         return {}
     return config if isinstance(config, dict) else {}
 
@@ -277,18 +293,23 @@ def _read_config(fs: AbstractFileSystem, root: str) -> dict[str, Any]:
 def _read_lock(fs: AbstractFileSystem, root: str) -> tuple[dict[str, Any] | None, bool]:
     """The lock's holder record (or None) and whether the lock file itself is there."""
     try:
-        lock_file = bool(fs.exists(join(root, LOCK_NAME)))
-    except Exception:  # unreadable: as if absent
+        lock_file = info_of(fs, join(root, LOCK_NAME)) is not None
+    except Exception:  # absent, unreadable: as if absent
         lock_file = False
     try:
-        holder = json.loads(fs.cat_file(join(root, HOLDER_NAME)))
+        holder = load_json(read_bounded(fs, root, HOLDER_NAME, MAX_SMALL_FILE))
     except Exception:  # none, or being written or removed right now
         return None, lock_file
     return (holder if isinstance(holder, dict) else None), lock_file
 
 
-def _mirror_location(config: dict[str, Any], experiment: str) -> tuple[str, Any, str] | str | None:
-    """Where the session's config says the run is mirrored: (its URL for messages, filesystem, folder); a line
+#: What the status says of a mirror it names without reading it.
+NOT_FOLLOWED = f"is not read (named in {CONFIG_FILE}): atheria status --follow-mirror compares with it"
+
+
+def _mirror_location(config: dict[str, Any], experiment: str, follow: bool) -> tuple[str, Any, str | None] | str | None:
+    """Where the session's config says the run is mirrored: (its URL for messages, filesystem, folder), where the
+    filesystem is None unless ``follow`` (the folder is then a local path's, else None: nothing is opened); a line
     saying why it cannot be opened from here; or None without a mirror."""
     # MirrorSync's own url, else mirror_url: the trainer's order. "auto" is resolved for this platform, as the
     # trainer did on its own (a run folder is read on the machine that trains it).
@@ -299,7 +320,10 @@ def _mirror_location(config: dict[str, Any], experiment: str) -> tuple[str, Any,
     if not isinstance(url, str) or not url.strip():
         return None
     options = sync.get("storage_options")
-    shown = join(url, experiment)
+    shown = _text(join(url, experiment)) or "?"
+    if not follow:  # a path is only a name too: it may be a network mount, an automounted host, a share
+        local = get_protocol(url) == "file"
+        return shown, None, LocalFileSystem._strip_protocol(join(url, experiment)) if local else None
     try:
         fs, folder = remote_run_dir(url, experiment, options if isinstance(options, dict) else None)
     except ConfigError as err:
@@ -311,15 +335,21 @@ def _where(fs: AbstractFileSystem, root: str, log: dict[str, Any], config: dict[
     """What RUN is: the trainer's run folder, its mirror, or a copy of the run (neither)."""
     if not isinstance(fs, LocalFileSystem):
         return "mirror"  # a trainer writes its run folder on its own disk
-    here = os.path.realpath(root)
-    if isinstance(mirror, tuple) and isinstance(mirror[1], LocalFileSystem) and os.path.realpath(mirror[2]) == here:
+    # Paths from the files are compared as text, never looked up: looking one up may mount or call a host.
+    here = {os.path.abspath(root), os.path.realpath(root)}
+    folder = mirror[2] if isinstance(mirror, tuple) and isinstance(mirror[1], LocalFileSystem | None) else None
+    if folder and _at(folder, here):
         return "mirror"
     recorded = _text(log.get("run_dir"))
     if recorded is None and _text(config.get("run_root")) and _text(config.get("experiment_name")):
         recorded = os.path.join(str(config["run_root"]), str(config["experiment_name"]))
-    if recorded is None or os.path.realpath(os.path.expanduser(recorded)) == here:
+    if recorded is None or _at(recorded, here):
         return "run folder"
     return "copy"
+
+
+def _at(path: str, here: set[str]) -> bool:
+    return os.path.abspath(os.path.expanduser(path)) in here
 
 
 def _callback_args(config: dict[str, Any], name: str) -> dict[str, Any]:
@@ -455,8 +485,10 @@ def _compare_with_mirror(manifest: Manifest | None, mirror: Any) -> tuple[dict[s
     if isinstance(mirror, str):
         return {"state": "unknown", "url": None, "episode": None, "detail": mirror}, None
     mirror_dir, fs, root = mirror
+    if fs is None:
+        return {"state": "not read", "url": mirror_dir, "episode": None, "detail": f"the mirror {NOT_FOLLOWED}"}, None
     unknown = {"state": "unknown", "url": mirror_dir, "episode": None}
-    remote, state = _read_manifest(fs, join(root, CHECKPOINTS), f"{mirror_dir}/")
+    remote, state = _read_manifest(fs, root, f"{mirror_dir}/")
     last_sync = _updated(remote, fs, join(join(root, CHECKPOINTS), MANIFEST_NAME))
     if remote is None:
         if state["state"] == "missing":
@@ -583,6 +615,8 @@ def status_lines(status: dict[str, Any], now: float | None = None) -> list[str]:
     if sync is not None:
         recorded = ", when the mirror's MANIFEST.json was last written" if sync["source"] != "file time" else ""
         lines.append(f"sync:        last {_when(sync['at'], now)}{recorded}{_source(sync['source'])}")
+    elif mirror["state"] == "not read":
+        lines.append("sync:        not checked (the mirror is not read without --follow-mirror)")
     elif mirror["state"] != "none":
         lines.append("sync:        unknown (no readable MANIFEST.json on the mirror)")
     shown = f" [{mirror['url']}]" if mirror.get("url") and mirror["url"] != status["run"] else ""
@@ -636,7 +670,8 @@ def _duration(seconds: float) -> str:
 
 # ----- untrusted values -----
 def _int(value: Any) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+    # Bounded: a float made of a far larger one overflows.
+    return value if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < MAX_WHOLE else None
 
 
 def _num(value: Any) -> float | None:
@@ -690,7 +725,7 @@ def _iso_seconds(value: str | None) -> float | None:
 def _mtime(fs: AbstractFileSystem, path: str) -> float | None:
     """A file's modification time from its fsspec ``info`` (each backend names it its own way), or None."""
     try:
-        info = fs.info(path)
+        info = info_of(fs, path)
     except Exception:  # missing or unreadable: no time to give
         return None
     for key in ("mtime", "LastModified", "last_modified", "updated", "created"):

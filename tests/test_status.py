@@ -52,8 +52,8 @@ def status(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str, str]:
     return code, out, err
 
 
-def as_json(capsys: pytest.CaptureFixture, run: str | Path) -> dict[str, Any]:
-    code, out, err = status(capsys, str(run), "--json")
+def as_json(capsys: pytest.CaptureFixture, run: str | Path, *extra: str) -> dict[str, Any]:
+    code, out, err = status(capsys, str(run), "--json", *extra)
     assert code == 0, err
     assert out.count("\n") == 1, out
     return json.loads(out)
@@ -79,7 +79,7 @@ def test_a_run_folder_stopped_early_and_its_mirror_and_nothing_is_written(
     pace = session["training_seconds"] / session["episodes"]
     best_name, best = best_of(run_of(trained))
 
-    code, out, err = status(capsys, str(run_of(trained)))
+    code, out, err = status(capsys, str(run_of(trained)), "--follow-mirror")
     assert code == 0, err
     assert f"run:         {run_of(trained)} (the run folder)" in out
     assert "experiment:  demo\n" in out
@@ -89,6 +89,13 @@ def test_a_run_folder_stopped_early_and_its_mirror_and_nothing_is_written(
     assert f"mirror:      up to date at episode {STOPPED_AT} [{mirror_of(trained)}]" in out
     assert "lock:        free: no trainer holds this folder" in out
     assert "sync:        last " in out and "when the mirror's MANIFEST.json was last written" in out
+
+    # Without --follow-mirror the mirror its config names is named, not read.
+    code, out, err = status(capsys, str(run_of(trained)))
+    assert code == 0, err
+    assert "mirror:      the mirror is not read (named in logs/config.yaml): atheria status --follow-mirror " \
+           f"compares with it [{mirror_of(trained)}]" in out  # fmt: skip
+    assert "sync:        not checked (the mirror is not read without --follow-mirror)" in out
 
     code, out, err = status(capsys, str(mirror_of(trained)))
     assert code == 0, err
@@ -113,7 +120,7 @@ def test_json_has_the_documented_keys_episode_best_lock_and_mirror(
     best_name, best = best_of(run_of(trained))
     local, remote = manifest(run_of(trained)), manifest(mirror_of(trained))
 
-    run = as_json(capsys, run_of(trained))
+    run = as_json(capsys, run_of(trained), "--follow-mirror")
     assert set(run) == keys
     assert (run["where"], run["experiment"], run["episode"], run["total_episodes"]) == ("run folder", "demo", 3, 6)
     assert run["best"] == {
@@ -130,6 +137,9 @@ def test_json_has_the_documented_keys_episode_best_lock_and_mirror(
                            "detail": "free: no trainer holds this folder"}  # fmt: skip
     assert run["manifest"]["state"] == run["log"]["state"] == "ok"
     assert 0 < run["hours_left"] and run["sessions"] == 1
+    named = as_json(capsys, run_of(trained))
+    assert (named["mirror"]["state"], named["mirror"]["url"]) == ("not read", str(mirror_of(trained)))
+    assert named["last_sync"] is None
 
     mirror = as_json(capsys, mirror_of(trained))
     assert set(mirror) == keys
@@ -358,7 +368,7 @@ def test_a_live_trainer_then_killed_held_behind_then_stale(tmp_path: Path, capsy
         trainer.send_signal(signal.SIGSTOP)  # frozen: its files hold still while status reads them
         time.sleep(0.2)
         ours, theirs = newest(run), newest(mirror)
-        live = as_json(capsys, run)
+        live = as_json(capsys, run, "--follow-mirror")
         assert (live["lock"]["state"], live["lock"]["pid"]) == ("held", trainer.pid)
         assert (live["episode"], live["mirror"]["state"], live["mirror"]["episode"]) == (ours, "behind", theirs)
         assert live["log"]["state"] == "missing"
@@ -371,7 +381,7 @@ def test_a_live_trainer_then_killed_held_behind_then_stale(tmp_path: Path, capsy
     finally:
         trainer.send_signal(signal.SIGKILL)
         trainer.wait(30)
-    dead = as_json(capsys, run)
+    dead = as_json(capsys, run, "--follow-mirror")
     assert (dead["lock"]["state"], dead["mirror"]["state"]) == ("stale", "behind")
     code, out, _ = status(capsys, str(mirror))
     assert code == 0 and f"episode:     {theirs} of 400" in out

@@ -164,8 +164,9 @@ def _entry(raw: Any, name: str) -> Entry:
     if not isinstance(raw, dict):
         raise DamagedManifest(f"entry {name!r} is not a mapping")
     episode, size, sha256 = raw.get("episode"), raw.get("size"), raw.get("sha256")
-    if not (_is_int(episode) and episode >= 0 and _is_int(size) and size >= 0):
-        raise DamagedManifest(f"entry {name!r} needs whole numbers episode >= 0 and size >= 0")
+    # Below 2**63 (a tensor's int64; any real count): far larger ones overflow a float in any arithmetic on them.
+    if not (_is_int(episode) and 0 <= episode < 2**63 and _is_int(size) and 0 <= size < 2**63):
+        raise DamagedManifest(f"entry {name!r} needs whole numbers episode and size from 0 to 2**63 - 1")
     if not isinstance(sha256, str) or _SHA256.fullmatch(sha256) is None:
         raise DamagedManifest(f"entry {name!r} needs a sha256 of 64 hex digits")
     metric = raw.get("metric")
@@ -321,6 +322,16 @@ def read_as_is(side: Side) -> Manifest:
     where = join(side.folder, MANIFEST_NAME)
     with side.fs.open(where, "rb") as handle:
         return _parse_manifest(handle.read(), where)
+
+
+def parse_as_is(data: bytes, where: str) -> Manifest:
+    """:func:`read_as_is` of a manifest's bytes read elsewhere (``atheria status`` bounds its reads); ``where``
+    names it in warnings.
+
+    Raises:
+        DamagedManifest: Not a manifest this store writes.
+    """
+    return _parse_manifest(data, where)
 
 
 def adopt_unlisted(manifest: Manifest, side: Side) -> bool:
