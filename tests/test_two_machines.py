@@ -184,8 +184,9 @@ def test_take_over_supersedes_the_first_trainer_and_the_mirror_never_goes_backwa
 ) -> None:
     process, log_path = trainer_a
     watch = MirrorWatch(shared)
-    # Machine B takes the run over and trains until its 40 steps past what the mirror had when it was looked at.
-    steps = str(shared.last() + 40)
+    # Machine B takes the run over and trains until 200 steps past what the mirror had when it was looked at: A
+    # trains on while B starts, and must not reach that episode first on a loaded machine.
+    steps = str(shared.last() + 200)
     code = main(fit_args(tmp_path, "b", shared.url, "--take_over", "true", "--trainer.max_steps", steps))
     out = capsys.readouterr().out
     assert code == 0, out[-3000:]
