@@ -118,3 +118,17 @@ def test_a_resume_from_the_run_own_checkpoints_is_not_suspicious(tmp_path: Path,
     assert main(fit(tmp_path, "b", episodes=20, every=4)) == 0  # a new machine: from the mirror
     assert main(fit(tmp_path, "b", episodes=24, every=4)) == 0  # and from its own folder
     assert "suspicious" not in capsys.readouterr().out
+
+
+def test_a_file_where_the_set_aside_folder_should_be_is_one_line_and_changes_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    assert main(fit(tmp_path, "runs", every=2, sync=2)) == 0
+    local = tmp_path / "runs" / EXPERIMENT
+    (local / "checkpoints" / "beyond_top_k").write_text("not a folder")
+    before = listed(local)
+    capsys.readouterr()
+    assert main(fit(tmp_path, "runs", episodes=18, top_k=2)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [err[0]] and f"{local / 'checkpoints' / 'beyond_top_k'} is not a folder" in err[0], err
+    assert listed(local) == before, "nothing unlisted, nothing moved"

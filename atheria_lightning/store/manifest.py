@@ -33,6 +33,7 @@ import torch
 from fsspec import AbstractFileSystem
 from fsspec.implementations.local import LocalFileSystem
 
+from atheria_lightning.errors import ConfigError
 from atheria_lightning.files import atomic_write, join
 
 log = logging.getLogger(__name__)
@@ -268,15 +269,25 @@ class Side:
         """Move ``name`` into ``corrupt/``."""
         self.set_aside(name, QUARANTINE)
 
+    def make_aside_folder(self, subfolder: str) -> None:
+        """Create ``subfolder`` (``corrupt/``, ``unlisted/``, ``beyond_top_k/``); ``ConfigError`` in one line when
+        something else has its name, before anything is moved."""
+        folder = join(self.folder, subfolder)
+        try:
+            if not isinstance(self.fs, LocalFileSystem):
+                self.fs.makedirs(folder, exist_ok=True)
+            else:
+                os.makedirs(folder, exist_ok=True)
+        except (FileExistsError, NotADirectoryError) as err:
+            raise ConfigError(f"{folder} is not a folder ({err}): the run store sets files aside there; move it "
+                              "away, then run the same command again") from err  # fmt: skip
+
     def set_aside(self, name: str, subfolder: str) -> str:
         """Move ``name`` into ``subfolder`` with a time stamp, never deleting anything; where it went."""
         source = join(self.folder, name)
         target = join(join(self.folder, subfolder), f"{name}.{time.time_ns()}")
+        self.make_aside_folder(subfolder)
         try:
-            if not isinstance(self.fs, LocalFileSystem):
-                self.fs.makedirs(posixpath.dirname(target), exist_ok=True)
-            else:
-                os.makedirs(os.path.dirname(target), exist_ok=True)
             self.fs.mv(source, target)
         except FileNotFoundError:
             pass

@@ -603,6 +603,7 @@ class RunStore:
         surplus = [name for name, _ in self._manifest_copy().ranked_best()[self.top_k :]]
         if not surplus:
             return
+        LocalSide(self.checkpoint_dir).make_aside_folder(BEYOND_TOP_K)  # before the manifest changes
         with self._lock:
             for name in surplus:
                 self._manifest.files.pop(name, None)  # type: ignore[union-attr]
