@@ -30,7 +30,7 @@ from conftest import (
 
 from atheria_lightning.cli import main
 from atheria_lightning.store import RunStore
-from atheria_lightning.store.lease import LEASE_FOLDER, STALE_AFTER_S, lease_name
+from atheria_lightning.store.lease import LEASE_FOLDER, STALE_AFTER_S, Lease, lease_name
 from atheria_lightning.store.mirror import Mirror
 
 EXPERIMENT = "demo"
@@ -319,13 +319,18 @@ def test_a_forged_last_generation_is_one_line_not_a_loop(tmp_path: Path, capsys:
     assert len(err) == 1 and "its lease numbers are used up" in err[0] and "move lease/ aside" in err[0], err
 
 
-def test_a_file_where_the_lease_folder_should_be_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_a_file_where_the_lease_folder_should_be_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
     mirror_run = tmp_path / "mirror" / EXPERIMENT
     mirror_run.mkdir(parents=True)
     (mirror_run / LEASE_FOLDER).write_text("not a folder")
+    tries, real_acquire = [], Lease.acquire
+    monkeypatch.setattr(Lease, "acquire", lambda self, *args: tries.append(1) or real_acquire(self, *args))
     assert main(small_args(tmp_path, "b", "--data.total_episodes", "2")) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "the lease of this session cannot be written" in err[0], err
+    assert len(tries) == 1, "no retry changes a file in the way: refused at once, not after the backoff"
 
 
 # ----- a start that loses a race with another session's retention -----

@@ -211,7 +211,10 @@ class Mirror:
         except (OSError, DamagedManifest):  # none yet, or damaged: the lease files alone number the sessions
             at_least = 0
         try:
-            return self._retrying(lambda: self.lease.acquire(take_over, at_least), give_up=(ConfigError,))
+            # A file where the lease folder should be (or one of its files) stays so: refused now, not after the
+            # whole backoff.
+            permanent = (ConfigError, FileExistsError, NotADirectoryError, IsADirectoryError)
+            return self._retrying(lambda: self.lease.acquire(take_over, at_least), give_up=permanent)
         except ConfigError:
             raise
         except Exception as err:  # e.g. a file where the lease folder should be: nothing trains without the lease
