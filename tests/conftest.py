@@ -215,7 +215,21 @@ def s3_server(monkeypatch: pytest.MonkeyPatch):
     server.stop()
 
 
-class Sink:
+class LocalServer:
+    """An HTTP server on 127.0.0.1, port chosen by the system, serving ``handler`` in a thread until :meth:`close`;
+    ``url`` is ``<scheme>://127.0.0.1:<port>/<path>``."""
+
+    def __init__(self, handler: type[BaseHTTPRequestHandler], scheme: str, path: str = "") -> None:
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.url = f"{scheme}://127.0.0.1:{self.server.server_address[1]}/{path}"
+        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class Sink(LocalServer):
     """A local HTTP server that keeps what apprise's ``json://`` service posts to it: path, title, message, type."""
 
     def __init__(self) -> None:
@@ -231,13 +245,7 @@ class Sink:
             def log_message(self, *args: Any) -> None:
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"json://127.0.0.1:{self.server.server_address[1]}/"
-        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        super().__init__(Handler, "json")
 
 
 @pytest.fixture

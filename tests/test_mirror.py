@@ -237,14 +237,21 @@ def test_an_upload_that_does_not_verify_is_never_listed(run_dir: Path, mirror_ro
     assert_mirrored(url, run_dir)
 
 
-def test_a_file_changed_after_it_was_queued_is_never_sent_under_its_old_entry(run_dir: Path,
-                                                                              mirror_root: str) -> None:  # fmt: skip
+def mirrored_then_saved(run_dir: Path, mirror_root: str) -> tuple[RunStore, Any, str]:
+    """A store whose checkpoints of episodes 10 and 12 are on a memory mirror, then last.ckpt of 14 saved locally
+    (queued, not sent yet); the mirror's filesystem and run folder."""
     url = f"memory://{mirror_root}"
     fs, remote = remote_run_dir(url, "exp")
     store = with_checkpoints(make_store(run_dir, url))
     store.start_mirror()
     assert store.flush(10)
     save(store, "last", 14)
+    return store, fs, remote
+
+
+def test_a_file_changed_after_it_was_queued_is_never_sent_under_its_old_entry(run_dir: Path,
+                                                                              mirror_root: str) -> None:  # fmt: skip
+    store, fs, remote = mirrored_then_saved(run_dir, mirror_root)
     last = run_dir / "checkpoints" / "last.ckpt"
     listed = last.read_bytes()
     last.write_bytes(b"changed on disk behind the store's back")
@@ -273,12 +280,7 @@ def test_a_checkpoint_replaced_during_a_slow_sync_is_sent_as_it_was_queued(
 ) -> None:
     """A run that saves last.ckpt every episode, to a mirror slower than an episode: the next save lands during
     every sync. The sync sends the state it queued; it is not refused as changed at every sync, never listed."""
-    url = f"memory://{mirror_root}"
-    fs, remote = remote_run_dir(url, "exp")
-    store = with_checkpoints(make_store(run_dir, url))
-    store.start_mirror()
-    assert store.flush(10)
-    save(store, "last", 14)
+    store, fs, remote = mirrored_then_saved(run_dir, mirror_root)
     queued = json.loads((run_dir / "checkpoints" / "MANIFEST.json").read_text())["files"]["last.ckpt"]
     last, real_write = run_dir / "checkpoints" / "last.ckpt", mirror_module.write_manifest
 

@@ -9,14 +9,13 @@ import os
 import resource
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import REPO, env_without_warnings
+from conftest import REPO, LocalServer, env_without_warnings
 
 from atheria_lightning.cli import main
 
@@ -78,7 +77,7 @@ def run(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str, str]:
     return code, out, err
 
 
-class Listener:
+class Listener(LocalServer):
     """An HTTP server on 127.0.0.1 that answers 404 to everything and keeps each request's method and path."""
 
     def __init__(self) -> None:
@@ -96,13 +95,7 @@ class Listener:
             def log_message(self, *args: Any) -> None:
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/evil"
-        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        super().__init__(Handler, "http", "evil")
 
 
 @pytest.fixture
