@@ -44,6 +44,10 @@ from atheria_lightning.store.manifest import (
 
 log = logging.getLogger(__name__)
 
+#: Errors of a mirror's layout, not of its connection: a file where a folder should be (the lease's, a
+#: checkpoint's), or the other way round. They stay until a person moves what is in the way.
+IN_THE_WAY: tuple[type[OSError], ...] = (FileExistsError, NotADirectoryError, IsADirectoryError)
+
 #: Folders copied to the mirror file by file when their size or mtime changed; checkpoints go through the queue.
 PLAIN_FOLDERS = ("logs", "exports")
 #: Protocols named in the error for an unknown one: the ones this app is used with.
@@ -211,10 +215,7 @@ class Mirror:
         except (OSError, DamagedManifest):  # none yet, or damaged: the lease files alone number the sessions
             at_least = 0
         try:
-            # A file where the lease folder should be (or one of its files) stays so: refused now, not after the
-            # whole backoff.
-            permanent = (ConfigError, FileExistsError, NotADirectoryError, IsADirectoryError)
-            return self._retrying(lambda: self.lease.acquire(take_over, at_least), give_up=permanent)
+            return self._retrying(lambda: self.lease.acquire(take_over, at_least), give_up=(ConfigError,))
         except ConfigError:
             raise
         except Exception as err:  # e.g. a file where the lease folder should be: nothing trains without the lease
@@ -633,11 +634,12 @@ class Mirror:
         write_manifest(self.side, manifest, before_replace=lambda _: self.lease.check())
 
     def _retrying(self, attempt: Callable[[], Any], give_up: tuple[type[BaseException], ...] = ()) -> Any:
-        """``attempt()``, retried with backoff; the ``give_up`` errors are raised at once (no retry changes them)."""
+        """``attempt()``, retried with backoff; the ``give_up`` errors, and a file or folder where the other should
+        be (:data:`IN_THE_WAY`), are raised at once: no retry changes them."""
         for retry in range(self.max_retries + 1):
             try:
                 return attempt()
-            except give_up:
+            except (*give_up, *IN_THE_WAY):
                 raise
             except Exception as err:
                 if retry == self.max_retries:
