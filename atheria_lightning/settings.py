@@ -6,6 +6,7 @@ them here, so that each group validates itself by name and no long positional li
 
 from __future__ import annotations
 
+import reprlib
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -215,15 +216,26 @@ def refuse_fixed_changes(saved: dict[str, Any], now: dict[str, Any]) -> None:
             part = key.split(".")[0]
             hint = " (atheria curriculum's load_from_phase carries matching weights over)" if part == "model" else ""
             raise ConfigError(
-                f"{key}={now[key]!r} differs from the checkpoint's {saved[key]!r}: {_WHY_FIXED[part]}; keep the "
-                f"setting, or start a new experiment_name{hint}"
+                f"{key}={shown(now[key])} differs from the checkpoint's {shown(saved[key])}: {_WHY_FIXED[part]}; "
+                f"keep the setting, or start a new experiment_name{hint}"
             )
 
 
 def changed_settings(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
     """``key old -> new`` for each setting outside :data:`FIXED_ON_RESUME` whose value differs from the checkpoint's."""
-    return [f"{key} {saved[key]!r} -> {value!r}" for key, value in now.items()
+    return [f"{key} {shown(saved[key])} -> {shown(value)}" for key, value in now.items()
             if key in saved and key not in FIXED_ON_RESUME and saved[key] != value]  # fmt: skip
+
+
+_SHOWN = reprlib.Repr()  # its limits as attributes: Python 3.11's takes no arguments
+_SHOWN.maxstring = _SHOWN.maxother = 80
+_SHOWN.maxlist = _SHOWN.maxdict = 8
+_SHOWN.maxlevel = 3
+
+
+def shown(value: Any) -> str:
+    """``repr(value)``, cut short: a checkpoint's settings may come from a file someone else wrote."""
+    return _SHOWN.repr(value)
 
 
 def apply_changed_optimizer_settings(checkpoint: dict[str, Any], optimizer: OptimizerSettings) -> None:

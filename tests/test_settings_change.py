@@ -132,3 +132,20 @@ def test_a_file_where_the_set_aside_folder_should_be_is_one_line_and_changes_not
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [err[0]] and f"{local / 'checkpoints' / 'beyond_top_k'} is not a folder" in err[0], err
     assert listed(local) == before, "nothing unlisted, nothing moved"
+
+
+def test_a_forged_setting_in_a_checkpoint_is_shown_cut_short(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(fit(tmp_path, "runs", every=2, sync=2)) == 0
+    last = tmp_path / "runs" / EXPERIMENT / "checkpoints" / "last.ckpt"
+    state = torch.load(last, weights_only=True)
+    state["atheria_settings"]["SmartCheckpoint.top_k"] = "x" * 10_000_000  # a file someone else wrote
+    torch.save(state, last)
+    manifest_path = last.parent / "MANIFEST.json"
+    manifest = json.loads(manifest_path.read_text())
+    data = last.read_bytes()
+    manifest["files"]["last.ckpt"].update(size=len(data), sha256=hashlib.sha256(data).hexdigest())
+    manifest_path.write_text(json.dumps(manifest))
+    capsys.readouterr()
+    assert main(fit(tmp_path, "runs", episodes=18, every=2, sync=2)) == 0
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("changed since"))
+    assert "SmartCheckpoint.top_k 'xxx" in line and len(line) < 400, line[:500]
