@@ -815,11 +815,24 @@ def _maybe_kill(machine: Machine, rival: Machine, hold: bool, every: int) -> Non
 
 
 def _newest_listed(folder: Path) -> int:
+    """The newest episode the run folder's manifest lists, counting a pending entry whose file landed (a write a kill
+    interrupted after its file, before its manifest): the next start settles it before it asks for the lease, so a
+    start that is then refused has trained nothing even though its manifest lists a newer episode."""
+    checkpoints = folder / "runs" / "demo" / "checkpoints"
     try:
-        files = json.loads((folder / "runs" / "demo" / "checkpoints" / "MANIFEST.json").read_text())["files"]
-    except (OSError, ValueError, KeyError):
+        manifest = json.loads((checkpoints / "MANIFEST.json").read_text())
+        entries = list(manifest["files"].values())
+        entries += [entry for name, entry in manifest.get("pending", {}).items() if _landed(checkpoints / name, entry)]
+        return max((entry["episode"] for entry in entries), default=-1)
+    except (OSError, ValueError, KeyError, TypeError):
         return -1
-    return max((entry["episode"] for entry in files.values()), default=-1)
+
+
+def _landed(path: Path, entry: dict[str, Any]) -> bool:
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest() == entry["sha256"]
+    except OSError:
+        return False
 
 
 def _judge_round(report: TwoMachinesReport, number: int, plan: RoundPlan, newest_before: dict[str, int]) -> None:
