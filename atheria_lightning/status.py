@@ -74,6 +74,7 @@ from atheria_lightning.files import join
 from atheria_lightning.lock import HOLDER_NAME, LOCK_NAME
 from atheria_lightning.platform import default_mirror_url
 from atheria_lightning.report import EXPORTS, LOG_FILE, MAX_LOG_BYTES, parse_training_log
+from atheria_lightning.store import retention
 from atheria_lightning.store.manifest import CHECKPOINTS, MANIFEST_NAME, DamagedManifest, Manifest, parse_as_is, same
 from atheria_lightning.store.mirror import remote_run_dir
 from atheria_lightning.untrusted import (
@@ -388,7 +389,7 @@ def _best(manifest: Manifest | None, log: dict[str, Any], config: dict[str, Any]
         _text(log.get("monitor")) or _text(_callback_args(config, "SmartCheckpoint").get("monitor")) or "val/combined"
     )
     if manifest is not None:
-        ranked = [(name, entry) for name, entry in manifest.ranked_best() if _num(entry.metric) is not None]
+        ranked = retention.best(manifest.files)
         if not ranked:
             return None
         name, entry = ranked[0]

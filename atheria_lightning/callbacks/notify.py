@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -17,7 +16,7 @@ from atheria_lightning.callbacks.stopping import StopsEarly
 from atheria_lightning.data import episodes_done, total_episodes
 from atheria_lightning.notifier import Notifier, progress_text
 from atheria_lightning.store import UsesRunStore
-from atheria_lightning.store.manifest import Manifest
+from atheria_lightning.store.retention import best
 
 __all__ = ["Notify"]
 
@@ -106,10 +105,11 @@ class Notify(UsesRunStore, Callback):
             return None
         # The manifest's own ranking, as the store's export chooses (without its verification of the files: a name
         # in a message reads no checkpoint).
-        ranked = [entry for _, entry in Manifest(files=entries).ranked_best() if math.isfinite(entry.ranked_metric)]
+        ranked = best(entries)
         if not ranked:
             return None
-        return f"{self.store.monitor} {ranked[0].metric:.4g} (episode {ranked[0].episode})"
+        entry = ranked[0][1]
+        return f"{self.store.monitor} {entry.metric:.4g} (episode {entry.episode})"
 
 
 def _where(trainer: pl.Trainer) -> str:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import os
 import posixpath
 import re
@@ -84,11 +83,6 @@ class Entry:
     kind: str = "best"  # "last" or "best", always that of the file's name
     saved_at: float = 0.0
 
-    @property
-    def ranked_metric(self) -> float:
-        """The metric for ranking best files: lower is better, a missing or non-finite one last."""
-        return self.metric if self.metric is not None and math.isfinite(self.metric) else math.inf
-
 
 class DamagedManifest(ValueError):
     """A manifest that is not JSON, or not of the expected shape."""
@@ -117,11 +111,6 @@ class Manifest:
 
     def newest_episode(self) -> int:
         return max((entry.episode for entry in self.files.values()), default=-1)
-
-    def ranked_best(self) -> list[tuple[str, Entry]]:
-        """Best files, the best first (lowest metric; at an equal metric the earlier episode)."""
-        bests = [(name, entry) for name, entry in self.files.items() if name != LAST]
-        return sorted(bests, key=lambda item: (item[1].ranked_metric, item[1].episode))
 
 
 #: (manifest, refused name) pairs already warned about in this process.

@@ -24,6 +24,7 @@ from fsspec.utils import get_protocol
 
 from atheria_lightning.errors import ConfigError, require
 from atheria_lightning.files import TMP_MARKER, atomic_write, copy_measured, join, tmp_path_for, verify
+from atheria_lightning.store import retention
 from atheria_lightning.store.lease import HEARTBEAT_S, Holder, Lease, Superseded
 from atheria_lightning.store.manifest import (
     BEYOND_TOP_K,
@@ -530,7 +531,7 @@ class Mirror:
         listed.update({name: entry for name, entry in uploads.items() if name not in changed})
         removed = [name for name, entry in batch.items() if entry is None and listed.pop(name, None) is not None]
         kept = Manifest(listed)
-        beyond = [name for name, _ in kept.ranked_best()[self.top_k() :]]  # the mirror keeps top_k, whatever it held
+        beyond = retention.beyond_top_k(kept.files, self.top_k())  # the mirror keeps top_k, whatever it held
         for name in beyond:
             del kept.files[name]
         if kept.files != self.remote.files or self._journalled or self._rewrite:

@@ -24,6 +24,7 @@ from typing_extensions import Self, override
 
 from atheria_lightning.errors import ConfigError, require
 from atheria_lightning.files import MeasuredWriter, atomic_write, copy_measured, remove_stale_tmp, verify
+from atheria_lightning.store import retention
 from atheria_lightning.store.manifest import (
     BEYOND_TOP_K,
     CHECKPOINTS,
@@ -332,8 +333,7 @@ class RunStore:
         else the newest checkpoint; verified, with finite weights."""
         self.open()
         manifest = self._manifest_copy()
-        ranked = [item for item in manifest.ranked_best() if math.isfinite(item[1].ranked_metric)]
-        for name, entry in ranked + manifest.newest_first():
+        for name, entry in retention.best(manifest.files) + manifest.newest_first():
             path = self._path(name)
             if self._matches(name, entry) and unsound(path) is None:
                 return Checkpoint(path, name, entry.episode, entry.metric)
@@ -381,13 +381,12 @@ class RunStore:
 
     def enters_top_k(self, metric: float) -> bool:
         """Whether a checkpoint with ``metric`` would be among the ``top_k`` best kept."""
-        if not math.isfinite(metric):
-            return False
         self.open()
         with self._lock:
-            metrics = [entry.ranked_metric for name, entry in self._manifest.files.items() if name != LAST]  # type: ignore[union-attr]
-            metrics += [value for name, value in self._queued_best.items() if name not in self._manifest.files]  # type: ignore[union-attr]
-        return len(metrics) < self.top_k or metric < sorted(metrics)[self.top_k - 1]
+            files = dict(self._manifest.files)  # type: ignore[union-attr]
+            queued = [value for name, value in self._queued_best.items() if name not in files]
+        kept = [entry.metric for name, entry in files.items() if name != LAST]
+        return retention.enters_top_k(metric, kept + queued, self.top_k)
 
     def confirm(self, sound: bool) -> None:
         """Decide a held save: written when ``sound`` (the next episode's loss was finite), else dropped."""
@@ -593,14 +592,14 @@ class RunStore:
 
     def _retain(self) -> None:
         """Remove the best files beyond ``top_k`` (listed ones only: they are unlisted first, then deleted)."""
-        for name, _ in self._manifest_copy().ranked_best()[self.top_k :]:
+        for name in retention.beyond_top_k(self._manifest_copy().files, self.top_k):
             self._remove(name)
 
     def _set_aside_beyond_top_k(self) -> None:
         """At the start, best files beyond ``top_k`` are there because ``top_k`` is lower than an earlier session's
         (or a copied folder held more): moved to ``checkpoints/beyond_top_k/``, never deleted, and said. The mirror
         does the same with its own at its first sync."""
-        surplus = [name for name, _ in self._manifest_copy().ranked_best()[self.top_k :]]
+        surplus = retention.beyond_top_k(self._manifest_copy().files, self.top_k)
         if not surplus:
             return
         LocalSide(self.checkpoint_dir).make_aside_folder(BEYOND_TOP_K)  # before the manifest changes
