@@ -23,7 +23,7 @@ from atheria_lightning.physics import (
     rollout,
 )
 from atheria_lightning.scalars import logging_step, send_to_loggers
-from atheria_lightning.settings import ModelSettings, apply_changed_optimizer_settings
+from atheria_lightning.settings import ModelSettings, apply_changed_optimizer_settings, flat_settings
 
 log = logging.getLogger(__name__)
 
@@ -51,43 +51,9 @@ class NonFiniteTrainingError(RuntimeError):
 class QCAModule(pl.LightningModule):
     """Trains a Law M operator by rolling random universes forward and scoring the final state.
 
-    Args:
-        architecture: The operator, one of ``UNET``, ``UNET_UNITARY``, ``MLP``, ``DEEP_QCA``, ``UNET_CONVLSTM``.
-        d_state: Complex amplitudes per cell.
-        hidden_channels: Width of the operator (h); the U-Net goes up to 8h at its bottleneck.
-        grid_size: Side of the square universe; divisible by 4 for the U-Nets, at least 8.
-        qca_steps: Lindblad-Euler steps per episode; the gradient flows back through all of them.
-        gamma_decay: Damping ``gamma`` of ``psi' = psi + A(psi) - gamma * psi``, in [0, 1).
-        max_noise: Final environment noise level of the curriculum, in [0, 1).
-        noise_ramp_episodes: Episodes over which the noise ramps linearly from 0 to ``max_noise``.
-        initial_state: ``random`` (the original), ``complex_noise`` or ``zeros``.
-        loss: ``evolutionary`` (the original), ``mse_energy`` or ``structure``.
-        survival_weight: Weight of the survival (or energy) term.
-        symmetry_weight: Weight of the rot90 symmetry term.
-        complexity_weight: Weight of the complexity term.
-        target_retention: Share of the initial energy the final state should keep.
-        lr: AdamW learning rate.
-        weight_decay: AdamW weight decay.
-        lr_patience: Episodes without improvement of ``train/loss`` before the learning rate is halved.
-        lr_factor: Factor applied to the learning rate on a plateau.
-        universes_per_episode: Universes rolled out together in one episode (the batch); 1 as the original. On a
-            GPU the time of an episode hardly grows with it up to tens of universes: it is the speed lever.
-        history_states: Unused (the rollout keeps no history); accepted so that older presets and checkpoints load.
-        max_nonfinite_episodes: Consecutive non-finite episodes after which training stops with an error.
-        checkpoint_every: Activation checkpointing, 0 = off: keep only the state every this many steps and
-            recompute the steps in between during the backward pass (one more forward pass, without a graph; the
-            same numbers at fp32, rounded slightly differently under mixed precision). The memory left is one state
-            per segment plus one segment's activations; a state is about a hundred times smaller than one step's
-            U-Net activations, so 1 or 2 uses the least (``benchmarks/RESULTS.md``, the grid-128 memory).
-        compile: ``off``; ``default`` (``torch.compile`` of the operator); ``reduce-overhead`` (the same, replayed as
-            CUDA graphs), which needs a GPU and a non-recurrent operator without ``checkpoint_every``; elsewhere, or
-            if compiling fails, the plain operator runs after one warning. The maths is that of ``off``.
-        compile_scope: What ``compile`` compiles: ``operator`` (the operator alone; the one measured on a GPU so far)
-            or ``step`` (the whole step in real arithmetic: operator, Euler update, normalisation and noise fused,
-            and with ``reduce-overhead`` one CUDA graph per step; the same numbers; faster than ``operator`` on the
-            CPU, not yet measured on a GPU: ``benchmarks/RESULTS.md``, "The compiled step in real arithmetic").
-        channels_last: On a GPU, store the operator's weights channels-last so cuDNN runs its NHWC kernels (the
-            state already reaches the operator in that layout). Ignored on the CPU.
+    Its settings are those of :mod:`atheria_lightning.settings`, by keyword (``QCAModule(architecture="MLP",
+    d_state=2)``; on the command line ``--model.architecture MLP``): :func:`~atheria_lightning.settings.flat_settings`
+    lists them, with their defaults and help.
 
     Logs ``train/loss``, ``train/survival``, ``train/symmetry``, ``train/complexity``, ``train/noise_level``,
     ``train/nonfinite_skipped`` every episode, at the trainer's ``log_every_n_steps`` cadence, straight to the
@@ -100,41 +66,17 @@ class QCAModule(pl.LightningModule):
     ``val/symmetry``, ``val/complexity``.
     """
 
-    def __init__(
-        self,
-        architecture: str = "UNET",
-        d_state: int = 8,
-        hidden_channels: int = 64,
-        grid_size: int = 64,
-        qca_steps: int = 100,
-        gamma_decay: float = 0.01,
-        max_noise: float = 0.05,
-        noise_ramp_episodes: int = 2000,
-        initial_state: str = "random",
-        loss: str = "evolutionary",
-        survival_weight: float = 10.0,
-        symmetry_weight: float = 5.0,
-        complexity_weight: float = 1.0,
-        target_retention: float = 0.8,
-        lr: float = 1e-4,
-        weight_decay: float = 1e-5,
-        lr_patience: int = 100,
-        lr_factor: float = 0.5,
-        universes_per_episode: int = 1,
-        history_states: int = 10,
-        max_nonfinite_episodes: int = 20,
-        checkpoint_every: int = 0,
-        compile: str = "off",
-        compile_scope: str = "operator",
-        channels_last: bool = True,
-    ) -> None:
+    def __init__(self, **settings: Any) -> None:
         super().__init__()
-        # Every argument is a plain number or string, so the checkpoint alone rebuilds the model and loads
-        # with weights_only=True; the groups check them (one line naming the flag for a bad value).
+        # Every setting, the defaults filled in, under the name save_hyperparameters() reads from this frame: the
+        # checkpoint keeps them all, flat, so it alone rebuilds the model (each is a plain number or string, which
+        # loads with weights_only=True). LightningCLI follows **settings to flat_settings for the --model.* keys.
+        settings = flat_settings(**settings)
         self.save_hyperparameters()
-        # (LightningCLI adds its own "_instantiator" entry to the hyper-parameters: not a setting.)
-        self.settings = ModelSettings.from_flat({k: v for k, v in self.hparams.items() if not k.startswith("_")})
-        self.operator = self.settings.operator.operator_class(d_state, hidden_channels)
+        # The groups check them (one line naming the flag for a bad value).
+        self.settings = ModelSettings.from_flat(settings)
+        operator = self.settings.operator
+        self.operator = operator.operator_class(operator.d_state, operator.hidden_channels)
         self.loss_weights = self.settings.loss.weights
         self.nonfinite_skipped = 0
         self._consecutive_nonfinite = 0

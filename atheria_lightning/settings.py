@@ -1,14 +1,16 @@
 """The model's settings in small groups, each checked on its own; and which settings may change between sessions.
 
-``QCAModule`` keeps its flat arguments (``--model.lr``, ``--model.grid_size``: the CLI keys users type) and groups
-them here, so that each group validates itself by name and no long positional list can swap two values.
+Each setting is declared once, as a field of its group: its name, type, default, check and help. ``QCAModule``
+takes them flat, by keyword (``--model.lr``, ``--model.grid_size``: the CLI keys users type), through
+:func:`flat_settings`, whose signature and ``Args:`` are built from the fields; LightningCLI reads them there.
 """
 
 from __future__ import annotations
 
+import inspect
 import reprlib
-from dataclasses import dataclass, fields
-from typing import Any
+from dataclasses import dataclass, field, fields
+from typing import Any, get_type_hints
 
 from atheria_lightning.accel import COMPILE_MODES, COMPILE_SCOPES
 from atheria_lightning.errors import ConfigError, require
@@ -26,11 +28,17 @@ __all__ = [
     "SpeedSettings",
     "apply_changed_optimizer_settings",
     "changed_settings",
+    "flat_settings",
     "refuse_fixed_changes",
 ]
 
 # U-Nets pool twice; below 8 cells their bottleneck is 1x1 and the symmetry score is meaningless.
 MIN_GRID_SIZE = 8
+
+
+def setting(default: Any, doc: str) -> Any:
+    """A field of a settings group: its default, and its help (``atheria fit --help``, ``flat_settings``' Args)."""
+    return field(default=default, metadata={"doc": doc})
 
 
 def _positive(group: object, *names: str) -> None:
@@ -43,9 +51,11 @@ def _positive(group: object, *names: str) -> None:
 class OperatorSettings:
     """What shapes the operator's weights: a run cannot resume under other values."""
 
-    architecture: str = "UNET"
-    d_state: int = 8
-    hidden_channels: int = 64
+    architecture: str = setting(
+        "UNET", "The operator, one of ``UNET``, ``UNET_UNITARY``, ``MLP``, ``DEEP_QCA``, ``UNET_CONVLSTM``."
+    )
+    d_state: int = setting(8, "Complex amplitudes per cell.")
+    hidden_channels: int = setting(64, "Width of the operator (h); the U-Net goes up to 8h at its bottleneck.")
 
     def __post_init__(self) -> None:
         try:
@@ -63,13 +73,21 @@ class OperatorSettings:
 class RolloutSettings:
     """One episode's universe: its size, the steps rolled out, the damping and how many universes run together."""
 
-    grid_size: int = 64
-    qca_steps: int = 100
-    gamma_decay: float = 0.01
-    universes_per_episode: int = 1
-    initial_state: str = "random"
-    max_nonfinite_episodes: int = 20
-    history_states: int = 10  # unused: the rollout keeps no history; accepted so older presets and checkpoints load
+    grid_size: int = setting(64, "Side of the square universe; divisible by 4 for the U-Nets, at least 8.")
+    qca_steps: int = setting(100, "Lindblad-Euler steps per episode; the gradient flows back through all of them.")
+    gamma_decay: float = setting(0.01, "Damping ``gamma`` of ``psi' = psi + A(psi) - gamma * psi``, in [0, 1).")
+    universes_per_episode: int = setting(
+        1,
+        "Universes rolled out together in one episode (the batch); 1 as the original. On a GPU the time of an episode"
+        " hardly grows with it up to tens of universes: it is the speed lever.",
+    )
+    initial_state: str = setting("random", "``random`` (the original), ``complex_noise`` or ``zeros``.")
+    max_nonfinite_episodes: int = setting(
+        20, "Consecutive non-finite episodes after which training stops with an error."
+    )
+    history_states: int = setting(
+        10, "Unused (the rollout keeps no history); accepted so that older presets and checkpoints load."
+    )
 
     def __post_init__(self) -> None:
         require(
@@ -93,8 +111,8 @@ class RolloutSettings:
 class NoiseSettings:
     """The environment noise curriculum: a linear ramp from 0 to ``max_noise`` over ``noise_ramp_episodes``."""
 
-    max_noise: float = 0.05
-    noise_ramp_episodes: int = 2000
+    max_noise: float = setting(0.05, "Final environment noise level of the curriculum, in [0, 1).")
+    noise_ramp_episodes: int = setting(2000, "Episodes over which the noise ramps linearly from 0 to ``max_noise``.")
 
     def __post_init__(self) -> None:
         require(0.0 <= self.max_noise < 1.0, f"model.max_noise={self.max_noise} must be in [0, 1)")
@@ -105,11 +123,11 @@ class NoiseSettings:
 class LossSettings:
     """The loss from the losses registry and the weights of its terms."""
 
-    loss: str = "evolutionary"
-    survival_weight: float = 10.0
-    symmetry_weight: float = 5.0
-    complexity_weight: float = 1.0
-    target_retention: float = 0.8
+    loss: str = setting("evolutionary", "``evolutionary`` (the original), ``mse_energy`` or ``structure``.")
+    survival_weight: float = setting(10.0, "Weight of the survival (or energy) term.")
+    symmetry_weight: float = setting(5.0, "Weight of the rot90 symmetry term.")
+    complexity_weight: float = setting(1.0, "Weight of the complexity term.")
+    target_retention: float = setting(0.8, "Share of the initial energy the final state should keep.")
 
     def __post_init__(self) -> None:
         require(self.loss in LOSSES, f"model.loss={self.loss!r} is not one of {', '.join(LOSSES)}")
@@ -123,10 +141,12 @@ class LossSettings:
 class OptimizerSettings:
     """AdamW and the plateau scheduler on ``train/loss``."""
 
-    lr: float = 1e-4
-    weight_decay: float = 1e-5
-    lr_patience: int = 100
-    lr_factor: float = 0.5
+    lr: float = setting(1e-4, "AdamW learning rate.")
+    weight_decay: float = setting(1e-5, "AdamW weight decay.")
+    lr_patience: int = setting(
+        100, "Episodes without improvement of ``train/loss`` before the learning rate is halved."
+    )
+    lr_factor: float = setting(0.5, "Factor applied to the learning rate on a plateau.")
 
     def __post_init__(self) -> None:
         require(self.lr > 0.0, f"model.lr={self.lr} must be > 0")
@@ -137,10 +157,32 @@ class OptimizerSettings:
 class SpeedSettings:
     """How the rollout runs (``atheria_lightning.accel``): the same numbers, another speed or memory."""
 
-    checkpoint_every: int = 0
-    compile: str = "off"
-    compile_scope: str = "operator"
-    channels_last: bool = True
+    checkpoint_every: int = setting(
+        0,
+        "Activation checkpointing, 0 = off: keep only the state every this many steps and recompute the steps in "
+        "between during the backward pass (one more forward pass, without a graph; the same numbers at fp32, rounded "
+        "slightly differently under mixed precision). The memory left is one state per segment plus one segment's "
+        "activations; a state is about a hundred times smaller than one step's U-Net activations, so 1 or 2 uses the "
+        "least (``benchmarks/RESULTS.md``, the grid-128 memory).",
+    )
+    compile: str = setting(
+        "off",
+        "``off``; ``default`` (``torch.compile`` of the operator); ``reduce-overhead`` (the same, replayed as CUDA "
+        "graphs), which needs a GPU and a non-recurrent operator without ``checkpoint_every``; elsewhere, or if "
+        "compiling fails, the plain operator runs after one warning. The maths is that of ``off``.",
+    )
+    compile_scope: str = setting(
+        "operator",
+        "What ``compile`` compiles: ``operator`` (the operator alone; the one measured on a GPU so far) or ``step`` "
+        "(the whole step in real arithmetic: operator, Euler update, normalisation and noise fused, and with "
+        "``reduce-overhead`` one CUDA graph per step; the same numbers; faster than ``operator`` on the CPU, not yet "
+        'measured on a GPU: ``benchmarks/RESULTS.md``, "The compiled step in real arithmetic").',
+    )
+    channels_last: bool = setting(
+        True,
+        "On a GPU, store the operator's weights channels-last so cuDNN runs its NHWC kernels (the state already "
+        "reaches the operator in that layout). Ignored on the CPU.",
+    )
 
     def __post_init__(self) -> None:
         require(self.checkpoint_every >= 0, f"model.checkpoint_every={self.checkpoint_every} must be >= 0 (0 = off)")
@@ -169,14 +211,11 @@ class ModelSettings:
 
     @classmethod
     def from_flat(cls, settings: dict[str, Any]) -> ModelSettings:
-        """The groups from the flat ``model.*`` keys (``QCAModule``'s arguments); every key belongs to one group.
+        """The groups from the flat ``model.*`` keys (:func:`flat_settings`' names).
 
         The operator is built first: a wrong architecture is the error to name, not the grid it would need.
         """
-        keys = {name: {field.name for field in fields(kind)} for name, kind in _GROUPS.items()}
-        unknown = set(settings) - set().union(*keys.values())
-        require(not unknown, f"model settings {sorted(unknown)} belong to no group")
-        return cls(**{name: kind(**{key: settings[key] for key in keys[name] if key in settings})
+        return cls(**{name: kind(**{key: settings[key] for key in _names(kind) if key in settings})
                       for name, kind in _GROUPS.items()})  # fmt: skip
 
 
@@ -190,11 +229,37 @@ _GROUPS: dict[str, type] = {
 }
 
 
+def _names(group: type) -> list[str]:
+    return [item.name for item in fields(group)]
+
+
+def _flat_signature() -> inspect.Signature:
+    """Every field of every group as a keyword parameter, with its type and default."""
+    return inspect.Signature([
+        inspect.Parameter(item.name, inspect.Parameter.KEYWORD_ONLY, default=item.default, annotation=hints[item.name])
+        for group in _GROUPS.values() for hints in [get_type_hints(group)] for item in fields(group)
+    ])  # fmt: skip
+
+
+def flat_settings(**settings: Any) -> dict[str, Any]:
+    """Every ``model.*`` setting by name, the defaults filled in; a :class:`TypeError` names an unknown one."""
+    bound = _FLAT_SIGNATURE.bind(**settings)
+    bound.apply_defaults()
+    return dict(bound.arguments)
+
+
+# The signature and Args that LightningCLI (jsonargparse) reads: QCAModule passes its **settings on to here.
+_FLAT_SIGNATURE = flat_settings.__signature__ = _flat_signature()
+flat_settings.__doc__ = f"{flat_settings.__doc__}\n\nArgs:\n" + "".join(
+    f"    {item.name}: {item.metadata['doc']}\n" for group in _GROUPS.values() for item in fields(group)
+)
+
+
 # ----- sessions -----
 #: What a resumed run must keep: the operator's shape (its weights) and the data seed (its episodes). Every other
 #: setting may change between sessions, takes effect on resume, and is reported at the start.
 FIXED_ON_RESUME = (
-    *(f"model.{field.name}" for field in fields(OperatorSettings)),
+    *(f"model.{name}" for name in _names(OperatorSettings)),
     "data.seed",
     "SmartCheckpoint.monitor",
 )
