@@ -24,7 +24,7 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
 from atheria_lightning.app import AtheriaCLI, find_config_error, run_reporting_errors
-from atheria_lightning.callbacks import TimeLimitGuard, time_guard
+from atheria_lightning.callbacks import TimeLimitGuard
 from atheria_lightning.errors import ConfigError, OneLineArgumentParser, require
 from atheria_lightning.files import atomic_write
 from atheria_lightning.platform import default_mirror_url, default_run_root
@@ -440,7 +440,7 @@ def _run_phase(curriculum: Curriculum, phase: Phase, cli: PhaseCLI) -> tuple[boo
         print(f"{label}: done ({done['episodes'] if done else 0} episodes{best}), skipped", flush=True)
         return True, 0
     guard = next((callback for callback in cli.trainer.callbacks if isinstance(callback, TimeLimitGuard)), None)
-    if not finished and _budget_spent(guard):
+    if not finished and guard is not None and guard.budget_spent():
         print(f"{label}: not started, the session's time budget is spent; {CONTINUE}", flush=True)
         return False, 0
     print(f"\n=== {label} ===", flush=True)
@@ -452,13 +452,6 @@ def _run_phase(curriculum: Curriculum, phase: Phase, cli: PhaseCLI) -> tuple[boo
     if cli.trainer.is_global_zero and not finished:
         write_phase_done(folder, phase, total)
     return True, cli.exit_code
-
-
-def _budget_spent(guard: TimeLimitGuard | None) -> bool:
-    """The guard would stop at once: this process has used its share of the session budget already."""
-    if guard is None:
-        return False
-    return time_guard.process_age_seconds() >= guard.emergency_fraction * guard.budget_seconds
 
 
 # ----- the phase-done marker -----

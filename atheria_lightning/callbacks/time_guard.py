@@ -145,6 +145,11 @@ class TimeLimitGuard(UsesClock, UsesRunStore, Callback):
         """``time limit: <reason>`` once the guard has stopped training; None before (:class:`StopsEarly`)."""
         return f"time limit: {self.stop_reason or 'stop decided on rank 0'}" if self.stopped_early else None
 
+    def budget_spent(self) -> bool:
+        """This process has used its share of the budget already, so the guard would stop at once (a curriculum's
+        later phase, in the same session as the earlier ones, then does not start)."""
+        return process_age_seconds() >= self.stop_at_seconds
+
     def elapsed_seconds(self) -> float:
         return self.clock() - self._start
 
