@@ -157,13 +157,13 @@ class TrainingLog(UsesClock, UsesRunStore, Callback):
         # on_fit_end, not on_train_end: it runs after SmartCheckpoint's final save (checkpoint callbacks run last), so
         # the log lists it, and before the mirror's teardown flush, so the log reaches the mirror too.
         if trainer.is_global_zero:
-            self._guarded(self.write, trainer, pl_module)
+            _guarded(self.write, trainer, pl_module)
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         # Only after episodes ran in this fit: a fit that failed in setup (e.g. an unreachable mirror) writes nothing.
         if trainer.is_global_zero and self._session is not None and self.episodes["episode"]:
-            self._guarded(self.write, trainer, pl_module, EXCEPTION_WAIT_S)
+            _guarded(self.write, trainer, pl_module, EXCEPTION_WAIT_S)
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -339,12 +339,13 @@ class TrainingLog(UsesClock, UsesRunStore, Callback):
             for name, entry in sorted(self.store.entries().items(), key=lambda item: item[1].episode)
         ]
 
-    def _guarded(self, action: Callable[..., Any], *args: Any) -> None:
-        # The log must never stop (or crash the end of) a day-long training.
-        try:
-            action(*args)
-        except Exception as err:
-            log.warning("TrainingLog: writing %s failed: %s", LOG_FILE, err)
+
+def _guarded(action: Callable[..., Any], *args: Any) -> None:
+    # The log must never stop (or crash the end of) a day-long training.
+    try:
+        action(*args)
+    except Exception as err:
+        log.warning("TrainingLog: writing %s failed: %s", LOG_FILE, err)
 
 
 def _column_tensors(columns: dict[str, list[float]]) -> dict[str, torch.Tensor]:
