@@ -25,7 +25,6 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.accelerators import AcceleratorRegistry
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
-from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from typing_extensions import override
 
@@ -45,6 +44,7 @@ from atheria_lightning.errors import ConfigError, require, unknown_option_line
 from atheria_lightning.exports_record import make_exports, stale_reason
 from atheria_lightning.interrupts import StopRequested, signals_stop_the_command, stopped_line
 from atheria_lightning.lock import RunLock
+from atheria_lightning.loggers import BufferedTensorBoardLogger, RunLoggers, attach_loggers, check_logger_packages
 from atheria_lightning.module import EpisodeOutOfMemoryError, NonFiniteTrainingError, QCAModule
 from atheria_lightning.notifier import Notifier, progress_text
 from atheria_lightning.platform import (
@@ -57,11 +57,9 @@ from atheria_lightning.platform import (
 )
 from atheria_lightning.presets import PresetAction, missing_config_line
 from atheria_lightning.redact import notify_urls, without_notify_urls
-from atheria_lightning.scalars import BufferedTensorBoardLogger
 from atheria_lightning.settings import changed_settings, refuse_fixed_changes
 from atheria_lightning.store import META_KEY, Checkpoint, MirrorInUse, MirrorStatus, RunStore, UsesRunStore
 from atheria_lightning.store.manifest import LAST, SETTINGS_KEY, UNLISTED
-from atheria_lightning.trackers import WandbRun, WandbRunId, check_logger_packages, logger_lines
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +112,7 @@ class AtheriaCLI(LightningCLI):
         self.store: RunStore | None = None
         self.training_log: TrainingLog | None = None
         self.notifier: Notifier | None = None  # --notify: the command's sender, handed to the Notify callback
-        self.wandb_run: WandbRun | None = None
+        self.loggers = RunLoggers()  # the trainer's loggers that live across sessions
         self.exit_code = 0
         kwargs.setdefault("model_class", QCAModule)
         kwargs.setdefault("datamodule_class", EpisodeDataModule)
@@ -277,7 +275,10 @@ class AtheriaCLI(LightningCLI):
             configured = [self.training_log, *(cb for cb in configured if cb is not self.training_log)]
         kwargs["callbacks"] = configured + self.default_callbacks(configured, progress_bar)
         self._apply_session_budget(kwargs["callbacks"])
-        loggers = self._use_loggers(kwargs.get("logger", trainer_config.get("logger")), kwargs["callbacks"])
+        loggers = kwargs.get("logger", trainer_config.get("logger"))
+        loggers = list(loggers) if isinstance(loggers, (list, tuple)) else [] if loggers in (None, False) else [loggers]
+        self.loggers = attach_loggers(loggers, self.run_dir, notify_urls(self.config))
+        kwargs["callbacks"] += self.loggers.callbacks  # they keep the loggers' state (a W&B run's id) in checkpoints
         if self.notifier is not None:  # last: it reports what the stopping callbacks and the checkpoints did
             stoppers = [cb for cb in kwargs["callbacks"] if isinstance(cb, TimeLimitGuard | StopOnSignal | MirrorSync)]
             kwargs["callbacks"].append(Notify(self.notifier, stoppers))
@@ -292,27 +293,13 @@ class AtheriaCLI(LightningCLI):
             if isinstance(callback, LivePlot) and self.training_log is not None:
                 callback.use_log(self.training_log)
             if isinstance(callback, RunSummary):
-                callback.show_loggers(lambda: logger_lines(loggers, self.run_dir, self.wandb_run))
+                callback.show_loggers(self.loggers.lines)
         if isinstance(kwargs.get("logger"), BufferedTensorBoardLogger):
             # TensorBoard's HPARAMS tab: the settings of each run beside the metric its checkpoints are ranked by.
             kwargs["logger"].show_in_hparams(self.store.monitor, "train/loss")
         plugins = trainer_config.get("plugins") or []
         kwargs["plugins"] = [*(plugins if isinstance(plugins, list) else [plugins]), self.store.checkpoint_io]
         return super().instantiate_trainer(**kwargs)
-
-    def _use_loggers(self, logger: Any, callbacks: list[Any]) -> list[Any]:
-        """The trainer's loggers as a list; a ``WandbLogger`` among them gets a :class:`WandbRun` (one W&B run across
-        sessions, its files in the run folder), added to ``callbacks`` so that checkpoints keep its id."""
-        loggers = list(logger) if isinstance(logger, (list, tuple)) else [] if logger in (None, False) else [logger]
-        wandb_loggers = [each for each in loggers if isinstance(each, WandbLogger)]
-        require(len(wandb_loggers) <= 1, f"trainer.logger lists {len(wandb_loggers)} WandbLoggers: W&B records one "
-                "run per process, so give one")  # fmt: skip
-        if wandb_loggers:
-            self.wandb_run = WandbRun(wandb_loggers[0], self.run_dir, notify_urls(self.config))
-            callbacks.append(self.wandb_run)
-        else:  # a session without W&B keeps the run id of the checkpoints for a later session with it
-            callbacks.append(WandbRunId())
-        return loggers
 
     def _apply_session_budget(self, callbacks: list[Any]) -> None:
         """``--max_hours``: this session's budget for the config's ``TimeLimitGuard`` (a new one when it has none)."""
@@ -402,19 +389,17 @@ class AtheriaCLI(LightningCLI):
             os.environ[RESUME_ENV] = point.path if point else ""
             header = _peek_checkpoint(point.path) if point is not None else None
             if header is None or self._check_resume(point, header, model, datamodule):
-                if header is not None:
-                    self._purge_logs_after(header)
                 kwargs["weights_only"] = True
-                if self.wandb_run is not None:  # which W&B run this session continues, started before training
-                    self.wandb_run.choose(header, start=self.trainer.is_global_zero)
+                # TensorBoard drops the events past the checkpoint; W&B picks the run this session continues.
+                self.loggers.resume(header, start=self.trainer.is_global_zero)
                 trained = True
                 self.trainer.fit(model, datamodule=datamodule, ckpt_path=point.path if point else None, **kwargs)
         except BaseException as err:
             failure = err
             raise
         finally:
-            if trained and self.wandb_run is not None:  # W&B's files complete before the final flush mirrors them
-                self.wandb_run.finish(failed=sys.exc_info()[0] is not None)
+            if trained:  # the loggers' files complete before the final flush mirrors them
+                self.loggers.finish(failed=failure is not None)
             if trained:  # also after a failed fit (exit 3): the model of the best sound checkpoint, and the report
                 self._write_exports()
             # The final flush, finished run or not: a mirror left behind by an earlier session catches up here.
@@ -477,18 +462,6 @@ class AtheriaCLI(LightningCLI):
                 self.training_log.catch_up(header, self.trainer, model, datamodule)
             if self._write_exports():
                 print(f"exports made again from the final checkpoint: {reason}", flush=True)
-
-    def _purge_logs_after(self, header: dict[str, Any]) -> None:
-        """TensorBoard keeps one value per step across sessions: events past the resumed checkpoint are dropped."""
-        steps = (header.get("loops") or {}).get("fit_loop", {}).get("epoch_loop.state_dict", {})
-        step = steps.get("_batches_that_stepped") if isinstance(steps, dict) else None
-        if not isinstance(step, int) or not self.trainer.is_global_zero:
-            return
-        for logger in self.trainer.loggers:
-            # The checkpoint's own step holds its episode's values (and its validation's): later ones are re-run.
-            if isinstance(logger, BufferedTensorBoardLogger) and not logger.purge_from(step + 1):
-                log.warning("TensorBoard's writer was open before the resume: events past step %d may show twice",
-                            step)  # fmt: skip
 
     def _check_resume(
         self, point: Checkpoint, header: dict[str, Any], model: QCAModule, datamodule: EpisodeDataModule
