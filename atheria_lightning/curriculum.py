@@ -24,7 +24,8 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
 from atheria_lightning.callbacks import TimeLimitGuard, time_guard
-from atheria_lightning.cli.app import AtheriaCLI, find_config_error, run_reporting_errors
+from atheria_lightning.cli.app import AtheriaCLI
+from atheria_lightning.cli.messages import find_config_error, run_reporting_errors
 from atheria_lightning.errors import ConfigError, OneLineArgumentParser, require
 from atheria_lightning.files import atomic_write
 from atheria_lightning.platform import default_mirror_url, default_run_root

@@ -76,7 +76,8 @@ def main(args: list[str] | None = None) -> int:
         return 2
     if argv[0] in OWN_MAINS:
         return importlib.import_module(OWN_MAINS[argv[0]]).main(argv[1:])
-    from atheria_lightning.cli.app import AtheriaCLI, run_reporting_errors  # torch, Lightning: after the signals
+    from atheria_lightning.cli.app import AtheriaCLI  # torch and Lightning: after the signals are set up
+    from atheria_lightning.cli.messages import run_reporting_errors
 
     return run_reporting_errors(lambda: AtheriaCLI(args=args).exit_code)
 
@@ -98,7 +99,7 @@ def commands_help() -> str:
 
 
 def console_main() -> None:
-    """``atheria ...``: exit codes as :func:`atheria_lightning.cli.app.run_reporting_errors` documents them."""
+    """``atheria ...``: exit codes as :func:`atheria_lightning.cli.messages.run_reporting_errors` documents them."""
     try:
         with signals_stop_the_command():
             code = main()
