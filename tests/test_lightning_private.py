@@ -1,5 +1,6 @@
-"""The private pieces of Lightning this package still reads: when a Lightning release moves one, this fails and says
-which piece and where it is used (``pyproject.toml`` bounds ``lightning`` below 2.7 for this reason)."""
+"""The private pieces of Lightning (and of TensorBoard's writer) this package still reads: when a release moves one,
+this fails and says which piece and where it is used (``pyproject.toml`` bounds ``lightning`` below 2.7 for this
+reason)."""
 
 from __future__ import annotations
 
@@ -42,6 +43,12 @@ def test_the_logging_step_is_lightnings_count_of_training_batches(tmp_path: Path
         piece=piece + ": it no longer counts each batch once, at its end",
         user="atheria_lightning.loggers.logging_step",
     )
+    saved = trainer.fit_loop.state_dict().get("epoch_loop.state_dict", {})
+    assert saved.get("_batches_that_stepped") == len(probe.seen), MOVED.format(
+        version=lightning.__version__,
+        piece="the checkpoint's loops.fit_loop['epoch_loop.state_dict']['_batches_that_stepped']",
+        user="atheria_lightning.loggers.tensorboard.TensorBoardHistory.resume (the step to purge from)",
+    )
 
 
 def test_a_module_outside_a_trainer_has_no_trainer_attribute_set() -> None:
@@ -53,17 +60,16 @@ def test_a_module_outside_a_trainer_has_no_trainer_attribute_set() -> None:
     )
 
 
-def test_the_tensorboard_logger_keeps_its_prefix_and_writer_where_the_buffered_logger_reads_them(
+def test_the_tensorboard_logger_keeps_its_writer_where_the_buffered_logger_reads_it(
     tmp_path: Path,
 ) -> None:
-    logger = TensorBoardLogger(save_dir=str(tmp_path), name="logs", version="", prefix="p", purge_step=3)
-    for piece in ("_prefix", "_experiment", "_kwargs"):
+    logger = TensorBoardLogger(save_dir=str(tmp_path), name="logs", version="", purge_step=3)
+    for piece in ("_experiment", "_kwargs"):
         assert hasattr(logger, piece), MOVED.format(
             version=lightning.__version__,
             piece=f"TensorBoardLogger.{piece}",
             user="atheria_lightning.loggers.BufferedTensorBoardLogger",
         )
-    assert logger._prefix == "p"
     assert logger._kwargs.get("purge_step") == 3, MOVED.format(
         version=lightning.__version__,
         piece="TensorBoardLogger._kwargs (the SummaryWriter's arguments)",

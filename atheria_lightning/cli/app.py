@@ -76,6 +76,7 @@ class AtheriaCLI(LightningCLI):
         # max_epochs -1: the episode stream ends the run (it stops the trainer after the last episode).
         defaults = {"gradient_clip_val": 1.0, "max_epochs": -1, "log_every_n_steps": 1, "num_sanity_val_steps": 0}
         kwargs["trainer_defaults"] = {**defaults, **kwargs.get("trainer_defaults", {})}
+        self.command_parsers: list[LightningArgumentParser] = []
         super().__init__(*args, **kwargs)
 
     @staticmethod
@@ -105,11 +106,13 @@ class AtheriaCLI(LightningCLI):
         except argparse.ArgumentError as err:
             argv = [str(arg) for arg in (sys.argv[1:] if args is None else args)] if not isinstance(args, dict) else []
             command = next((arg for arg in argv if arg in self.subcommands()), None)
-            subparsers = getattr(self, "_subcommand_parsers", {})
-            raise ConfigError(parse_error_line(err, subparsers.get(command, parser), argv)) from None
+            parsers = {each.prog.replace(" [options]", ""): each for each in self.command_parsers}
+            raise ConfigError(parse_error_line(err, parsers.get(f"atheria {command}", parser), argv)) from None
 
     @override
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        # Each command's parser, which says which keys and types a parse error of that command is about.
+        self.command_parsers.append(parser)
         # Beside LightningCLI's --config, in each command's parser: a packaged preset by name, applied where it stands
         # among the config files and flags (later wins). Not on `atheria` itself, where a preset would be ignored.
         parser.add_argument("--preset", action=PresetAction)
@@ -184,7 +187,7 @@ class AtheriaCLI(LightningCLI):
 
     @override
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
-        trainer_config = self._get(self.config_init, "trainer", default={})
+        trainer_config = self._of_command(self.config_init).get("trainer", {})
         if trainer_config.get("logger") in (None, True):
             kwargs["logger"] = BufferedTensorBoardLogger(
                 save_dir=self.run_dir, name="logs", version="", default_hp_metric=False
@@ -205,6 +208,10 @@ class AtheriaCLI(LightningCLI):
         plugins = trainer_config.get("plugins") or []
         kwargs["plugins"] = [*(plugins if isinstance(plugins, list) else [plugins]), self.store.checkpoint_io]
         return super().instantiate_trainer(**kwargs)
+
+    def _of_command(self, config: Any) -> Any:
+        """The part of ``config`` that is the command's (``fit``), or all of it without subcommands."""
+        return config[self.subcommand] if self.subcommand else config
 
     def _callbacks(self, trainer_config: Any) -> list[Any]:
         """The config's callbacks, the run's log first, then those every run needs; this session's time budget."""

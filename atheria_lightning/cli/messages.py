@@ -169,7 +169,9 @@ class ParseFailure:
     def of(cls, err: BaseException, parser: LightningArgumentParser, argv: list[str]) -> ParseFailure:
         # Without subcommands (run=False, e.g. a curriculum's phases) the parser takes the settings of atheria fit.
         command = parser.prog.replace(" [options]", "") if parser.prog != "atheria" else "atheria fit"
-        actions = {name[2:]: action for name, action in parser._option_string_actions.items() if name.startswith("--")}
+        # argparse's table of options, private but without a public equivalent (tests/test_jsonargparse_private.py).
+        options = parser._option_string_actions.items()
+        actions = {name[2:]: action for name, action in options if name.startswith("--")}
         return cls(_exception_chain(err), command, actions, argv)
 
     @property
@@ -224,6 +226,7 @@ def _key_line(failure: ParseFailure) -> str:
     if key is None:
         return " ".join(failure.innermost.split())
     action = failure.actions.get(key)
+    # jsonargparse's type hint of the option, private (tests/test_jsonargparse_private.py); argparse's type else.
     hint = getattr(action, "_typehint", None) or getattr(action, "type", None)
     if argument is not None and "expected one argument" in argument.message:
         return f"--{key} needs a value" + (f": {_accepted(hint)}" if hint is not None else "")

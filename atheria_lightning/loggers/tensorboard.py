@@ -42,10 +42,11 @@ class BufferedTensorBoardLogger(TensorBoardLogger):
         Trainer(logger=BufferedTensorBoardLogger(save_dir="runs/demo", name="logs", version=""))
     """
 
-    def __init__(self, *args: Any, flush_interval_s: float = 5.0, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, prefix: str = "", flush_interval_s: float = 5.0, **kwargs: Any) -> None:
         kwargs.setdefault("flush_secs", flush_interval_s)  # passed on to the SummaryWriter's own thread
-        super().__init__(*args, **kwargs)
+        super().__init__(*args, prefix=prefix, **kwargs)
         self.flush_interval_s = flush_interval_s
+        self.tag_prefix = f"{prefix}{self.LOGGER_JOIN_CHAR}" if prefix else ""  # as TensorBoardLogger tags
         self._hparams_metrics: tuple[str, ...] = ()
         self._flushed_at: float | None = None
 
@@ -63,8 +64,7 @@ class BufferedTensorBoardLogger(TensorBoardLogger):
             else:
                 others[key] = value
         if numbers:
-            prefix = f"{self._prefix}{self.LOGGER_JOIN_CHAR}" if self._prefix else ""  # as TensorBoardLogger tags
-            values = [Summary.Value(tag=prefix + key, simple_value=value) for key, value in numbers.items()]
+            values = [Summary.Value(tag=self.tag_prefix + key, simple_value=value) for key, value in numbers.items()]
             self.experiment._get_file_writer().add_summary(Summary(value=values), step)
         if others:
             super().log_metrics(others, step)
