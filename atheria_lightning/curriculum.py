@@ -23,8 +23,9 @@ from jsonargparse import get_loader
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
-from atheria_lightning.app import AtheriaCLI, find_config_error, run_reporting_errors
 from atheria_lightning.callbacks import TimeLimitGuard
+from atheria_lightning.cli.app import AtheriaCLI
+from atheria_lightning.cli.messages import find_config_error, run_reporting_errors
 from atheria_lightning.errors import ConfigError, OneLineArgumentParser, require
 from atheria_lightning.files import atomic_write
 from atheria_lightning.platform import default_mirror_url, default_run_root

@@ -12,6 +12,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from typing_extensions import override
 
 from atheria_lightning.accel import fast_stepper, weight_cast_cache
+from atheria_lightning.loggers.scalars import logging_step, send_to_loggers
 from atheria_lightning.physics import (
     combined_metric,
     compute_loss,
@@ -22,7 +23,6 @@ from atheria_lightning.physics import (
     psi_magnitude,
     rollout,
 )
-from atheria_lightning.scalars import logging_step, send_to_loggers
 from atheria_lightning.settings import ModelSettings, apply_changed_optimizer_settings, flat_settings
 
 log = logging.getLogger(__name__)
@@ -58,7 +58,7 @@ class QCAModule(pl.LightningModule):
     Logs ``train/loss``, ``train/survival``, ``train/symmetry``, ``train/complexity``, ``train/noise_level``,
     ``train/nonfinite_skipped`` every episode, at the trainer's ``log_every_n_steps`` cadence, straight to the
     loggers and into ``trainer.callback_metrics``, where the plateau scheduler and the callbacks read them (without
-    ``self.log``'s cost per key: :func:`~atheria_lightning.scalars.send_to_loggers`). Under DDP the
+    ``self.log``'s cost per key: :func:`~atheria_lightning.loggers.send_to_loggers`). Under DDP the
     loss and its parts are means over the ranks, so every rank skips or steps, and lowers the learning rate, at the
     same episodes. Also logs, at each validation, ``val/loss`` (the training objective on the fixed validation
     universes: what the presets rank checkpoints by), ``val/combined`` (the original's score, 10 survival + 5
@@ -172,7 +172,7 @@ class QCAModule(pl.LightningModule):
 
     def _log_scalars(self, metrics: dict[str, Any]) -> None:
         """The episode's ``train/*`` values: to the loggers at the trainer's cadence, as ``self.log`` would send
-        them, without its cost per key (see :func:`~atheria_lightning.scalars.send_to_loggers`)."""
+        them, without its cost per key (see :func:`~atheria_lightning.loggers.send_to_loggers`)."""
         if self._trainer is not None:
             send_to_loggers(self.trainer, metrics, cadence=True)
 

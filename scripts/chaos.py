@@ -132,7 +132,7 @@ def fit_command(workdir: Path, every: int, mirror: str | None, total: int = 1_00
 def child(argv: list[str]) -> None:
     """Run ``atheria`` with every atomic write of the run store traced: a line and a pause before and after."""
     from atheria_lightning import files
-    from atheria_lightning.console import console_main
+    from atheria_lightning.cli.main import console_main
     from atheria_lightning.store import manifest, mirror, run_store
 
     mirror_root = os.path.abspath(argv[argv.index("--mirror_url") + 1]) if "--mirror_url" in argv else None
@@ -333,7 +333,7 @@ def _compare_with_uninterrupted(report: StormReport, workdir: Path, every: int, 
     """The storm's losses against one run of the same settings without kills (and without a mirror)."""
     reference = workdir / "uninterrupted"
     reference.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, "-u", "-m", "atheria_lightning.console", *fit_args(reference, every, None, episodes)]
+    command = [sys.executable, "-u", "-m", "atheria_lightning.cli", *fit_args(reference, every, None, episodes)]
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env, timeout=900)
     if done.returncode != 0:

@@ -298,7 +298,7 @@ def test_every_train_scalar_reaches_the_loggers_at_the_step_of_its_loss(tmp_path
 
 
 def test_as_floats_reads_numbers_and_tensors_in_order_whatever_their_device() -> None:
-    from atheria_lightning.scalars import as_floats
+    from atheria_lightning.loggers import as_floats
 
     # callback_metrics mixes the module's tensors (on its device) with numbers sent from the host.
     values: list[object] = [1, torch.tensor(2.5, requires_grad=True), 3.25, torch.tensor([4.0], dtype=torch.float64)]

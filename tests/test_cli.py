@@ -133,7 +133,7 @@ def test_help_of_a_command_still_shows_its_full_usage(capsys: pytest.CaptureFixt
 @pytest.mark.slow
 def test_console_script_help_lists_every_command() -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "atheria_lightning.console", "--help"],
+        [sys.executable, "-m", "atheria_lightning.cli", "--help"],
         capture_output=True, text=True, cwd=REPO, env=env_without_warnings(), timeout=120,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr

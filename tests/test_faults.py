@@ -182,7 +182,7 @@ class OutOfMemoryAt:
 
 
 def _fit_with_oom(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, times: int) -> int:
-    from atheria_lightning import app as cli
+    from atheria_lightning.cli import app as cli
 
     original = cli.QCAModule.__init__
 

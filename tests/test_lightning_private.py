@@ -1,5 +1,6 @@
-"""The private pieces of Lightning this package still reads: when a Lightning release moves one, this fails and says
-which piece and where it is used (``pyproject.toml`` bounds ``lightning`` below 2.7 for this reason)."""
+"""The private pieces of Lightning (and of TensorBoard's writer) this package still reads: when a release moves one,
+this fails and says which piece and where it is used (``pyproject.toml`` bounds ``lightning`` below 2.7 for this
+reason)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from atheria_lightning.data import EpisodeDataModule
+from atheria_lightning.loggers import logging_step
 from atheria_lightning.module import QCAModule
-from atheria_lightning.scalars import logging_step
 
 MOVED = "Lightning {version} changed {piece}, which {user} reads: update it, then the lightning bound in pyproject.toml"
 
@@ -33,14 +34,20 @@ def test_the_logging_step_is_lightnings_count_of_training_batches(tmp_path: Path
     trainer = Trainer(max_epochs=-1, logger=False, enable_progress_bar=False, enable_checkpointing=False,
                       default_root_dir=str(tmp_path), limit_val_batches=0, callbacks=[probe])  # fmt: skip
     assert hasattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped"), MOVED.format(
-        version=lightning.__version__, piece=piece, user="atheria_lightning.scalars.logging_step"
+        version=lightning.__version__, piece=piece, user="atheria_lightning.loggers.logging_step"
     )
     model = QCAModule(architecture="MLP", d_state=2, hidden_channels=4, grid_size=8, qca_steps=2)
     trainer.fit(model, datamodule=EpisodeDataModule(total_episodes=4, val_every_episodes=100))
     assert [step for step, _ in probe.seen] == [done for _, done in probe.seen], MOVED.format(
         version=lightning.__version__,
         piece=piece + ": it no longer counts each batch once, at its end",
-        user="atheria_lightning.scalars.logging_step",
+        user="atheria_lightning.loggers.logging_step",
+    )
+    saved = trainer.fit_loop.state_dict().get("epoch_loop.state_dict", {})
+    assert saved.get("_batches_that_stepped") == len(probe.seen), MOVED.format(
+        version=lightning.__version__,
+        piece="the checkpoint's loops.fit_loop['epoch_loop.state_dict']['_batches_that_stepped']",
+        user="atheria_lightning.loggers.tensorboard.TensorBoardHistory.resume (the step to purge from)",
     )
 
 
@@ -53,17 +60,16 @@ def test_a_module_outside_a_trainer_has_no_trainer_attribute_set() -> None:
     )
 
 
-def test_the_tensorboard_logger_keeps_its_prefix_and_writer_where_the_buffered_logger_reads_them(
+def test_the_tensorboard_logger_keeps_its_writer_where_the_buffered_logger_reads_it(
     tmp_path: Path,
 ) -> None:
-    logger = TensorBoardLogger(save_dir=str(tmp_path), name="logs", version="", prefix="p", purge_step=3)
-    for piece in ("_prefix", "_experiment", "_kwargs"):
+    logger = TensorBoardLogger(save_dir=str(tmp_path), name="logs", version="", purge_step=3)
+    for piece in ("_experiment", "_kwargs"):
         assert hasattr(logger, piece), MOVED.format(
             version=lightning.__version__,
             piece=f"TensorBoardLogger.{piece}",
-            user="atheria_lightning.scalars.BufferedTensorBoardLogger",
+            user="atheria_lightning.loggers.BufferedTensorBoardLogger",
         )
-    assert logger._prefix == "p"
     assert logger._kwargs.get("purge_step") == 3, MOVED.format(
         version=lightning.__version__,
         piece="TensorBoardLogger._kwargs (the SummaryWriter's arguments)",
@@ -79,7 +85,7 @@ def test_the_wandb_logger_keeps_wandb_inits_arguments_until_its_experiment_exist
     from lightning.pytorch.loggers import WandbLogger
 
     logger = WandbLogger(id="given", save_dir=str(tmp_path), name="n")
-    user = "atheria_lightning.trackers.WandbRun (one W&B run across sessions)"
+    user = "atheria_lightning.loggers.WandbRun (one W&B run across sessions)"
     init = getattr(logger, "_wandb_init", None)
     assert isinstance(init, dict) and {"id": "given", "dir": str(tmp_path), "name": "n"}.items() <= init.items(), (
         MOVED.format(version=lightning.__version__, piece="WandbLogger._wandb_init (wandb.init's arguments)", user=user)

@@ -62,7 +62,7 @@ def test_no_notify_secret_is_in_any_file_of_the_run_or_its_mirror(
     config.write_text(f"""notify: ["tgram://{BOT_ID}:{BOT_SECRET}/4242/"]
 trainer:
   logger:
-    - class_path: atheria_lightning.scalars.BufferedTensorBoardLogger
+    - class_path: atheria_lightning.loggers.BufferedTensorBoardLogger
       init_args: {{save_dir: {run}, name: logs, version: ""}}
     - class_path: lightning.pytorch.loggers.WandbLogger
 """)

@@ -157,7 +157,7 @@ def test_a_wheel_in_a_fresh_venv_trains_from_its_own_presets_elsewhere(tmp_path:
     assert modules <= set(packed), sorted(modules - set(packed))
     for path in CONFIGS.glob("*.yaml"):
         assert packed[f"atheria_lightning/configs/{path.name}"] == path.read_bytes(), path.name
-    assert "atheria = atheria_lightning.console:console_main" in entry_points
+    assert "atheria = atheria_lightning.cli.main:console_main" in entry_points
 
     # Installed by pip into a fresh venv, whose dependencies are this venv's: a .pth line puts this venv's
     # site-packages after the fresh one's (the .pth files there, such as an editable install of a checkout, are not

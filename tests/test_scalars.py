@@ -8,7 +8,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 
-from atheria_lightning.scalars import BufferedTensorBoardLogger
+from atheria_lightning.loggers import BufferedTensorBoardLogger
 
 
 def test_one_event_per_logging_step_holds_every_number_under_its_tag(tmp_path: Path) -> None:

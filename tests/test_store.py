@@ -268,7 +268,7 @@ def test_a_diverged_run_never_keeps_or_exports_its_state_and_a_lower_lr_resumes_
 @pytest.mark.parametrize("moment", ["importing", "building", "starting"])
 def test_a_stop_signal_during_start_up_exits_zero_with_one_line(signum: int, moment: str, tmp_path: Path) -> None:
     args = demo_args(tmp_path, episodes=50, val_every=5)
-    command = [sys.executable, "-u", "-m", "atheria_lightning.console", *args]
+    command = [sys.executable, "-u", "-m", "atheria_lightning.cli", *args]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
                                env=env_without_warnings())  # fmt: skip
     lines: list[str] = []

@@ -15,7 +15,7 @@ import torch
 from conftest import demo_args, env_without_warnings, run_dir
 
 from atheria_lightning.cli import main
-from atheria_lightning.trackers import ID_FILE, WandbRun
+from atheria_lightning.loggers import ID_FILE, WandbRun
 
 pytest.importorskip("wandb")
 
@@ -114,7 +114,7 @@ def test_an_id_given_in_the_config_is_kept_and_tensorboard_beside_wandb_has_its_
     config = tmp_path / "loggers.yaml"
     config.write_text(f"""trainer:
   logger:
-    - class_path: atheria_lightning.scalars.BufferedTensorBoardLogger
+    - class_path: atheria_lightning.loggers.BufferedTensorBoardLogger
       init_args: {{save_dir: {run_dir(tmp_path)}, name: logs, version: ""}}
     - class_path: lightning.pytorch.loggers.WandbLogger
       init_args: {{id: my-run-1, save_dir: {elsewhere}}}
@@ -190,13 +190,13 @@ def test_the_id_comes_from_the_config_then_the_checkpoint_then_the_run_folder(tm
     id_file = tmp_path / "runs" / "demo" / "logs" / ID_FILE
     id_file.parent.mkdir(parents=True)
     id_file.write_text(json.dumps({"id": "fromfile"}))
-    assert wandb_run(tmp_path, id="mine").choose(header_with("fromckpt"), start=False) == "mine"
-    assert wandb_run(tmp_path).choose(header_with("fromckpt"), start=False) == "fromckpt", "the checkpoint first"
-    assert wandb_run(tmp_path).choose(None, start=False) == "fromfile", "the file, without a checkpoint"
-    assert wandb_run(tmp_path).choose({"callbacks": {}}, start=False) == "fromfile", "or one without an id"
+    assert wandb_run(tmp_path, id="mine").resume(header_with("fromckpt"), start=False) == "mine"
+    assert wandb_run(tmp_path).resume(header_with("fromckpt"), start=False) == "fromckpt", "the checkpoint first"
+    assert wandb_run(tmp_path).resume(None, start=False) == "fromfile", "the file, without a checkpoint"
+    assert wandb_run(tmp_path).resume({"callbacks": {}}, start=False) == "fromfile", "or one without an id"
     id_file.unlink()
     new = wandb_run(tmp_path)
-    assert re.fullmatch(r"[a-z0-9]{8}", new.choose(header_with(None), start=False))
+    assert re.fullmatch(r"[a-z0-9]{8}", new.resume(header_with(None), start=False))
     assert new.state_dict() == {"id": new.id} and new.logger.version == new.id
 
 
@@ -207,11 +207,11 @@ def test_an_id_read_from_a_checkpoint_or_the_file_is_used_only_when_it_is_a_plai
     id_file = tmp_path / "runs" / "demo" / "logs" / ID_FILE
     id_file.parent.mkdir(parents=True)
     id_file.write_text(json.dumps({"id": bad}))
-    chosen = wandb_run(tmp_path).choose(header_with(bad), start=False)
+    chosen = wandb_run(tmp_path).resume(header_with(bad), start=False)
     assert chosen != bad and re.fullmatch(r"[a-z0-9]{8}", chosen)
     assert "holds no usable run id" in caplog.text
     id_file.write_text("{not json")
-    assert wandb_run(tmp_path).choose(header_with(bad), start=False) != bad
+    assert wandb_run(tmp_path).resume(header_with(bad), start=False) != bad
     assert "is not readable" in caplog.text
 
 

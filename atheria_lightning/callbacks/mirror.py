@@ -13,7 +13,7 @@ from typing_extensions import Self, override
 from atheria_lightning.callbacks.stopping import say
 from atheria_lightning.data import episodes_done, total_episodes
 from atheria_lightning.errors import ConfigError, require
-from atheria_lightning.scalars import BufferedTensorBoardLogger, send_to_loggers
+from atheria_lightning.loggers import BufferedTensorBoardLogger, send_to_loggers
 from atheria_lightning.store import RunStore, UsesRunStore, check_mirror_url
 from atheria_lightning.store.manifest import SETTINGS_KEY
 

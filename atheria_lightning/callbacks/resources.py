@@ -17,7 +17,7 @@ from typing_extensions import override
 from atheria_lightning.callbacks.clock import UsesClock
 from atheria_lightning.data import total_episodes
 from atheria_lightning.errors import require
-from atheria_lightning.scalars import send_to_loggers
+from atheria_lightning.loggers.scalars import send_to_loggers
 
 __all__ = ["ResourceMonitor", "memory_percent", "read_memory"]
 
@@ -39,7 +39,7 @@ class ResourceMonitor(UsesClock, Callback):
     started. Time is printed, never logged here.
 
     Each reading goes to the loggers once, at the episode it was taken, and into ``trainer.callback_metrics``
-    (:func:`~atheria_lightning.scalars.send_to_loggers`). Through ``pl_module.log`` from this hook, Lightning kept
+    (:func:`~atheria_lightning.loggers.send_to_loggers`). Through ``pl_module.log`` from this hook, Lightning kept
     the last reading and sent it again at every later logging step: a stale copy per episode in TensorBoard, and
     training-thread time every episode from the first report on (``benchmarks/RESULTS.md``, "What changed").
 
@@ -54,7 +54,7 @@ class ResourceMonitor(UsesClock, Callback):
         ConfigError: If ``every_n_episodes`` is not a positive integer.
 
     Logged keys (the GPU keys are absent, not zero, when the model is not on a CUDA device; ``vm/``: see
-    :mod:`atheria_lightning.scalars`):
+    :mod:`atheria_lightning.loggers.scalars`):
 
     ============================  =====================================================================
     ``vm/ram_used_gb``            System RAM in use (total minus available), GiB

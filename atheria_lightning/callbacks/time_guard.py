@@ -16,7 +16,7 @@ from atheria_lightning.callbacks.clock import UsesClock
 from atheria_lightning.callbacks.stopping import announce_stop, say
 from atheria_lightning.data import episodes_done, total_episodes
 from atheria_lightning.errors import require
-from atheria_lightning.scalars import send_to_loggers
+from atheria_lightning.loggers.scalars import send_to_loggers
 from atheria_lightning.store import UsesRunStore
 
 log = logging.getLogger(__name__)

@@ -24,8 +24,8 @@ from atheria_lightning.data import EpisodeDataModule, episodes_done
 from atheria_lightning.errors import require
 from atheria_lightning.figures import EPISODE_KEYS, VALIDATION_KEYS, empty_columns
 from atheria_lightning.files import atomic_write
+from atheria_lightning.loggers.scalars import as_floats
 from atheria_lightning.report import EXPORTS, LOG_FILE, parse_training_log
-from atheria_lightning.scalars import as_floats
 from atheria_lightning.store import META_KEY, RunStore, UsesRunStore
 
 log = logging.getLogger(__name__)

@@ -1,15 +1,20 @@
-"""The ``atheria`` command: fit, validate (AtheriaCLI), curriculum, export and report; errors as one line."""
+"""The ``atheria`` command: fit, validate (AtheriaCLI), curriculum, export, report and status; errors as one line.
+
+The console script's module: SIGTERM and Ctrl+C end it cleanly from its first line, so nothing here imports torch
+or Lightning before :func:`console_main` has set the signals up (they take seconds to import).
+"""
 
 from __future__ import annotations
 
+import importlib
 import logging
 import sys
 import warnings
 
-from atheria_lightning.app import AtheriaCLI, run_reporting_errors
 from atheria_lightning.errors import closest_key
+from atheria_lightning.interrupts import StopRequested, signals_stop_the_command, stopped_line
 
-__all__ = ["AtheriaCLI", "COMMANDS", "main"]
+__all__ = ["COMMANDS", "console_main", "main"]
 
 #: Every command, with the line ``atheria --help`` shows for it (fit and validate are LightningCLI's, the others
 #: have mains of their own: LightningCLI's help would list only its two).
@@ -20,6 +25,14 @@ COMMANDS = {
     "export": "write the operator of a checkpoint as TorchScript, for inference",
     "report": "draw summary.png and report.md of a run (or its mirror copy) from its log",
     "status": "where a run stands (episode, time, best, mirror, lock), from its files or its mirror's",
+}
+
+#: The commands with mains of their own, imported only when run (Lightning's CLI machinery, matplotlib).
+OWN_MAINS = {
+    "curriculum": "atheria_lightning.curriculum",
+    "export": "atheria_lightning.export",
+    "report": "atheria_lightning.report",
+    "status": "atheria_lightning.status",
 }
 
 
@@ -61,22 +74,11 @@ def main(args: list[str] | None = None) -> int:
         print(f"atheria: error: command {argv[0]!r} is not one of {', '.join(COMMANDS)}: {hint}"
               "atheria --help says what each does", file=sys.stderr)  # fmt: skip
         return 2
-    if argv[0] == "curriculum":
-        from atheria_lightning.curriculum import main as curriculum_main  # Lightning's CLI machinery, only here
+    if argv[0] in OWN_MAINS:
+        return importlib.import_module(OWN_MAINS[argv[0]]).main(argv[1:])
+    from atheria_lightning.cli.app import AtheriaCLI  # torch and Lightning: after the signals are set up
+    from atheria_lightning.cli.messages import run_reporting_errors
 
-        return curriculum_main(argv[1:])
-    if argv[0] == "export":
-        from atheria_lightning.export import main as export_main
-
-        return export_main(argv[1:])
-    if argv[0] == "report":
-        from atheria_lightning.report import main as report_main
-
-        return report_main(argv[1:])
-    if argv[0] == "status":
-        from atheria_lightning.status import main as status_main
-
-        return status_main(argv[1:])
     return run_reporting_errors(lambda: AtheriaCLI(args=args).exit_code)
 
 
@@ -96,5 +98,12 @@ def commands_help() -> str:
     return "\n".join(lines) + "\n"
 
 
-if __name__ == "__main__":  # python -m atheria_lightning.cli; the console script is atheria_lightning.console
-    sys.exit(main())
+def console_main() -> None:
+    """``atheria ...``: exit codes as :func:`atheria_lightning.cli.messages.run_reporting_errors` documents them."""
+    try:
+        with signals_stop_the_command():
+            code = main()
+    except StopRequested as stop:
+        print(stopped_line(stop), file=sys.stderr)
+        code = 0
+    sys.exit(code)

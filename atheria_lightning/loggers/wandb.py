@@ -1,4 +1,4 @@
-"""The run's loggers in the end-of-run summary, and one W&B run across the sessions of a run folder."""
+"""One W&B run across the sessions of a run folder, its id kept in the run's checkpoints and ``logs/``."""
 
 from __future__ import annotations
 
@@ -9,20 +9,20 @@ import os
 import re
 import secrets
 import string
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from fsspec.implementations.local import LocalFileSystem
 from jsonargparse import Namespace
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.loggers import Logger, TensorBoardLogger, WandbLogger
+from lightning.pytorch.loggers import Logger, WandbLogger
 from typing_extensions import override
 
-from atheria_lightning.errors import ConfigError
+from atheria_lightning.errors import ConfigError, require
 from atheria_lightning.files import atomic_write
 from atheria_lightning.redact import argv_redacted
 
-__all__ = ["ID_FILE", "WandbRun", "check_logger_packages", "logger_lines"]
+__all__ = ["ID_FILE", "WandbRun", "WandbRunId", "attach", "check_logger_packages"]
 
 log = logging.getLogger(__name__)
 
@@ -42,25 +42,25 @@ def check_logger_packages(logger_config: Any) -> None:
                           "atheria_lightning[wandb] extra), or leave trainer.logger unset for TensorBoard")  # fmt: skip
 
 
-def logger_lines(loggers: Sequence[Logger], run_dir: str, wandb_run: WandbRun | None = None) -> list[str]:
-    """What the summary says about each logger: TensorBoard's command, the W&B run's URL or its ``wandb sync``."""
-    lines = []
-    run = os.path.abspath(run_dir)
-    root = os.path.dirname(os.path.normpath(run_dir)) or "."
-    for logger in loggers:
-        if isinstance(logger, TensorBoardLogger):
-            # The run root when the events are in the run, so that TensorBoard names the run after the experiment.
-            inside = os.path.commonpath([os.path.abspath(logger.log_dir), run]) == run
-            lines.append(f"TensorBoard: tensorboard --logdir {root if inside else logger.log_dir}")
-    if wandb_run is not None:
-        lines += wandb_run.lines()
-    return lines
+def attach(
+    loggers: Sequence[Logger], run_dir: str, notify_urls: Sequence[str] = ()
+) -> tuple[list[WandbRun], list[WandbRunId]]:
+    """A ``WandbLogger`` among the trainer's loggers gets a :class:`WandbRun` (one W&B run across sessions, its files
+    in the run folder), also a callback so that checkpoints keep its id; without one, a :class:`WandbRunId` keeps the
+    id of the checkpoints for a later session with W&B."""
+    wandb_loggers = [each for each in loggers if isinstance(each, WandbLogger)]
+    require(len(wandb_loggers) <= 1, f"trainer.logger lists {len(wandb_loggers)} WandbLoggers: W&B records one "
+            "run per process, so give one")  # fmt: skip
+    if not wandb_loggers:
+        return [], [WandbRunId()]
+    run = WandbRun(wandb_loggers[0], run_dir, notify_urls)
+    return [run], [run]
 
 
 class WandbRunId(Callback):
     """The W&B run id that a run's checkpoints carry, kept through sessions that log without W&B.
 
-    ``AtheriaCLI`` adds it when no ``WandbLogger`` is configured: a checkpoint written with W&B then still finds the
+    :func:`attach` adds it when no ``WandbLogger`` is configured: a checkpoint written with W&B then still finds the
     callback its state belongs to (Lightning warns about state no callback takes), and the id goes on into the
     next checkpoints, so a later session with W&B again continues the same W&B run.
     """
@@ -86,7 +86,7 @@ class WandbRunId(Callback):
 class WandbRun(WandbRunId):
     """Keeps a ``WandbLogger`` on one W&B run across the sessions of a run, with W&B's files inside the run folder.
 
-    Before each session trains, :meth:`choose` picks the run's id: the ``id`` (or ``version``) given to the logger;
+    Before each session trains, :meth:`resume` picks the run's id: the ``id`` (or ``version``) given to the logger;
     else the one saved in the checkpoint being resumed from (the truth: the run continues from that state); else the
     one in ``<run>/logs/wandb_run.json`` (a run whose checkpoints predate W&B, or that lost them); else a new id. The id
     is written to that file and, as this callback's state, into every checkpoint; W&B resumes it (``resume="allow"``,
@@ -95,8 +95,9 @@ class WandbRun(WandbRunId):
     die with the machine). A ``name`` not given is the experiment's. W&B records the command line without the
     notification URLs (:func:`~atheria_lightning.redact.redacted_argv`).
 
-    ``AtheriaCLI`` adds it beside a configured ``WandbLogger`` and calls :meth:`choose` before ``trainer.fit`` and
-    :meth:`finish` before the final mirror flush.
+    :func:`attach` adds it beside a configured ``WandbLogger``; the session calls :meth:`resume` before
+    ``trainer.fit`` and :meth:`finish` before the final mirror flush
+    (:class:`~atheria_lightning.loggers.SessionLogger`).
 
     Args:
         logger: The run's ``WandbLogger``, before its experiment exists (it creates it lazily, at the start of fit).
@@ -126,7 +127,7 @@ class WandbRun(WandbRunId):
         if init.get("name") is None:
             init["name"] = logger._name = os.path.basename(os.path.normpath(run_dir))
 
-    def choose(self, header: dict[str, Any] | None, start: bool = True) -> str:
+    def resume(self, header: Mapping[str, Any] | None, start: bool = True) -> str:
         """Pick this session's W&B run id (see the class) from the resumed checkpoint's ``header`` and the id file,
         and give it to the logger. With ``start`` (rank 0): start the W&B run now, so that a missing API key or an
         unreachable server is one line (:class:`ConfigError`) before training, then record the id in the id file."""
@@ -193,7 +194,7 @@ class WandbRun(WandbRunId):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        pass  # the id was chosen by choose() before fit, from this same checkpoint unless the config gives one
+        pass  # the id was chosen by resume() before fit, from this same checkpoint unless the config gives one
 
 
 def new_run_id() -> str:

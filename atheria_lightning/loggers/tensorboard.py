@@ -1,79 +1,24 @@
-"""Scalars sent to the loggers directly, beside ``LightningModule.log``, where its cost per key matters.
-
-Tag names: TensorBoard draws one section per tag prefix, in alphabetical order, and opens on the first. What a
-user looks at comes first (``train/``, then ``val/``); the session machine's state (time left, RAM, GPU, mirror
-syncs) shares one prefix that sorts after them, ``vm/``.
-"""
+"""TensorBoard across the sessions of a run: one event per logging step, no blocking flush, and on resume the
+events past the resumed checkpoint dropped (a resumed session logs those steps again)."""
 
 from __future__ import annotations
 
+import logging
+import os
 import time
 from argparse import Namespace
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-import lightning.pytorch as pl
 import torch
-from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 from tensorboard.compat.proto.summary_pb2 import Summary
 from typing_extensions import Self, override
 
-__all__ = ["BufferedTensorBoardLogger", "as_floats", "logging_step", "send_to_loggers"]
+__all__ = ["BufferedTensorBoardLogger", "TensorBoardHistory", "attach"]
 
-
-def as_floats(values: list[Any]) -> list[float]:
-    """Numbers and one-element tensors as floats, with one device-to-host copy per device for all the tensors.
-
-    The values may sit on different devices: ``callback_metrics`` mixes the module's tensors (on the GPU) with
-    numbers sent from the host.
-    """
-    floats = [0.0] * len(values)
-    by_device: dict[torch.device, list[int]] = {}
-    for index, value in enumerate(values):
-        if isinstance(value, torch.Tensor):
-            by_device.setdefault(value.device, []).append(index)
-        else:
-            floats[index] = float(value)
-    for indices in by_device.values():
-        stacked = torch.stack([values[index].detach().float().reshape(()) for index in indices])
-        for index, number in zip(indices, stacked.cpu().tolist(), strict=True):
-            floats[index] = number
-    return floats
-
-
-def send_to_loggers(trainer: pl.Trainer, metrics: dict[str, float | torch.Tensor], cadence: bool = False) -> None:
-    """``metrics`` into ``trainer.callback_metrics`` and, on rank 0, to every logger at this episode's step.
-
-    ``LightningModule.log`` costs time per key and call (Lightning moves its running-metric object to the value's
-    device on every call), a few percent of a demo episode for its seven ``train/*`` keys (``benchmarks/RESULTS.md``,
-    CPU section). As Lightning's ``LearningRateMonitor`` does, these go to ``trainer.loggers`` directly instead, at
-    the step Lightning gives the episode's ``train/loss``. With ``cadence`` they reach the loggers only on the
-    trainer's ``log_every_n_steps`` steps, as logged values do; without, every call is sent (for values logged
-    when they change). ``callback_metrics`` always gets them, so callbacks read them as logged values.
-    """
-    values = {key: value.detach() if isinstance(value, torch.Tensor) else torch.tensor(float(value))
-              for key, value in metrics.items()}  # fmt: skip
-    trainer.callback_metrics.update(values)
-    if not trainer.is_global_zero or not trainer.loggers or not values:
-        return
-    step = logging_step(trainer)
-    # Lightning's own cadence for logged values: every log_every_n_steps-th batch, and when the run stops.
-    if cadence and (step + 1) % max(trainer.log_every_n_steps, 1) and not trainer.should_stop:
-        return
-    scalars = dict(zip(values, as_floats(list(values.values())), strict=True))
-    for logger in trainer.loggers:
-        logger.log_metrics(scalars, step=step)
-
-
-def logging_step(trainer: pl.Trainer) -> int:
-    """The step at which Lightning logs this batch's values (``self.log``), which counts every training batch.
-
-    Lightning's own counter, private: ``trainer.global_step`` counts optimizer steps, and a skipped non-finite
-    episode makes none. ``tests/test_lightning_private.py`` fails with a clear message if the counter moves, and
-    ``pyproject.toml`` bounds ``lightning`` below 2.7.
-    """
-    return trainer.fit_loop.epoch_loop._batches_that_stepped
+log = logging.getLogger(__name__)
 
 
 class BufferedTensorBoardLogger(TensorBoardLogger):
@@ -97,10 +42,11 @@ class BufferedTensorBoardLogger(TensorBoardLogger):
         Trainer(logger=BufferedTensorBoardLogger(save_dir="runs/demo", name="logs", version=""))
     """
 
-    def __init__(self, *args: Any, flush_interval_s: float = 5.0, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, prefix: str = "", flush_interval_s: float = 5.0, **kwargs: Any) -> None:
         kwargs.setdefault("flush_secs", flush_interval_s)  # passed on to the SummaryWriter's own thread
-        super().__init__(*args, **kwargs)
+        super().__init__(*args, prefix=prefix, **kwargs)
         self.flush_interval_s = flush_interval_s
+        self.tag_prefix = f"{prefix}{self.LOGGER_JOIN_CHAR}" if prefix else ""  # as TensorBoardLogger tags
         self._hparams_metrics: tuple[str, ...] = ()
         self._flushed_at: float | None = None
 
@@ -118,8 +64,7 @@ class BufferedTensorBoardLogger(TensorBoardLogger):
             else:
                 others[key] = value
         if numbers:
-            prefix = f"{self._prefix}{self.LOGGER_JOIN_CHAR}" if self._prefix else ""  # as TensorBoardLogger tags
-            values = [Summary.Value(tag=prefix + key, simple_value=value) for key, value in numbers.items()]
+            values = [Summary.Value(tag=self.tag_prefix + key, simple_value=value) for key, value in numbers.items()]
             self.experiment._get_file_writer().add_summary(Summary(value=values), step)
         if others:
             super().log_metrics(others, step)
@@ -174,3 +119,40 @@ class BufferedTensorBoardLogger(TensorBoardLogger):
         if self._experiment is not None:
             self._flushed_at = time.monotonic()
             self._experiment.flush()
+
+
+class TensorBoardHistory:
+    """A TensorBoard logger of the run, as the session sees it (:class:`~atheria_lightning.loggers.SessionLogger`).
+
+    On resume, a :class:`BufferedTensorBoardLogger` drops the events past the checkpoint (TensorBoard keeps one value
+    per step across sessions); the summary gives the command that shows the run.
+    """
+
+    def __init__(self, logger: TensorBoardLogger, run_dir: str) -> None:
+        self.logger = logger
+        self.run_dir = run_dir
+
+    def resume(self, header: Mapping[str, Any] | None, start: bool = True) -> None:
+        """TensorBoard keeps one value per step across sessions: events past the resumed checkpoint are dropped."""
+        steps = ((header or {}).get("loops") or {}).get("fit_loop", {}).get("epoch_loop.state_dict", {})
+        step = steps.get("_batches_that_stepped") if isinstance(steps, dict) else None
+        if not isinstance(step, int) or not start or not isinstance(self.logger, BufferedTensorBoardLogger):
+            return
+        # The checkpoint's own step holds its episode's values (and its validation's): later ones are re-run.
+        if not self.logger.purge_from(step + 1):
+            log.warning("TensorBoard's writer was open before the resume: events past step %d may show twice", step)
+
+    def finish(self, failed: bool = False) -> None:
+        pass  # Lightning's end of training flushes and closes the writer
+
+    def lines(self) -> list[str]:
+        run = os.path.abspath(self.run_dir)
+        root = os.path.dirname(os.path.normpath(self.run_dir)) or "."
+        # The run root when the events are in the run, so that TensorBoard names the run after the experiment.
+        inside = os.path.commonpath([os.path.abspath(self.logger.log_dir), run]) == run
+        return [f"TensorBoard: tensorboard --logdir {root if inside else self.logger.log_dir}"]
+
+
+def attach(loggers: Sequence[Logger], run_dir: str, notify_urls: Sequence[str] = ()) -> tuple[list[Any], list[Any]]:
+    """Each TensorBoard logger of the trainer as a session logger; no callback."""
+    return [TensorBoardHistory(each, run_dir) for each in loggers if isinstance(each, TensorBoardLogger)], []
