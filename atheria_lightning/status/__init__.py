@@ -74,12 +74,22 @@ from atheria_lightning.files import join
 from atheria_lightning.lock import HOLDER_NAME, LOCK_NAME
 from atheria_lightning.platform import default_mirror_url
 from atheria_lightning.report import EXPORTS, LOG_FILE, MAX_LOG_BYTES, parse_training_log
+from atheria_lightning.status.values import (
+    as_int,
+    as_list,
+    as_number,
+    as_text,
+    as_time,
+    callback_args,
+    iso_seconds,
+    lookup,
+    one_line,
+)
 from atheria_lightning.store import retention
 from atheria_lightning.store.manifest import CHECKPOINTS, MANIFEST_NAME, DamagedManifest, Manifest, parse_as_is, same
 from atheria_lightning.store.mirror import remote_run_dir
 from atheria_lightning.untrusted import (
     MAX_SMALL_FILE,
-    MAX_WHOLE,
     UntrustedFileError,
     info_of,
     load_json,
@@ -95,10 +105,6 @@ CONFIG_FILE = "logs/config.yaml"
 WATCH_DEFAULT_S = 30.0
 #: A process started this long after the lock record's time is another process that reused the pid.
 PID_START_SLACK_S = 2.0
-#: Longest text kept from any string of the run's files (they are untrusted, and printed to a terminal).
-MAX_TEXT = 200
-#: Later time stamps in a run's files are garbage (the year 5000; dates end at 9999).
-MAX_TIME = 95_617_584_000.0
 
 #: The pause between two refreshes of ``--watch``: a seam for tests (a fake that counts, or ends the loop with
 #: KeyboardInterrupt as Ctrl+C would), not an option.
@@ -180,28 +186,28 @@ def run_status(run: str, now: float | None = None, follow_mirror: bool = False) 
     mirror = _mirror_location(config, _basename(root), follow_mirror) if isinstance(fs, LocalFileSystem) else None
     where = _where(fs, root, log, config, mirror)
     newest = _newest(manifest, fs, root)
-    log_done = _int(log.get("episodes_done"))
+    log_done = as_int(log.get("episodes_done"))
     episodes = [value for value in (newest["episode"] if newest else None, log_done) if value is not None]
     episode = max(episodes) if episodes else None
-    total = _int(log.get("total_episodes")) or _int(_path(config, "data", "total_episodes"))
-    sessions = [session for session in _list(log.get("sessions")) if isinstance(session, dict)]
+    total = as_int(log.get("total_episodes")) or as_int(lookup(config, "data", "total_episodes"))
+    sessions = [session for session in as_list(log.get("sessions")) if isinstance(session, dict)]
     seconds_per_episode = _seconds_per_episode(sessions)
-    log_written = _iso_seconds(_text(log.get("written_at")))
+    log_written = iso_seconds(as_text(log.get("written_at")))
     recent = _recent_seconds_per_episode(manifest, log_written)
     pace = recent if recent is not None else seconds_per_episode
     left = None
     if pace is not None and total is not None and episode is not None:
-        left = _num(max(0, total - episode) * pace / 3600.0)  # None where absurd values overflow
+        left = as_number(max(0, total - episode) * pace / 3600.0)  # None where absurd values overflow
     time_used = log.get("time") if isinstance(log.get("time"), dict) else {}
     status: dict[str, Any] = {
         "run": run,
         "where": where,
-        "experiment": _text(log.get("experiment")) or _text(config.get("experiment_name")) or _basename(root),
-        "phase": _text(log.get("phase")),
+        "experiment": as_text(log.get("experiment")) or as_text(config.get("experiment_name")) or _basename(root),
+        "phase": as_text(log.get("phase")),
         "episode": episode,
         "total_episodes": total,
-        "sessions": _int(time_used.get("sessions")),
-        "training_hours": _num(time_used.get("total_training_hours")),
+        "sessions": as_int(time_used.get("sessions")),
+        "training_hours": as_number(time_used.get("total_training_hours")),
         "seconds_per_episode": seconds_per_episode,
         "recent_seconds_per_episode": recent,
         "hours_left": left,
@@ -234,13 +240,13 @@ def _open(run: str) -> tuple[AbstractFileSystem, str]:
     try:
         fs, root = url_to_fs(run)
     except Exception as err:  # an unknown protocol, a missing package, bad credentials: each backend has its own
-        raise ConfigError(f"RUN={run!r} cannot be opened: {_one_line(err)}") from None
+        raise ConfigError(f"RUN={run!r} cannot be opened: {one_line(err)}") from None
     root = root.rstrip("/") or root
     try:
         fs.invalidate_cache()  # s3fs and gcsfs cache listings; --watch must see new files
         found = fs.isdir(root)
     except Exception as err:  # unreachable, denied
-        raise ConfigError(f"RUN={run!r} cannot be read: {_one_line(err)}") from None
+        raise ConfigError(f"RUN={run!r} cannot be read: {one_line(err)}") from None
     if not found:
         raise ConfigError(f"RUN={run!r} does not exist (or is not a folder): give a run folder or its mirror URL")
     return fs, root
@@ -256,12 +262,12 @@ def _read_manifest(fs: AbstractFileSystem, root: str, label: str) -> tuple[Manif
     except DamagedManifest as err:
         return None, {
             "state": "damaged",
-            "detail": f"{where} is damaged ({_one_line(err)}); the next fit rebuilds it from the checkpoint files",
+            "detail": f"{where} is damaged ({one_line(err)}); the next fit rebuilds it from the checkpoint files",
         }
     except UntrustedFileError as err:  # a link, not a file, too large, unreadable
-        return None, {"state": "damaged", "detail": f"{where} {_one_line(err)}"}
+        return None, {"state": "damaged", "detail": f"{where} {one_line(err)}"}
     except Exception as err:  # nested too deep for json
-        return None, {"state": "damaged", "detail": f"{where} cannot be read ({_one_line(err)})"}
+        return None, {"state": "damaged", "detail": f"{where} cannot be read ({one_line(err)})"}
     return manifest, {"state": "ok", "detail": f"{where}: {len(manifest.files)} checkpoint(s) listed"}
 
 
@@ -273,8 +279,8 @@ def _read_log(fs: AbstractFileSystem, root: str) -> tuple[dict[str, Any] | None,
         state = {"state": "missing", "detail": f"{where} is missing (it is written when a session ends)"}
         return None, {**state, "written_at": None}
     except Exception as err:  # truncated, not JSON, not a log, unreadable, a link, too large
-        return None, {"state": "damaged", "detail": f"{where} {_one_line(err)}", "written_at": None}
-    written = _text(training_log.get("written_at"))
+        return None, {"state": "damaged", "detail": f"{where} {one_line(err)}", "written_at": None}
+    written = as_text(training_log.get("written_at"))
     return training_log, {
         "state": "ok",
         "detail": f"{where} written {written or 'at an unrecorded time'}",
@@ -314,21 +320,21 @@ def _mirror_location(config: dict[str, Any], experiment: str, follow: bool) -> t
     saying why it cannot be opened from here; or None without a mirror."""
     # MirrorSync's own url, else mirror_url: the trainer's order. "auto" is resolved for this platform, as the
     # trainer did on its own (a run folder is read on the machine that trains it).
-    sync = _callback_args(config, "MirrorSync")
+    sync = callback_args(config, "MirrorSync")
     url = sync.get("url") or config.get("mirror_url")
     if url == "auto":
         url = default_mirror_url()
     if not isinstance(url, str) or not url.strip():
         return None
     options = sync.get("storage_options")
-    shown = _text(join(url, experiment)) or "?"
+    shown = as_text(join(url, experiment)) or "?"
     if not follow:  # a path is only a name too: it may be a network mount, an automounted host, a share
         local = get_protocol(url) == "file"
         return shown, None, LocalFileSystem._strip_protocol(join(url, experiment)) if local else None
     try:
         fs, folder = remote_run_dir(url, experiment, options if isinstance(options, dict) else None)
     except ConfigError as err:
-        return f"{shown} cannot be opened from here ({_one_line(err)})"
+        return f"{shown} cannot be opened from here ({one_line(err)})"
     return shown, fs, folder
 
 
@@ -341,8 +347,8 @@ def _where(fs: AbstractFileSystem, root: str, log: dict[str, Any], config: dict[
     folder = mirror[2] if isinstance(mirror, tuple) and isinstance(mirror[1], LocalFileSystem | None) else None
     if folder and _at(folder, here):
         return "mirror"
-    recorded = _text(log.get("run_dir"))
-    if recorded is None and _text(config.get("run_root")) and _text(config.get("experiment_name")):
+    recorded = as_text(log.get("run_dir"))
+    if recorded is None and as_text(config.get("run_root")) and as_text(config.get("experiment_name")):
         recorded = os.path.join(str(config["run_root"]), str(config["experiment_name"]))
     if recorded is None or _at(recorded, here):
         return "run folder"
@@ -353,19 +359,11 @@ def _at(path: str, here: set[str]) -> bool:
     return os.path.abspath(os.path.expanduser(path)) in here
 
 
-def _callback_args(config: dict[str, Any], name: str) -> dict[str, Any]:
-    for callback in _list(_path(config, "trainer", "callbacks")):
-        if isinstance(callback, dict) and str(callback.get("class_path", "")).rsplit(".", 1)[-1] == name:
-            init_args = callback.get("init_args")
-            return init_args if isinstance(init_args, dict) else {}
-    return {}
-
-
 def _newest(manifest: Manifest | None, fs: AbstractFileSystem, root: str) -> dict[str, Any] | None:
     if not manifest or not manifest.files:
         return None
     name, entry = manifest.newest_first()[0]
-    if _time(entry.saved_at) is not None:
+    if as_time(entry.saved_at) is not None:
         return {"file": name, "episode": entry.episode, "at": entry.saved_at, "source": "manifest"}
     # Manifests of earlier versions recorded no save time: the file's own time is the next best.
     return {
@@ -378,28 +376,27 @@ def _newest(manifest: Manifest | None, fs: AbstractFileSystem, root: str) -> dic
 
 def _updated(manifest: Manifest | None, fs: AbstractFileSystem, path: str) -> dict[str, Any] | None:
     """When a mirror's manifest was last written: at every sync that changed its checkpoints."""
-    if manifest is not None and _time(manifest.updated) is not None:
+    if manifest is not None and as_time(manifest.updated) is not None:
         return {"at": manifest.updated, "source": "mirror manifest"}
     at = _mtime(fs, path)
     return None if at is None else {"at": at, "source": "file time"}
 
 
 def _best(manifest: Manifest | None, log: dict[str, Any], config: dict[str, Any]) -> dict[str, Any] | None:
-    monitor = (
-        _text(log.get("monitor")) or _text(_callback_args(config, "SmartCheckpoint").get("monitor")) or "val/combined"
-    )
+    configured = callback_args(config, "SmartCheckpoint").get("monitor")
+    monitor = as_text(log.get("monitor")) or as_text(configured) or "val/combined"
     if manifest is not None:
         ranked = retention.best(manifest.files)
         if not ranked:
             return None
         name, entry = ranked[0]
-        return {"monitor": monitor, "value": _num(entry.metric), "episode": entry.episode, "file": name}
+        return {"monitor": monitor, "value": as_number(entry.metric), "episode": entry.episode, "file": name}
     # No readable manifest: the log lists the checkpoints kept when its session ended.
-    listed = [item for item in _list(log.get("checkpoints")) if isinstance(item, dict) and item.get("kind") == "best"]
+    listed = [item for item in as_list(log.get("checkpoints")) if isinstance(item, dict) and item.get("kind") == "best"]
     ranked = sorted(
-        (_num(item.get("metric")), _int(item.get("episode")) or 0, _text(item.get("file")) or "?")
+        (as_number(item.get("metric")), as_int(item.get("episode")) or 0, as_text(item.get("file")) or "?")
         for item in listed
-        if _num(item.get("metric")) is not None
+        if as_number(item.get("metric")) is not None
     )
     if not ranked:
         return None
@@ -410,7 +407,7 @@ def _best(manifest: Manifest | None, log: dict[str, Any], config: dict[str, Any]
 def _seconds_per_episode(sessions: list[dict[str, Any]]) -> float | None:
     """The last recorded session's pace (the recent one: a resumed run may be on another GPU)."""
     for session in reversed(sessions):
-        count, seconds = _int(session.get("episodes")), _num(session.get("training_seconds"))
+        count, seconds = as_int(session.get("episodes")), as_number(session.get("training_seconds"))
         if count and seconds is not None:
             return seconds / count
     return None
@@ -426,8 +423,8 @@ def _recent_seconds_per_episode(manifest: Manifest | None, since: float | None) 
     a pair across a restart also holds the time the run was down."""
     if manifest is None:
         return None
-    saved = sorted((entry.episode, entry.saved_at) for entry in manifest.files.values()
-                   if _time(entry.saved_at) is not None and (since is None or entry.saved_at > since + 1))  # fmt: skip
+    fresh = [entry for entry in manifest.files.values() if since is None or entry.saved_at > since + 1]
+    saved = sorted((entry.episode, entry.saved_at) for entry in fresh if as_time(entry.saved_at) is not None)
     paces = [(later_at - at) / (later - episode) for (episode, at), (later, later_at) in itertools.pairwise(saved)
              if later > episode and later_at > at]  # fmt: skip
     return min(paces[-RECENT_PAIRS:]) if paces else None
@@ -446,8 +443,8 @@ def _lock_status(holder: dict[str, Any] | None, lock_file: bool, where: str, loc
                 "seen from here"
             )
         return {**status, "detail": detail}
-    host, pid = _text(holder.get("host")), _int(holder.get("pid"))
-    since, run_id = _time(holder.get("started")), _text(holder.get("run_id"))
+    host, pid = as_text(holder.get("host")), as_int(holder.get("pid"))
+    since, run_id = as_time(holder.get("started")), as_text(holder.get("run_id"))
     status.update(host=host, pid=pid, since=since, run_id=run_id)
     who = f"run {run_id} (pid {pid} on {host})"
     if not local or host != socket.gethostname() or not pid:
@@ -530,10 +527,10 @@ def _self_report(manifest: Manifest | None, log: dict[str, Any], total: int | No
         return {**status, "detail": "its manifest cannot be read"}
     newest = manifest.newest_episode()
     status["episode"] = newest if newest >= 0 else None
-    logged_done = _int(log.get("episodes_done"))
+    logged_done = as_int(log.get("episodes_done"))
     logged = {
-        str(_text(item.get("file"))): (_int(item.get("episode")), _int(item.get("size")))
-        for item in _list(log.get("checkpoints"))
+        str(as_text(item.get("file"))): (as_int(item.get("episode")), as_int(item.get("size")))
+        for item in as_list(log.get("checkpoints"))
         if isinstance(item, dict)
     }
     listed = {name: (entry.episode, entry.size) for name, entry in manifest.files.items()}
@@ -595,7 +592,7 @@ def status_lines(status: dict[str, Any], now: float | None = None) -> list[str]:
     if status["hours_left"]:
         used.append(f"about {_duration(status['hours_left'] * 3600.0)} of training left at that pace")
     lines.append("time:        " + (", ".join(used) or f"not recorded (no readable {LOG_FILE})"))
-    log_written = _iso_seconds(status["log"].get("written_at"))
+    log_written = iso_seconds(status["log"].get("written_at"))
     if log_written is not None and newest is not None and newest["at"] and newest["at"] > log_written + 1:
         lines.append(
             f"             as of {LOG_FILE}, written {_when(log_written, now)}: the checkpoints are newer "
@@ -669,58 +666,8 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 86400:.1f} days"
 
 
-# ----- untrusted values -----
-def _int(value: Any) -> int | None:
-    # Bounded: a float made of a far larger one overflows.
-    return value if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < MAX_WHOLE else None
-
-
-def _num(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        return None
-    return float(value)
-
-
-def _time(value: Any) -> float | None:
-    """A time stamp (Unix seconds) that a date can be made of: positive, before the year 5000."""
-    seconds = _num(value)
-    return seconds if seconds is not None and 0 < seconds < MAX_TIME else None
-
-
-def _text(value: Any) -> str | None:
-    """A string from a run's file, safe to print: one line, no control characters, bounded."""
-    if not isinstance(value, str) or not value:
-        return None
-    return "".join(char if char.isprintable() else "?" for char in value[:MAX_TEXT])
-
-
-def _one_line(err: BaseException) -> str:
-    return _text(" ".join(str(err).split())) or type(err).__name__
-
-
-def _list(value: Any) -> list[Any]:
-    return value if isinstance(value, list) else []
-
-
-def _path(data: Any, *keys: str) -> Any:
-    for key in keys:
-        if not isinstance(data, dict):
-            return None
-        data = data.get(key)
-    return data
-
-
 def _basename(root: str) -> str:
     return root.rstrip("/").rsplit("/", 1)[-1]
-
-
-def _iso_seconds(value: str | None) -> float | None:
-    if value is None:
-        return None
-    try:
-        return _time(datetime.fromisoformat(value).timestamp())
-    except (ValueError, OverflowError, OSError):
-        return None
 
 
 def _mtime(fs: AbstractFileSystem, path: str) -> float | None:
@@ -732,9 +679,9 @@ def _mtime(fs: AbstractFileSystem, path: str) -> float | None:
     for key in ("mtime", "LastModified", "last_modified", "updated", "created"):
         value = info.get(key)
         if isinstance(value, datetime):
-            return _time(value.timestamp())
-        if _time(value) is not None:
+            return as_time(value.timestamp())
+        if as_time(value) is not None:
             return float(value)
-        if isinstance(value, str) and (seconds := _time(_iso_seconds(value.replace("Z", "+00:00")))) is not None:
+        if isinstance(value, str) and (seconds := as_time(iso_seconds(value.replace("Z", "+00:00")))) is not None:
             return seconds
     return None
