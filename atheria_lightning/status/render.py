@@ -20,17 +20,34 @@ def status_json(status: dict[str, Any]) -> str:
 def status_lines(status: dict[str, Any], now: float | None = None) -> list[str]:
     """The status as the lines ``atheria status`` prints."""
     now = status["checked_at"] if now is None else now
-    lines = [
+    mirror = status["mirror"]
+    shown = f" [{mirror['url']}]" if mirror.get("url") and mirror["url"] != status["run"] else ""
+    return [
         f"run:         {status['run']} ({_where_text(status['where'])})",
         f"experiment:  {status['experiment']}" + (f" (phase {status['phase']})" if status["phase"] else ""),
+        f"episode:     {_progress_text(status)}",
+        "time:        " + (", ".join(_time_used(status)) or f"not recorded (no readable {LOG_FILE})"),
+        *_log_age(status, now),
+        f"best:        {_best_text(status['best'])}",
+        f"checkpoint:  {_checkpoint_text(status['last_checkpoint'], now)}",
+        *_sync_lines(status, now),
+        f"mirror:      {mirror['detail']}{shown}",
+        f"lock:        {_lock_text(status['lock'], now)}",
+        *(f"{part + ':':<13}{status[part]['detail']}" for part in ("manifest", "log") if status[part]["state"] != "ok"),
     ]
+
+
+def _progress_text(status: dict[str, Any]) -> str:
     episode, total, newest = status["episode"], status["total_episodes"], status["last_checkpoint"]
     progress = "none yet" if episode is None else f"{episode} of {total if total is not None else '?'}"
     if episode is not None and total:
         progress += " (finished)" if episode >= total else f" ({100.0 * episode / total:.0f}%)"
     if newest is not None:
         progress += f", newest checkpoint {newest['file']} at episode {newest['episode']}"
-    lines.append(f"episode:     {progress}")
+    return progress
+
+
+def _time_used(status: dict[str, Any]) -> list[str]:
     used = []
     if status["sessions"] is not None:
         used.append(f"{status['sessions']} session(s)")
@@ -42,39 +59,42 @@ def status_lines(status: dict[str, Any], now: float | None = None) -> list[str]:
         used.append(f"{status['recent_seconds_per_episode']:.3g} s/episode since (from the checkpoints' save times)")
     if status["hours_left"]:
         used.append(f"about {_duration(status['hours_left'] * 3600.0)} of training left at that pace")
-    lines.append("time:        " + (", ".join(used) or f"not recorded (no readable {LOG_FILE})"))
-    log_written = iso_seconds(status["log"].get("written_at"))
+    return used
+
+
+def _log_age(status: dict[str, Any], now: float) -> list[str]:
+    """A line under ``time:`` where the checkpoints are newer than the log its figures come from."""
+    newest, log_written = status["last_checkpoint"], iso_seconds(status["log"].get("written_at"))
     if log_written is not None and newest is not None and newest["at"] and newest["at"] > log_written + 1:
-        lines.append(
+        return [
             f"             as of {LOG_FILE}, written {_when(log_written, now)}: the checkpoints are newer "
             "(a session is running, or ended without writing it)"
-        )
-    best = status["best"]
+        ]
+    return []
+
+
+def _best_text(best: dict[str, Any] | None) -> str:
     if best is None:
-        lines.append("best:        none yet (no best checkpoint listed)")
-    else:
-        lines.append(
-            f"best:        {best['monitor']} {best['value']:.4g} at episode {best['episode']} ({best['file']})"
-        )
+        return "none yet (no best checkpoint listed)"
+    return f"{best['monitor']} {best['value']:.4g} at episode {best['episode']} ({best['file']})"
+
+
+def _checkpoint_text(newest: dict[str, Any] | None, now: float) -> str:
     if newest is None:
-        lines.append("checkpoint:  none saved yet")
-    else:
-        lines.append(f"checkpoint:  last saved {_when(newest['at'], now)}{_source(newest['source'])}")
+        return "none saved yet"
+    return f"last saved {_when(newest['at'], now)}{_source(newest['source'])}"
+
+
+def _sync_lines(status: dict[str, Any], now: float) -> list[str]:
     mirror, sync = status["mirror"], status["last_sync"]
     if sync is not None:
         recorded = ", when the mirror's MANIFEST.json was last written" if sync["source"] != "file time" else ""
-        lines.append(f"sync:        last {_when(sync['at'], now)}{recorded}{_source(sync['source'])}")
-    elif mirror["state"] == "not read":
-        lines.append("sync:        not checked (the mirror is not read without --follow-mirror)")
-    elif mirror["state"] != "none":
-        lines.append("sync:        unknown (no readable MANIFEST.json on the mirror)")
-    shown = f" [{mirror['url']}]" if mirror.get("url") and mirror["url"] != status["run"] else ""
-    lines.append(f"mirror:      {mirror['detail']}{shown}")
-    lines.append(f"lock:        {_lock_text(status['lock'], now)}")
-    for part in ("manifest", "log"):
-        if status[part]["state"] != "ok":
-            lines.append(f"{part + ':':<13}{status[part]['detail']}")
-    return lines
+        return [f"sync:        last {_when(sync['at'], now)}{recorded}{_source(sync['source'])}"]
+    if mirror["state"] == "not read":
+        return ["sync:        not checked (the mirror is not read without --follow-mirror)"]
+    if mirror["state"] != "none":
+        return ["sync:        unknown (no readable MANIFEST.json on the mirror)"]
+    return []
 
 
 def _where_text(where: str) -> str:
