@@ -59,12 +59,10 @@ import socket
 import sys
 import time
 from collections.abc import Callable
-from datetime import datetime
 from typing import Any
 
 import psutil
 from fsspec import AbstractFileSystem
-from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 from fsspec.utils import get_protocol
 
@@ -72,7 +70,18 @@ from atheria_lightning.errors import ConfigError, OneLineArgumentParser
 from atheria_lightning.files import join
 from atheria_lightning.lock import HOLDER_NAME, LOCK_NAME
 from atheria_lightning.platform import default_mirror_url
-from atheria_lightning.report import EXPORTS, LOG_FILE, MAX_LOG_BYTES, parse_training_log
+from atheria_lightning.report import EXPORTS, LOG_FILE
+from atheria_lightning.status.read import (
+    CONFIG_FILE,
+    basename,
+    manifest_written,
+    mtime,
+    open_run,
+    read_config,
+    read_lock,
+    read_log,
+    read_manifest,
+)
 from atheria_lightning.status.render import status_json, status_lines
 from atheria_lightning.status.values import (
     as_int,
@@ -86,21 +95,11 @@ from atheria_lightning.status.values import (
     one_line,
 )
 from atheria_lightning.store import retention
-from atheria_lightning.store.manifest import CHECKPOINTS, MANIFEST_NAME, DamagedManifest, Manifest, parse_as_is, same
+from atheria_lightning.store.manifest import CHECKPOINTS, MANIFEST_NAME, Manifest, same
 from atheria_lightning.store.mirror import remote_run_dir
-from atheria_lightning.untrusted import (
-    MAX_SMALL_FILE,
-    UntrustedFileError,
-    info_of,
-    load_json,
-    load_yaml,
-    read_bounded,
-)
 
 __all__ = ["main", "run_status", "status_lines"]
 
-#: The session's settings as LightningCLI saved them: where the run says its mirror is.
-CONFIG_FILE = "logs/config.yaml"
 #: ``--watch`` without a number: seconds between two refreshes.
 WATCH_DEFAULT_S = 30.0
 #: A process started this long after the lock record's time is another process that reused the pid.
@@ -171,11 +170,11 @@ def run_status(run: str, now: float | None = None, follow_mirror: bool = False) 
         ConfigError: ``run`` does not exist, cannot be opened, or holds none of a run's files.
     """
     now = time.time() if now is None else now
-    fs, root = _open(run)
-    manifest, manifest_state = _read_manifest(fs, root, "")
-    training_log, log_state = _read_log(fs, root)
-    config = _read_config(fs, root)
-    holder, lock_file = _read_lock(fs, root)
+    fs, root = open_run(run)
+    manifest, manifest_state = read_manifest(fs, root, "")
+    training_log, log_state = read_log(fs, root)
+    config = read_config(fs, root)
+    holder, lock_file = read_lock(fs, root)
     if manifest_state["state"] == "missing" and log_state["state"] == "missing" and holder is None and not lock_file:
         raise ConfigError(
             f"RUN={run!r} is not a run folder: it has no {CHECKPOINTS}/{MANIFEST_NAME}, no {EXPORTS}/{LOG_FILE} "
@@ -183,7 +182,7 @@ def run_status(run: str, now: float | None = None, follow_mirror: bool = False) 
         )
     log = training_log or {}
     # Only a local RUN can be a trainer's run folder; a mirror's own config is never followed elsewhere.
-    mirror = _mirror_location(config, _basename(root), follow_mirror) if isinstance(fs, LocalFileSystem) else None
+    mirror = _mirror_location(config, basename(root), follow_mirror) if isinstance(fs, LocalFileSystem) else None
     where = _where(fs, root, log, config, mirror)
     newest = _newest(manifest, fs, root)
     log_done = as_int(log.get("episodes_done"))
@@ -202,7 +201,7 @@ def run_status(run: str, now: float | None = None, follow_mirror: bool = False) 
     status: dict[str, Any] = {
         "run": run,
         "where": where,
-        "experiment": as_text(log.get("experiment")) or as_text(config.get("experiment_name")) or _basename(root),
+        "experiment": as_text(log.get("experiment")) or as_text(config.get("experiment_name")) or basename(root),
         "phase": as_text(log.get("phase")),
         "episode": episode,
         "total_episodes": total,
@@ -227,87 +226,11 @@ def run_status(run: str, now: float | None = None, follow_mirror: bool = False) 
         # laptop, where mirror_url "auto" means none), knows only what it says about itself.
         named = status["mirror"] if where == "copy" and status["mirror"]["state"] == "not read" else None
         status["mirror"] = _self_report(manifest, log, total, run)
-        status["last_sync"] = _updated(manifest, fs, join(join(root, CHECKPOINTS), MANIFEST_NAME))
+        status["last_sync"] = manifest_written(manifest, fs, join(join(root, CHECKPOINTS), MANIFEST_NAME))
         if named is not None:
             status["mirror"]["detail"] += f"; its recorded mirror {named['url']} {NOT_FOLLOWED}"
     status["mirror"] = {key: status["mirror"][key] for key in ("state", "url", "episode", "detail")}
     return status
-
-
-def _open(run: str) -> tuple[AbstractFileSystem, str]:
-    if get_protocol(run) == "file" and "://" not in run:
-        run = os.path.expanduser(run)  # as a shell would have; fsspec leaves "~" alone
-    try:
-        fs, root = url_to_fs(run)
-    except Exception as err:  # an unknown protocol, a missing package, bad credentials: each backend has its own
-        raise ConfigError(f"RUN={run!r} cannot be opened: {one_line(err)}") from None
-    root = root.rstrip("/") or root
-    try:
-        fs.invalidate_cache()  # s3fs and gcsfs cache listings; --watch must see new files
-        found = fs.isdir(root)
-    except Exception as err:  # unreachable, denied
-        raise ConfigError(f"RUN={run!r} cannot be read: {one_line(err)}") from None
-    if not found:
-        raise ConfigError(f"RUN={run!r} does not exist (or is not a folder): give a run folder or its mirror URL")
-    return fs, root
-
-
-def _read_manifest(fs: AbstractFileSystem, root: str, label: str) -> tuple[Manifest | None, dict[str, Any]]:
-    """The manifest of the run folder ``root`` as written (never rebuilt: that reads checkpoints), and its state."""
-    where = f"{label}{CHECKPOINTS}/{MANIFEST_NAME}"
-    try:
-        manifest = parse_as_is(read_bounded(fs, root, f"{CHECKPOINTS}/{MANIFEST_NAME}", MAX_SMALL_FILE), where)
-    except FileNotFoundError:
-        return None, {"state": "missing", "detail": f"{where} is missing (no checkpoint saved yet)"}
-    except DamagedManifest as err:
-        return None, {
-            "state": "damaged",
-            "detail": f"{where} is damaged ({one_line(err)}); the next fit rebuilds it from the checkpoint files",
-        }
-    except UntrustedFileError as err:  # a link, not a file, too large, unreadable
-        return None, {"state": "damaged", "detail": f"{where} {one_line(err)}"}
-    except Exception as err:  # nested too deep for json
-        return None, {"state": "damaged", "detail": f"{where} cannot be read ({one_line(err)})"}
-    return manifest, {"state": "ok", "detail": f"{where}: {len(manifest.files)} checkpoint(s) listed"}
-
-
-def _read_log(fs: AbstractFileSystem, root: str) -> tuple[dict[str, Any] | None, dict[str, Any]]:
-    where = f"{EXPORTS}/{LOG_FILE}"
-    try:
-        training_log = parse_training_log(read_bounded(fs, root, where, MAX_LOG_BYTES))
-    except FileNotFoundError:
-        state = {"state": "missing", "detail": f"{where} is missing (it is written when a session ends)"}
-        return None, {**state, "written_at": None}
-    except Exception as err:  # truncated, not JSON, not a log, unreadable, a link, too large
-        return None, {"state": "damaged", "detail": f"{where} {one_line(err)}", "written_at": None}
-    written = as_text(training_log.get("written_at"))
-    return training_log, {
-        "state": "ok",
-        "detail": f"{where} written {written or 'at an unrecorded time'}",
-        "written_at": written,
-    }
-
-
-def _read_config(fs: AbstractFileSystem, root: str) -> dict[str, Any]:
-    """``logs/config.yaml`` as a dict; empty when missing or not a mapping (it only adds to what the log says)."""
-    try:
-        config = load_yaml(read_bounded(fs, root, CONFIG_FILE, MAX_SMALL_FILE))
-    except Exception:  # missing, unreadable, not YAML, a link, too large: the status says what it can without it
-        return {}
-    return config if isinstance(config, dict) else {}
-
-
-def _read_lock(fs: AbstractFileSystem, root: str) -> tuple[dict[str, Any] | None, bool]:
-    """The lock's holder record (or None) and whether the lock file itself is there."""
-    try:
-        lock_file = info_of(fs, join(root, LOCK_NAME)) is not None
-    except Exception:  # absent, unreadable: as if absent
-        lock_file = False
-    try:
-        holder = load_json(read_bounded(fs, root, HOLDER_NAME, MAX_SMALL_FILE))
-    except Exception:  # none, or being written or removed right now
-        return None, lock_file
-    return (holder if isinstance(holder, dict) else None), lock_file
 
 
 #: What the status says of a mirror it names without reading it.
@@ -369,17 +292,9 @@ def _newest(manifest: Manifest | None, fs: AbstractFileSystem, root: str) -> dic
     return {
         "file": name,
         "episode": entry.episode,
-        "at": _mtime(fs, join(join(root, CHECKPOINTS), name)),
+        "at": mtime(fs, join(join(root, CHECKPOINTS), name)),
         "source": "file time",
     }
-
-
-def _updated(manifest: Manifest | None, fs: AbstractFileSystem, path: str) -> dict[str, Any] | None:
-    """When a mirror's manifest was last written: at every sync that changed its checkpoints."""
-    if manifest is not None and as_time(manifest.updated) is not None:
-        return {"at": manifest.updated, "source": "mirror manifest"}
-    at = _mtime(fs, path)
-    return None if at is None else {"at": at, "source": "file time"}
 
 
 def _best(manifest: Manifest | None, log: dict[str, Any], config: dict[str, Any]) -> dict[str, Any] | None:
@@ -486,8 +401,8 @@ def _compare_with_mirror(manifest: Manifest | None, mirror: Any) -> tuple[dict[s
     if fs is None:
         return {"state": "not read", "url": mirror_dir, "episode": None, "detail": f"the mirror {NOT_FOLLOWED}"}, None
     unknown = {"state": "unknown", "url": mirror_dir, "episode": None}
-    remote, state = _read_manifest(fs, root, f"{mirror_dir}/")
-    last_sync = _updated(remote, fs, join(join(root, CHECKPOINTS), MANIFEST_NAME))
+    remote, state = read_manifest(fs, root, f"{mirror_dir}/")
+    last_sync = manifest_written(remote, fs, join(join(root, CHECKPOINTS), MANIFEST_NAME))
     if remote is None:
         if state["state"] == "missing":
             detail = f"{mirror_dir} has no {CHECKPOINTS}/{MANIFEST_NAME} (nothing synced yet, or not reachable here)"
@@ -563,24 +478,3 @@ def _self_report(manifest: Manifest | None, log: dict[str, Any], total: int | No
         "detail": f"unknown from here: it holds all its training_log.json lists (episode {logged_done}); "
         "a later session may have trained further",
     }
-
-
-def _basename(root: str) -> str:
-    return root.rstrip("/").rsplit("/", 1)[-1]
-
-
-def _mtime(fs: AbstractFileSystem, path: str) -> float | None:
-    """A file's modification time from its fsspec ``info`` (each backend names it its own way), or None."""
-    try:
-        info = info_of(fs, path)
-    except Exception:  # missing or unreadable: no time to give
-        return None
-    for key in ("mtime", "LastModified", "last_modified", "updated", "created"):
-        value = info.get(key)
-        if isinstance(value, datetime):
-            return as_time(value.timestamp())
-        if as_time(value) is not None:
-            return float(value)
-        if isinstance(value, str) and (seconds := as_time(iso_seconds(value.replace("Z", "+00:00")))) is not None:
-            return seconds
-    return None
