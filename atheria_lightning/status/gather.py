@@ -12,20 +12,15 @@ import psutil
 from fsspec import AbstractFileSystem
 from fsspec.implementations.local import LocalFileSystem
 
-from atheria_lightning.errors import ConfigError
 from atheria_lightning.files import join
 from atheria_lightning.lock import HOLDER_NAME, LOCK_NAME
-from atheria_lightning.report import EXPORTS, LOG_FILE
 from atheria_lightning.status.mirror import NOT_FOLLOWED, compare_with_mirror, mirror_location, self_report
 from atheria_lightning.status.read import (
+    RunFiles,
     basename,
     manifest_written,
     mtime,
-    open_run,
-    read_config,
-    read_lock,
-    read_log,
-    read_manifest,
+    read_run,
 )
 from atheria_lightning.status.values import (
     as_int,
@@ -38,7 +33,7 @@ from atheria_lightning.status.values import (
     lookup,
 )
 from atheria_lightning.store import retention
-from atheria_lightning.store.manifest import CHECKPOINTS, MANIFEST_NAME, Manifest
+from atheria_lightning.store.manifest import CHECKPOINTS, Manifest
 
 __all__ = ["run_status"]
 
@@ -54,21 +49,35 @@ def run_status(run: str, now: float | None = None, follow_mirror: bool = False) 
         ConfigError: ``run`` does not exist, cannot be opened, or holds none of a run's files.
     """
     now = time.time() if now is None else now
-    fs, root = open_run(run)
-    manifest, manifest_state = read_manifest(fs, root, "")
-    training_log, log_state = read_log(fs, root)
-    config = read_config(fs, root)
-    holder, lock_file = read_lock(fs, root)
-    if manifest_state["state"] == "missing" and log_state["state"] == "missing" and holder is None and not lock_file:
-        raise ConfigError(
-            f"RUN={run!r} is not a run folder: it has no {CHECKPOINTS}/{MANIFEST_NAME}, no {EXPORTS}/{LOG_FILE} "
-            f"and no {LOCK_NAME}; give <run_root>/<experiment_name> or its mirror <mirror_url>/<experiment_name>"
-        )
-    log = training_log or {}
+    files = read_run(run)
+    log, config, local = files.log, files.config, isinstance(files.fs, LocalFileSystem)
     # Only a local RUN can be a trainer's run folder; a mirror's own config is never followed elsewhere.
-    mirror = mirror_location(config, basename(root), follow_mirror) if isinstance(fs, LocalFileSystem) else None
-    where = _where(fs, root, log, config, mirror)
-    newest = _newest(manifest, fs, root)
+    mirror = mirror_location(config, basename(files.root), follow_mirror) if local else None
+    where = _where(files.fs, files.root, log, config, mirror)
+    newest = _newest(files.manifest, files.fs, files.root)
+    progress = _progress(files.manifest, log, config, newest)
+    mirror_state, last_sync = _mirror_status(files, mirror, where, progress["total_episodes"], run)
+    return {
+        "run": run,
+        "where": where,
+        "experiment": as_text(log.get("experiment")) or as_text(config.get("experiment_name")) or basename(files.root),
+        "phase": as_text(log.get("phase")),
+        **progress,
+        "best": _best(files.manifest, log, config),
+        "last_checkpoint": newest,
+        "last_sync": last_sync,
+        "mirror": mirror_state,
+        "lock": _lock_status(files.holder, files.lock_file, where, local),
+        "manifest": files.manifest_state,
+        "log": files.log_state,
+        "checked_at": now,
+    }
+
+
+def _progress(
+    manifest: Manifest | None, log: dict[str, Any], config: dict[str, Any], newest: dict[str, Any] | None
+) -> dict[str, Any]:
+    """The status's keys from ``episode`` to ``hours_left``: how far the run is, the time it took, the time left."""
     log_done = as_int(log.get("episodes_done"))
     episodes = [value for value in (newest["episode"] if newest else None, log_done) if value is not None]
     episode = max(episodes) if episodes else None
@@ -82,11 +91,7 @@ def run_status(run: str, now: float | None = None, follow_mirror: bool = False) 
     if pace is not None and total is not None and episode is not None:
         left = as_number(max(0, total - episode) * pace / 3600.0)  # None where absurd values overflow
     time_used = log.get("time") if isinstance(log.get("time"), dict) else {}
-    status: dict[str, Any] = {
-        "run": run,
-        "where": where,
-        "experiment": as_text(log.get("experiment")) or as_text(config.get("experiment_name")) or basename(root),
-        "phase": as_text(log.get("phase")),
+    return {
         "episode": episode,
         "total_episodes": total,
         "sessions": as_int(time_used.get("sessions")),
@@ -94,27 +99,23 @@ def run_status(run: str, now: float | None = None, follow_mirror: bool = False) 
         "seconds_per_episode": seconds_per_episode,
         "recent_seconds_per_episode": recent,
         "hours_left": left,
-        "best": _best(manifest, log, config),
-        "last_checkpoint": newest,
-        "last_sync": None,
-        "mirror": None,
-        "lock": _lock_status(holder, lock_file, where, isinstance(fs, LocalFileSystem)),
-        "manifest": manifest_state,
-        "log": log_state,
-        "checked_at": now,
     }
-    if where != "mirror":
-        status["mirror"], status["last_sync"] = compare_with_mirror(manifest, mirror)
-    if where == "mirror" or (where == "copy" and status["mirror"]["state"] in ("unknown", "none", "not read")):
+
+
+def _mirror_status(
+    files: RunFiles, mirror: Any, where: str, total: int | None, run: str
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """The status's ``mirror`` and ``last_sync``: a run folder against its mirror, or what a mirror says of itself."""
+    state, last_sync = (None, None) if where == "mirror" else compare_with_mirror(files.manifest, mirror)
+    if state is None or (where == "copy" and state["state"] in ("unknown", "none", "not read")):
         # A mirror, or a copy whose recorded mirror is not read or out of reach here (the Drive mirror synced to a
         # laptop, where mirror_url "auto" means none), knows only what it says about itself.
-        named = status["mirror"] if where == "copy" and status["mirror"]["state"] == "not read" else None
-        status["mirror"] = self_report(manifest, log, total, run)
-        status["last_sync"] = manifest_written(manifest, fs, join(join(root, CHECKPOINTS), MANIFEST_NAME))
+        named = state if where == "copy" and state["state"] == "not read" else None
+        state = self_report(files.manifest, files.log, total, run)
+        last_sync = manifest_written(files.manifest, files.fs, files.root)
         if named is not None:
-            status["mirror"]["detail"] += f"; its recorded mirror {named['url']} {NOT_FOLLOWED}"
-    status["mirror"] = {key: status["mirror"][key] for key in ("state", "url", "episode", "detail")}
-    return status
+            state["detail"] += f"; its recorded mirror {named['url']} {NOT_FOLLOWED}"
+    return {key: state[key] for key in ("state", "url", "episode", "detail")}, last_sync
 
 
 def _where(fs: AbstractFileSystem, root: str, log: dict[str, Any], config: dict[str, Any], mirror: Any) -> str:

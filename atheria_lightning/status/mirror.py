@@ -62,7 +62,7 @@ def compare_with_mirror(manifest: Manifest | None, mirror: Any) -> tuple[dict[st
         return {"state": "not read", "url": mirror_dir, "episode": None, "detail": f"the mirror {NOT_FOLLOWED}"}, None
     unknown = {"state": "unknown", "url": mirror_dir, "episode": None}
     remote, state = read_manifest(fs, root, f"{mirror_dir}/")
-    last_sync = manifest_written(remote, fs, join(join(root, CHECKPOINTS), MANIFEST_NAME))
+    last_sync = manifest_written(remote, fs, root)
     if remote is None:
         if state["state"] == "missing":
             detail = f"{mirror_dir} has no {CHECKPOINTS}/{MANIFEST_NAME} (nothing synced yet, or not reachable here)"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -27,6 +28,7 @@ from atheria_lightning.untrusted import (
 
 __all__ = [
     "CONFIG_FILE",
+    "RunFiles",
     "basename",
     "manifest_written",
     "mtime",
@@ -35,10 +37,47 @@ __all__ = [
     "read_lock",
     "read_log",
     "read_manifest",
+    "read_run",
 ]
 
 #: The session's settings as LightningCLI saved them: where the run says its mirror is.
 CONFIG_FILE = "logs/config.yaml"
+
+
+@dataclass(frozen=True)
+class RunFiles:
+    """A run's files as read: each parsed, or absent with its state saying why."""
+
+    fs: AbstractFileSystem
+    root: str
+    manifest: Manifest | None
+    manifest_state: dict[str, Any]
+    #: ``exports/training_log.json``; empty without a readable one.
+    log: dict[str, Any]
+    log_state: dict[str, Any]
+    config: dict[str, Any]
+    #: The lock's holder record, and whether the lock file itself is there.
+    holder: dict[str, Any] | None
+    lock_file: bool
+
+
+def read_run(run: str) -> RunFiles:
+    """Every file status reads of RUN (a folder or an fsspec URL), the mirror aside.
+
+    Raises:
+        ConfigError: ``run`` does not exist, cannot be opened, or holds none of a run's files.
+    """
+    fs, root = open_run(run)
+    manifest, manifest_state = read_manifest(fs, root, "")
+    training_log, log_state = read_log(fs, root)
+    config = read_config(fs, root)
+    holder, lock_file = read_lock(fs, root)
+    if manifest_state["state"] == "missing" and log_state["state"] == "missing" and holder is None and not lock_file:
+        raise ConfigError(
+            f"RUN={run!r} is not a run folder: it has no {CHECKPOINTS}/{MANIFEST_NAME}, no {EXPORTS}/{LOG_FILE} "
+            f"and no {LOCK_NAME}; give <run_root>/<experiment_name> or its mirror <mirror_url>/<experiment_name>"
+        )
+    return RunFiles(fs, root, manifest, manifest_state, training_log or {}, log_state, config, holder, lock_file)
 
 
 def open_run(run: str) -> tuple[AbstractFileSystem, str]:
@@ -119,11 +158,11 @@ def read_lock(fs: AbstractFileSystem, root: str) -> tuple[dict[str, Any] | None,
     return (holder if isinstance(holder, dict) else None), lock_file
 
 
-def manifest_written(manifest: Manifest | None, fs: AbstractFileSystem, path: str) -> dict[str, Any] | None:
-    """When a mirror's manifest was last written: at every sync that changed its checkpoints."""
+def manifest_written(manifest: Manifest | None, fs: AbstractFileSystem, root: str) -> dict[str, Any] | None:
+    """When the manifest of a mirror's folder ``root`` was last written: at every sync that changed its checkpoints."""
     if manifest is not None and as_time(manifest.updated) is not None:
         return {"at": manifest.updated, "source": "mirror manifest"}
-    at = mtime(fs, path)
+    at = mtime(fs, join(join(root, CHECKPOINTS), MANIFEST_NAME))
     return None if at is None else {"at": at, "source": "file time"}
 
 
