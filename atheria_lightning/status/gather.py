@@ -33,7 +33,7 @@ from atheria_lightning.status.values import (
     lookup,
 )
 from atheria_lightning.store import retention
-from atheria_lightning.store.manifest import CHECKPOINTS, Manifest
+from atheria_lightning.store.manifest import CHECKPOINTS, Entry, Manifest, kind_of
 
 __all__ = ["run_status"]
 
@@ -155,25 +155,26 @@ def _newest(manifest: Manifest | None, fs: AbstractFileSystem, root: str) -> dic
 
 
 def _best(manifest: Manifest | None, log: dict[str, Any], config: dict[str, Any]) -> dict[str, Any] | None:
+    """The best checkpoint kept, by the store's retention rule: of the manifest, else of the log's list."""
     configured = callback_args(config, "SmartCheckpoint").get("monitor")
     monitor = as_text(log.get("monitor")) or as_text(configured) or "val/combined"
-    if manifest is not None:
-        ranked = retention.best(manifest.files)
-        if not ranked:
-            return None
-        name, entry = ranked[0]
-        return {"monitor": monitor, "value": as_number(entry.metric), "episode": entry.episode, "file": name}
-    # No readable manifest: the log lists the checkpoints kept when its session ended.
-    listed = [item for item in as_list(log.get("checkpoints")) if isinstance(item, dict) and item.get("kind") == "best"]
-    ranked = sorted(
-        (as_number(item.get("metric")), as_int(item.get("episode")) or 0, as_text(item.get("file")) or "?")
-        for item in listed
-        if as_number(item.get("metric")) is not None
-    )
+    ranked = retention.best(manifest.files if manifest is not None else _logged_entries(log))
     if not ranked:
         return None
-    value, episode, name = ranked[0]
-    return {"monitor": monitor, "value": value, "episode": episode, "file": name}
+    name, entry = ranked[0]
+    return {"monitor": monitor, "value": as_number(entry.metric), "episode": entry.episode, "file": name}
+
+
+def _logged_entries(log: dict[str, Any]) -> dict[str, Entry]:
+    """The checkpoints the log lists (the manifest's entries when its session ended) as entries to rank: without
+    their hash, which ranking never reads."""
+    entries = {}
+    for item in as_list(log.get("checkpoints")):
+        if isinstance(item, dict):
+            name = as_text(item.get("file")) or "?"
+            episode, size, metric = as_int(item.get("episode")) or 0, as_int(item.get("size")) or 0, item.get("metric")
+            entries[name] = Entry(episode, size, sha256="", metric=as_number(metric), kind=kind_of(name))
+    return entries
 
 
 def _seconds_per_episode(sessions: list[dict[str, Any]]) -> float | None:
