@@ -14,7 +14,13 @@ from fsspec.implementations.local import LocalFileSystem
 
 from atheria_lightning.files import join
 from atheria_lightning.lock import HOLDER_NAME, LOCK_NAME
-from atheria_lightning.status.mirror import NOT_FOLLOWED, compare_with_mirror, mirror_location, self_report
+from atheria_lightning.status.mirror import (
+    NOT_FOLLOWED,
+    MirrorPlace,
+    compare_with_mirror,
+    mirror_location,
+    self_report,
+)
 from atheria_lightning.status.read import (
     RunFiles,
     basename,
@@ -103,7 +109,7 @@ def _progress(
 
 
 def _mirror_status(
-    files: RunFiles, mirror: Any, where: str, total: int | None, run: str
+    files: RunFiles, mirror: MirrorPlace | str | None, where: str, total: int | None, run: str
 ) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """The status's ``mirror`` and ``last_sync``: a run folder against its mirror, or what a mirror says of itself."""
     state, last_sync = (None, None) if where == "mirror" else compare_with_mirror(files.manifest, mirror)
@@ -118,15 +124,17 @@ def _mirror_status(
     return {key: state[key] for key in ("state", "url", "episode", "detail")}, last_sync
 
 
-def _where(fs: AbstractFileSystem, root: str, log: dict[str, Any], config: dict[str, Any], mirror: Any) -> str:
+def _where(
+    fs: AbstractFileSystem, root: str, log: dict[str, Any], config: dict[str, Any], mirror: MirrorPlace | str | None
+) -> str:
     """What RUN is: the trainer's run folder, its mirror, or a copy of the run (neither)."""
     if not isinstance(fs, LocalFileSystem):
         return "mirror"  # a trainer writes its run folder on its own disk
     # Paths from the files are compared as text, never looked up: looking one up may mount or call a host.
     here = {os.path.abspath(root), os.path.realpath(root)}
-    folder = mirror[2] if isinstance(mirror, tuple) and isinstance(mirror[1], LocalFileSystem | None) else None
-    if folder and _at(folder, here):
-        return "mirror"
+    if isinstance(mirror, MirrorPlace) and isinstance(mirror.fs, LocalFileSystem | None):  # a path, not a URL
+        if mirror.folder and _at(mirror.folder, here):
+            return "mirror"
     recorded = as_text(log.get("run_dir"))
     if recorded is None and as_text(config.get("run_root")) and as_text(config.get("experiment_name")):
         recorded = os.path.join(str(config["run_root"]), str(config["experiment_name"]))

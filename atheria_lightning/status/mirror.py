@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
+from fsspec import AbstractFileSystem
 from fsspec.implementations.local import LocalFileSystem
 from fsspec.utils import get_protocol
 
@@ -15,17 +16,27 @@ from atheria_lightning.status.values import as_int, as_list, as_text, callback_a
 from atheria_lightning.store.manifest import CHECKPOINTS, MANIFEST_NAME, Manifest, same
 from atheria_lightning.store.mirror import remote_run_dir
 
-__all__ = ["NOT_FOLLOWED", "compare_with_mirror", "mirror_location", "self_report"]
+__all__ = ["NOT_FOLLOWED", "MirrorPlace", "compare_with_mirror", "mirror_location", "self_report"]
 
 
 #: What the status says of a mirror it names without reading it.
 NOT_FOLLOWED = f"is not read (named in {CONFIG_FILE}): atheria status --follow-mirror compares with it"
 
 
-def mirror_location(config: dict[str, Any], experiment: str, follow: bool) -> tuple[str, Any, str | None] | str | None:
-    """Where the session's config says the run is mirrored: (its URL for messages, filesystem, folder), where the
-    filesystem is None unless ``follow`` (the folder is then a local path's, else None: nothing is opened); a line
-    saying why it cannot be opened from here; or None without a mirror."""
+class MirrorPlace(NamedTuple):
+    """Where a run's config says it is mirrored."""
+
+    #: The mirror's folder as messages name it.
+    shown: str
+    #: Its filesystem, opened only with ``--follow-mirror``; None without it.
+    fs: AbstractFileSystem | None
+    #: Its folder on ``fs``; without ``fs``, the path of a mirror on a local path (else None: nothing is opened).
+    folder: str | None
+
+
+def mirror_location(config: dict[str, Any], experiment: str, follow: bool) -> MirrorPlace | str | None:
+    """Where the session's config says the run is mirrored (opened if ``follow``); a line saying why it cannot be
+    opened from here; or None without a mirror."""
     # MirrorSync's own url, else mirror_url: the trainer's order. "auto" is resolved for this platform, as the
     # trainer did on its own (a run folder is read on the machine that trains it).
     sync = callback_args(config, "MirrorSync")
@@ -38,15 +49,17 @@ def mirror_location(config: dict[str, Any], experiment: str, follow: bool) -> tu
     shown = as_text(join(url, experiment)) or "?"
     if not follow:  # a path is only a name too: it may be a network mount, an automounted host, a share
         local = get_protocol(url) == "file"
-        return shown, None, LocalFileSystem._strip_protocol(join(url, experiment)) if local else None
+        return MirrorPlace(shown, None, LocalFileSystem._strip_protocol(join(url, experiment)) if local else None)
     try:
         fs, folder = remote_run_dir(url, experiment, options if isinstance(options, dict) else None)
     except ConfigError as err:
         return f"{shown} cannot be opened from here ({one_line(err)})"
-    return shown, fs, folder
+    return MirrorPlace(shown, fs, folder)
 
 
-def compare_with_mirror(manifest: Manifest | None, mirror: Any) -> tuple[dict[str, Any], dict[str, Any] | None]:
+def compare_with_mirror(
+    manifest: Manifest | None, mirror: MirrorPlace | str | None
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """A run folder (or a copy of one) against the mirror its config names."""
     if mirror is None:
         return {
