@@ -48,6 +48,10 @@ times are Unix seconds:
 ==============================  =================================================================================
 
 Exit codes: 0 printed (a damaged file is a line of the status, not an error), 2 RUN missing or not a run.
+
+The package: this command; :mod:`.read`, the files, bounded; :mod:`.gather`, :func:`run_status` (where the run
+stands, from what was read); :mod:`.mirror`, the mirror the run names and the run against it; :mod:`.render`, the
+lines and the JSON; :mod:`.values`, each value of the files made safe to use and print.
 """
 
 from __future__ import annotations

@@ -176,7 +176,7 @@ def _best(manifest: Manifest | None, log: dict[str, Any], config: dict[str, Any]
 def _logged_entries(log: dict[str, Any]) -> dict[str, Entry]:
     """The checkpoints the log lists (the manifest's entries when its session ended) as entries to rank: without
     their hash, which ranking never reads."""
-    entries = {}
+    entries: dict[str, Entry] = {}
     for item in as_list(log.get("checkpoints")):
         if isinstance(item, dict):
             name = as_text(item.get("file")) or "?"
