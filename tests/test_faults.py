@@ -20,6 +20,7 @@ from atheria_lightning.module import QCAModule
 from atheria_lightning.store import RunStore
 from atheria_lightning.store import mirror as mirror_module
 from atheria_lightning.store import run_store as store_module
+from atheria_lightning.store.uploader import Uploader
 
 
 def listed(folder: Path) -> dict[str, dict]:
@@ -287,7 +288,7 @@ def test_a_mirror_killed_between_moving_last_ckpt_and_listing_it_still_serves_a_
     assert store.flush(10)
     store.write_checkpoint(state(1.0), "last", 20)
     # After the journal and the move, the mirror dies before its final manifest.
-    _die_at_manifest_write(monkeypatch, mirror_module.Mirror, 2, OSError(errno.EIO, "connection lost"))
+    _die_at_manifest_write(monkeypatch, Uploader, 2, OSError(errno.EIO, "connection lost"))
     assert not store.flush(10)
     monkeypatch.undo()
     store.close()

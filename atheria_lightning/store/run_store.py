@@ -44,15 +44,10 @@ from atheria_lightning.store.manifest import (
     unsound,
     write_manifest,
 )
-from atheria_lightning.store.mirror import (
-    Mirror,
-    MirrorChanged,
-    MirrorStatus,
-    copy_plain_files,
-    download_verified,
-    remote_run_dir,
-)
+from atheria_lightning.store.mirror import Mirror, MirrorChanged, MirrorStatus, remote_run_dir
 from atheria_lightning.store.previous import examine, find_run_folders, newest_first
+from atheria_lightning.store.retry import Retry
+from atheria_lightning.store.transfer import copy_plain_files, download_verified
 
 log = logging.getLogger(__name__)
 
@@ -153,8 +148,8 @@ class RunStore:
     ) -> None:
         """Mirror the run to ``<url>/<experiment_name>``; nothing is contacted until :meth:`start` or a sync."""
         fs, root = remote_run_dir(url, os.path.basename(self.run_dir), storage_options)
-        self._mirror = Mirror(self.run_dir, self.wait, lambda: self.top_k, url, fs, root, flush_timeout_s, max_retries,
-                              backoff_s, clock, sleep)  # fmt: skip
+        self._mirror = Mirror(self.run_dir, self.wait, lambda: self.top_k, url, fs, root, flush_timeout_s,
+                              Retry(max_retries, backoff_s, sleep), clock)  # fmt: skip
 
     @property
     def has_mirror(self) -> bool:
@@ -206,7 +201,7 @@ class RunStore:
     def start_mirror(self, take_over: bool = False) -> None:
         """Reach the mirror (``ConfigError`` when not), take its lease and queue what it lacks; a no-op once done
         or without one."""
-        if self._mirror is None or self._mirror.remote is not None:
+        if self._mirror is None or self._mirror.opened:
             return
         self.open()
         self._connect_mirror(take_over)
