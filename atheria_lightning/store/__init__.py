@@ -20,7 +20,8 @@ Callbacks decide *when* (episode cadence, validation, time budget, signals); the
 from atheria_lightning.store.lease import MirrorInUse
 from atheria_lightning.store.manifest import META_KEY, Entry, best_name, is_checkpoint_name, unsound
 from atheria_lightning.store.mirror import MirrorStatus, check_mirror_url, remote_run_dir
-from atheria_lightning.store.run_store import Checkpoint, RunStore, StoreCheckpointIO, UsesRunStore, serialized
+from atheria_lightning.store.run_store import Checkpoint, RunStore, StoreCheckpointIO, UsesRunStore
+from atheria_lightning.store.writer import serialized
 
 __all__ = [
     "META_KEY",
