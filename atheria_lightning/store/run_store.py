@@ -17,10 +17,9 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from fsspec.implementations.local import LocalFileSystem
 from lightning.fabric.plugins import CheckpointIO
-from lightning.fabric.utilities.cloud_io import _load as pl_load
-from lightning.fabric.utilities.types import _PATH
 from typing_extensions import Self, override
 
 from atheria_lightning.files import atomic_write
@@ -375,19 +374,24 @@ class StoreCheckpointIO(CheckpointIO):
         self.store = store
 
     @override
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: str | os.PathLike[str], storage_options: Any | None = None
+    ) -> None:
         save = storage_options if isinstance(storage_options, Save) else None
         self.store._accept(checkpoint, os.fspath(path), save)
 
     @override
-    def load_checkpoint(self, path: _PATH, map_location: Any | None = None, weights_only: bool | None = None) -> dict:
+    def load_checkpoint(
+        self, path: str | os.PathLike[str], map_location: Any | None = None, weights_only: bool | None = None
+    ) -> dict:
         # Always weights_only: a checkpoint can come from a shared Drive or bucket.
         if not os.path.exists(path):
             raise FileNotFoundError(f"Checkpoint file not found: {path}")
-        return pl_load(path, map_location=map_location, weights_only=True)
+        with open(path, "rb") as handle:
+            return torch.load(handle, map_location=map_location, weights_only=True)
 
     @override
-    def remove_checkpoint(self, path: _PATH) -> None:
+    def remove_checkpoint(self, path: str | os.PathLike[str]) -> None:
         raise ValueError(f"{path}: checkpoints are removed by the run store's retention only")
 
     @override
