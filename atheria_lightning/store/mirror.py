@@ -206,7 +206,7 @@ class Mirror:
     @property
     def opened(self) -> bool:
         """Whether this session has read the mirror's manifest (at its start, or at its first sync)."""
-        return self.uploader.remote is not None
+        return self.uploader.opened
 
     def open(self) -> Manifest:
         """Read the mirror's manifest (rebuilt from its files when damaged; unlisted files adopted), once."""
@@ -256,7 +256,7 @@ class Mirror:
 
     def reread(self) -> Manifest:
         """Read the mirror's manifest again (it changed since :meth:`open`: a file it listed is gone)."""
-        self.uploader.remote = None
+        self.uploader.forget()
         return self.open()
 
     def download_plain_folders(self) -> int:
@@ -268,8 +268,7 @@ class Mirror:
         """
         copied = copy_plain_files(self.fs, self.root, self.run_dir, retrying=self.retry)
         for key, target in copied.items():
-            stat = os.stat(target)  # as the sync stamps local files: it is on the mirror, not sent back
-            self.uploader.plain_stamps[key] = (stat.st_size, stat.st_mtime)
+            self.uploader.stamp(key, os.stat(target))  # it is on the mirror: not sent back
         return len(copied)
 
     def _download_once(self, name: str, entry: Entry, local_path: str, journal: Callable[[str, Entry], None]) -> bool:
@@ -297,7 +296,7 @@ class Mirror:
             self._pending = True
             self._cond.notify_all()
             done = self._cond.wait_for(lambda: self._finished >= target, timeout=timeout_s)
-            return done and self._last_ok and not self.uploader.queue
+            return done and self._last_ok and not self.uploader.queued()
 
     def stop(self) -> None:
         """Stop the worker, then give the lease back (the session is over: the next one needs no take-over)."""
@@ -317,8 +316,8 @@ class Mirror:
                             "over once its heartbeat is old", err)  # fmt: skip
 
     def status(self, local_episode: int) -> MirrorStatus:
-        remote = self.uploader.remote.newest_episode() if self.uploader.remote is not None else -1
-        behind = bool(self.uploader.queue) or not self._last_ok or remote < local_episode
+        remote = self.uploader.newest_episode()
+        behind = self.uploader.queued() or not self._last_ok or remote < local_episode
         return MirrorStatus(join(self.root, ""), local_episode, remote, behind, self.failures, self.superseded_by())
 
     def _start_worker(self) -> None:

@@ -256,7 +256,7 @@ class RunStore:
             self._folder().expect_best(save.name, metric)
         self._queue(save, checkpoint)
 
-    def _accept(self, checkpoint: dict[str, Any], path: str, save: Save | None) -> None:
+    def accept(self, checkpoint: dict[str, Any], path: str, save: Save | None) -> None:
         """From Lightning (rank 0, training thread): serialize the state that :meth:`save` asked for."""
         if save is None or os.path.abspath(path) != checkpoint_path(self.checkpoint_dir, save.name):
             _refuse_foreign_save(path, self.checkpoint_dir)
@@ -378,7 +378,7 @@ class StoreCheckpointIO(CheckpointIO):
         self, checkpoint: dict[str, Any], path: str | os.PathLike[str], storage_options: Any | None = None
     ) -> None:
         save = storage_options if isinstance(storage_options, Save) else None
-        self.store._accept(checkpoint, os.fspath(path), save)
+        self.store.accept(checkpoint, os.fspath(path), save)
 
     @override
     def load_checkpoint(

@@ -70,7 +70,7 @@ class Uploader:
         self.lease, self.top_k, self.retry, self.supersede = lease, top_k, retry, supersede
         self.remote: Manifest | None = None  # the mirror's manifest as last read or written
         self.queue: dict[str, Entry | None] = {}  # name -> entry to upload, or None to remove
-        self.plain_stamps: dict[str, tuple[int, float | None]] = {}
+        self._plain_stamps: dict[str, tuple[int, float | None]] = {}
         self._made_dirs: set[str] = set()
         # Progress a failed attempt keeps for the retry: files sent and verified but not yet listed, and the
         # replacements journalled in the mirror's manifest.
@@ -105,6 +105,26 @@ class Uploader:
                 except Superseded as superseded:  # taken over since this session's lease: it trains on, unsent
                     self.supersede(superseded)
         return Manifest(dict(self.remote.files))
+
+    @property
+    def opened(self) -> bool:
+        return self.remote is not None
+
+    def forget(self) -> None:
+        """The mirror's manifest changed since it was read: the next :meth:`open` reads it again."""
+        self.remote = None
+
+    def newest_episode(self) -> int:
+        """The newest episode the mirror lists, as this session knows it; -1 before it is read."""
+        return self.remote.newest_episode() if self.remote is not None else -1
+
+    def queued(self) -> bool:
+        """Whether anything is still to be sent or removed."""
+        return bool(self.queue)
+
+    def stamp(self, key: str, stat: os.stat_result) -> None:
+        """``key`` (``logs/…``) is on the mirror as the local file ``stat`` describes: not sent until it changes."""
+        self._plain_stamps[key] = (stat.st_size, stat.st_mtime)
 
     def reconcile(self, local: dict[str, Entry]) -> None:
         """Queue every local checkpoint the mirror lacks (or holds older)."""
@@ -277,7 +297,7 @@ class Uploader:
                 continue
             key = f"{folder}/{relative}"
             stamp = (int(info["size"]), info.get("mtime"))  # taken before reading: a later append is copied next time
-            if self.plain_stamps.get(key) == stamp:
+            if self._plain_stamps.get(key) == stamp:
                 continue
             try:
                 source = open(path, "rb")
@@ -285,7 +305,7 @@ class Uploader:
                 continue  # removed locally meanwhile
             with source:
                 self._upload(source, join(self.root, key), expected=None)
-            self.plain_stamps[key] = stamp
+            self._plain_stamps[key] = stamp
 
     def _upload(self, source: IO[bytes], remote_path: str, expected: Entry | None) -> None:
         """Stream ``source`` to ``remote_path`` atomically; with ``expected``, abort unless the bytes match it."""
