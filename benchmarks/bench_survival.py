@@ -589,7 +589,7 @@ def lease_variant(root: str, variant: str, syncs: int) -> dict[str, Any]:
     mirror = store._mirror  # the benchmark compares a sync with and without the lease's part of it
     assert mirror is not None
     if variant == "without the lease's checks":
-        mirror._check_owner = lambda: None  # type: ignore[method-assign]
+        mirror.uploader._check_owner = lambda: None  # type: ignore[method-assign]
         mirror.lease.check = lambda: None  # type: ignore[method-assign]  # also the one before each write lands
         mirror.lease.heartbeat = lambda force=False: None  # type: ignore[method-assign]
     store.flush(60)

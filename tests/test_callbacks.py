@@ -221,21 +221,21 @@ def test_last_checkpoint_is_written_once_per_episode_and_copies_a_new_best(tmp_p
     # At 2 and 6 the state waits one episode for its proof (the next loss); at 4 and 8 last.ckpt waits for the
     # validation, and the best checkpoint is a copy of it, made by the writer thread.
     import atheria_lightning.module as module
-    import atheria_lightning.store as store_module
+    from atheria_lightning.store.writer import Writer
 
     writes: list[tuple[str, str]] = []
-    write_file, copy = store_module.RunStore._write, store_module.RunStore._copy
+    write_file, copy = Writer._write, Writer._copy
 
-    def recorded_write(self, request, data) -> None:
-        writes.append((request.name, f"save@{request.episode}"))
-        write_file(self, request, data)
+    def recorded_write(self, save, data) -> None:
+        writes.append((save.name, f"save@{save.episode}"))
+        write_file(self, save, data)
 
     def recorded_copy(self, source: str, target: str, episode: int, metric: float) -> None:
         writes.append((target, f"copy of {source}@{episode}"))
         copy(self, source, target, episode, metric)
 
-    monkeypatch.setattr(store_module.RunStore, "_write", recorded_write)
-    monkeypatch.setattr(store_module.RunStore, "_copy", recorded_copy)
+    monkeypatch.setattr(Writer, "_write", recorded_write)
+    monkeypatch.setattr(Writer, "_copy", recorded_copy)
     falling = iter(range(1000, 0, -1))
     real_metric = module.combined_metric
     monkeypatch.setattr(module, "combined_metric", lambda parts: real_metric(parts) * 0 + next(falling))

@@ -19,7 +19,9 @@ from atheria_lightning.errors import ConfigError
 from atheria_lightning.module import QCAModule
 from atheria_lightning.store import RunStore
 from atheria_lightning.store import mirror as mirror_module
-from atheria_lightning.store import run_store as store_module
+from atheria_lightning.store import writer as writer_module
+from atheria_lightning.store.uploader import Uploader
+from atheria_lightning.store.writer import Folder
 
 
 def listed(folder: Path) -> dict[str, dict]:
@@ -51,12 +53,12 @@ def test_disk_full_during_a_save_is_loud_and_keeps_the_previous_checkpoint(
         handle.write(b"partial")  # the write gets somewhere, then the device is full
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(store_module.torch, "save", full_disk)
+    monkeypatch.setattr(writer_module.torch, "save", full_disk)
     capsys.readouterr()
     assert main(demo_args(tmp_path, episodes=12, val_every=3, mirror=False)) == 1
     err = capsys.readouterr().err
     assert "no space left" in err and "previous checkpoints are intact" in err
-    monkeypatch.setattr(store_module.torch, "save", real_save)
+    monkeypatch.setattr(writer_module.torch, "save", real_save)
 
     after = listed(folder)
     assert after == before, "the manifest still lists exactly the previous checkpoints"
@@ -226,13 +228,13 @@ def test_a_background_write_saves_the_state_of_the_moment_training_asked_for_it(
     import threading
 
     release = threading.Event()
-    real_atomic_write = store_module.atomic_write
+    real_atomic_write = writer_module.atomic_write
 
     def slow_atomic_write(*args, **kwargs):
         release.wait(timeout=20.0)
         return real_atomic_write(*args, **kwargs)
 
-    monkeypatch.setattr(store_module, "atomic_write", slow_atomic_write)
+    monkeypatch.setattr(writer_module, "atomic_write", slow_atomic_write)
     store = RunStore(tmp_path)
     weights = torch.zeros(4)
     store.write_checkpoint({"state_dict": {"w": weights}}, "last", 3)
@@ -244,9 +246,11 @@ def test_a_background_write_saves_the_state_of_the_moment_training_asked_for_it(
     assert "last.ckpt" in listed(tmp_path / "checkpoints")
 
 
-def _die_at_manifest_write(monkeypatch: pytest.MonkeyPatch, target: object, nth: int, error: BaseException) -> None:
-    """The ``nth`` manifest write through ``target._write_manifest`` dies with ``error`` (a kill stand-in)."""
-    real = target._write_manifest
+def _die_at_manifest_write(
+    monkeypatch: pytest.MonkeyPatch, target: object, method: str, nth: int, error: BaseException
+) -> None:
+    """The ``nth`` manifest write through ``target.<method>`` dies with ``error`` (a kill stand-in)."""
+    real = getattr(target, method)
     calls = {"n": 0}
 
     def dying(self, *args):
@@ -255,7 +259,7 @@ def _die_at_manifest_write(monkeypatch: pytest.MonkeyPatch, target: object, nth:
             raise error
         return real(self, *args)
 
-    monkeypatch.setattr(target, "_write_manifest", dying)
+    monkeypatch.setattr(target, method, dying)
 
 
 def test_a_kill_between_replacing_last_ckpt_and_listing_it_still_resumes_from_it(
@@ -264,7 +268,7 @@ def test_a_kill_between_replacing_last_ckpt_and_listing_it_still_resumes_from_it
     store = RunStore(tmp_path, async_write=False)
     store.write_checkpoint(state(0.0), "last", 10)
     # The journal (pending entry) is written before the rename; the write after it, which lists the file, dies.
-    _die_at_manifest_write(monkeypatch, RunStore, 2, KeyboardInterrupt("SIGKILL stand-in"))
+    _die_at_manifest_write(monkeypatch, Folder, "write_manifest", 2, KeyboardInterrupt("SIGKILL stand-in"))
     with pytest.raises(KeyboardInterrupt):
         store.write_checkpoint(state(1.0), "last", 20)
     monkeypatch.undo()
@@ -287,7 +291,7 @@ def test_a_mirror_killed_between_moving_last_ckpt_and_listing_it_still_serves_a_
     assert store.flush(10)
     store.write_checkpoint(state(1.0), "last", 20)
     # After the journal and the move, the mirror dies before its final manifest.
-    _die_at_manifest_write(monkeypatch, mirror_module.Mirror, 2, OSError(errno.EIO, "connection lost"))
+    _die_at_manifest_write(monkeypatch, Uploader, "_write_manifest", 2, OSError(errno.EIO, "connection lost"))
     assert not store.flush(10)
     monkeypatch.undo()
     store.close()

@@ -27,7 +27,7 @@ from atheria_lightning.errors import ConfigError
 from atheria_lightning.files import sha256_of
 from atheria_lightning.module import QCAModule
 from atheria_lightning.store import RunStore, remote_run_dir
-from atheria_lightning.store import mirror as mirror_module
+from atheria_lightning.store import uploader as uploader_module
 
 
 class FlakyMemoryFileSystem(MemoryFileSystem):
@@ -282,7 +282,7 @@ def test_a_checkpoint_replaced_during_a_slow_sync_is_sent_as_it_was_queued(
     every sync. The sync sends the state it queued; it is not refused as changed at every sync, never listed."""
     store, fs, remote = mirrored_then_saved(run_dir, mirror_root)
     queued = json.loads((run_dir / "checkpoints" / "MANIFEST.json").read_text())["files"]["last.ckpt"]
-    last, real_write = run_dir / "checkpoints" / "last.ckpt", mirror_module.write_manifest
+    last, real_write = run_dir / "checkpoints" / "last.ckpt", uploader_module.write_manifest
 
     def the_next_episode_lands_during_the_journal(side: Any, manifest: Any, before_replace: Any = None) -> None:
         if "last.ckpt" in manifest.pending:
@@ -291,7 +291,7 @@ def test_a_checkpoint_replaced_during_a_slow_sync_is_sent_as_it_was_queued(
             os.replace(newer, last)  # as the store replaces it
         real_write(side, manifest, before_replace)
 
-    monkeypatch.setattr(mirror_module, "write_manifest", the_next_episode_lands_during_the_journal)
+    monkeypatch.setattr(uploader_module, "write_manifest", the_next_episode_lands_during_the_journal)
     assert store.flush(10)
     listed = manifest_at(fs, f"{remote}/checkpoints")["last.ckpt"]
     assert listed["episode"] == 14 and listed["sha256"] == queued["sha256"]

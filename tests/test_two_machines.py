@@ -32,6 +32,7 @@ from atheria_lightning.cli import main
 from atheria_lightning.store import RunStore
 from atheria_lightning.store.lease import LEASE_FOLDER, STALE_AFTER_S, Lease, lease_name
 from atheria_lightning.store.mirror import Mirror
+from atheria_lightning.store.uploader import Uploader
 
 EXPERIMENT = "demo"
 
@@ -389,16 +390,16 @@ def test_a_kill_during_an_upload_keeps_the_new_best_files_ranked(
     offline.close()
     # Its next start sends what the mirror lacks (the best files first, then last.ckpt) and is killed right after
     # the mirror's last.ckpt was replaced, before the manifest lists any of them.
-    real_upload, killed = Mirror._upload_checkpoint, threading.Event()
+    real_upload, killed = Uploader._upload_checkpoint, threading.Event()
 
-    def killed_after_last(self: Mirror, name: str, entry: Any, source: Any) -> bool:
+    def killed_after_last(self: Uploader, name: str, entry: Any, source: Any) -> bool:
         sent = real_upload(self, name, entry, source)
         if name == "last.ckpt":
             killed.set()
             raise Killed
         return sent
 
-    monkeypatch.setattr(Mirror, "_upload_checkpoint", killed_after_last)
+    monkeypatch.setattr(Uploader, "_upload_checkpoint", killed_after_last)
     monkeypatch.setattr(threading, "excepthook", lambda args: None)  # the "killed" thread dies quietly
     store = RunStore(tmp_path / "a" / EXPERIMENT)
     store.set_mirror(str(tmp_path / "mirror"))
@@ -427,9 +428,9 @@ def test_a_start_that_meets_the_last_upload_of_the_session_it_took_over_from_rea
     mirror_run = _mirrored_run(tmp_path)  # last.ckpt of episode 6 on the mirror
     machine_a = str(tmp_path / "a" / EXPERIMENT)
     checked, go, uploaded = threading.Event(), threading.Event(), threading.Event()
-    real_upload, real_open = Mirror._upload_checkpoint, Mirror.open
+    real_upload, real_open = Uploader._upload_checkpoint, Mirror.open
 
-    def held_upload(self: Mirror, name: str, entry: Any, source: Any) -> bool:
+    def held_upload(self: Uploader, name: str, entry: Any, source: Any) -> bool:
         if self.run_dir != machine_a or name != "last.ckpt":
             return real_upload(self, name, entry, source)
         real_check = self.lease.check
@@ -453,7 +454,7 @@ def test_a_start_that_meets_the_last_upload_of_the_session_it_took_over_from_rea
             assert uploaded.wait(30)
         return remote
 
-    monkeypatch.setattr(Mirror, "_upload_checkpoint", held_upload)
+    monkeypatch.setattr(Uploader, "_upload_checkpoint", held_upload)
     monkeypatch.setattr(Mirror, "open", open_then_race)
     a = RunStore(machine_a)
     a.set_mirror(str(tmp_path / "mirror"))

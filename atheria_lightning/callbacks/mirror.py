@@ -137,11 +137,13 @@ class MirrorSync(UsesRunStore, Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        require(self.store is not None, "MirrorSync needs the run's RunStore: AtheriaCLI passes it, or call use_store")
+        store = self.store
+        require(store is not None, "MirrorSync needs the run's RunStore: AtheriaCLI passes it, or call use_store")
+        assert store is not None
         problem = None
         if trainer.is_global_zero:
             try:
-                self.store.start_mirror()  # type: ignore[union-attr]
+                store.start_mirror()
             except ConfigError as err:
                 problem = str(err)
         # Decided on rank 0 and shared, so every rank stops together on an unreachable mirror.

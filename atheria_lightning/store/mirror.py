@@ -1,62 +1,44 @@
-"""The run's copy on a mirror (a Drive folder, a bucket): its queue of uploads, the thread that sends them, and its
-manifest as this process last wrote it."""
+"""The run's copy on a mirror (a Drive folder, a bucket): where it is, this session's lease on it, the thread that
+sends the queue (:mod:`~atheria_lightning.store.uploader`), and what a start downloads from it."""
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import logging
 import os
-import posixpath
-import random
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import IO, Any
+from typing import Any
 
 import fsspec
 from fsspec import AbstractFileSystem
 from fsspec.core import url_to_fs
-from fsspec.implementations.local import LocalFileSystem
 from fsspec.registry import known_implementations
 from fsspec.utils import get_protocol
 
 from atheria_lightning.errors import ConfigError, require
-from atheria_lightning.files import TMP_MARKER, atomic_write, copy_measured, join, tmp_path_for, verify
-from atheria_lightning.store import retention
+from atheria_lightning.files import TMP_MARKER, join
 from atheria_lightning.store.lease import HEARTBEAT_S, Holder, Lease, Superseded
 from atheria_lightning.store.manifest import (
-    BEYOND_TOP_K,
     CHECKPOINTS,
     QUARANTINE,
     DamagedManifest,
     Entry,
     Manifest,
     Side,
-    adopt_unlisted,
-    episode_in,
     read_as_is,
-    read_or_rebuild,
-    same,
-    settle,
-    write_manifest,
 )
+from atheria_lightning.store.retry import Retry
+from atheria_lightning.store.transfer import copy_plain_files, download_verified
+from atheria_lightning.store.uploader import Uploader
 
 log = logging.getLogger(__name__)
 
-#: Errors of a mirror's layout, not of its connection: a file where a folder should be (the lease's, a
-#: checkpoint's), or the other way round. They stay until a person moves what is in the way.
-IN_THE_WAY: tuple[type[OSError], ...] = (FileExistsError, NotADirectoryError, IsADirectoryError)
-
-#: Folders copied to the mirror file by file when their size or mtime changed; checkpoints go through the queue.
-PLAIN_FOLDERS = ("logs", "exports")
 #: Protocols named in the error for an unknown one: the ones this app is used with.
 COMMON_PROTOCOLS = ("a plain folder", "file://", "memory://", "s3://", "gs://", "gcs://", "sftp://")
 #: Optional dependency groups of atheria_lightning that provide a protocol's filesystem.
 EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs"}
-#: Marks "not queued" apart from ``None`` (queued for removal) in the mirror's queue.
-_NOTHING = object()
 #: After a bounded flush the mirror worker is idle or stuck in a hung upload; waiting longer would not help.
 JOIN_TIMEOUT_S = 5.0
 
@@ -129,21 +111,16 @@ class MirrorChanged(FileNotFoundError):
     """A file the mirror's manifest listed when it was read is gone or replaced: read the manifest again."""
 
 
-class _LocalFileChanged(Exception):
-    """The local file no longer matches the entry it was queued with (replaced or removed since)."""
-
-
 class Mirror:
-    """The run's copy on a mirror: a queue of what to send, a worker thread that sends it, and the mirror's manifest.
-
-    What the mirror holds is known from its manifest, read once at the start and then kept by this object, the
-    only writer; each local write or removal is queued here by name, the newest entry winning.
+    """The run's copy on a mirror: this session's lease, the worker thread that sends the :class:`Uploader`'s queue,
+    and the downloads of a start.
 
     Args:
         run_dir: The local run folder (its ``checkpoints/``, ``logs/`` and ``exports/`` are sent).
         wait_for_writes: Waits (bounded) for the local writes already queued, so that their entries are queued here.
         top_k: How many best checkpoints the mirror keeps (asked at each sync: the run's setting may come later).
         url: ``mirror_url``, for messages; ``fs`` and ``root`` are its filesystem and the run's folder there.
+        retry: The one retry policy of every mirror operation.
     """
 
     def __init__(
@@ -155,34 +132,21 @@ class Mirror:
         fs: AbstractFileSystem,
         root: str,
         flush_timeout_s: float,
-        max_retries: int,
-        backoff_s: float,
+        retry: Retry,
         clock: Callable[[], float],
-        sleep: Callable[[float], Any],
     ) -> None:
         self.run_dir, self.wait_for_writes, self.top_k = run_dir, wait_for_writes, top_k
         self.url, self.fs, self.root = url, fs, root.rstrip("/")
-        self.flush_timeout_s, self.max_retries, self.backoff_s = flush_timeout_s, max_retries, backoff_s
-        self.clock, self.sleep = clock, sleep
+        self.flush_timeout_s, self.retry, self.clock = flush_timeout_s, retry, clock
         self.side = Side(fs, join(self.root, CHECKPOINTS), "mirror")
         self.lease = Lease(fs, self.root, url)
         #: Set once a later session has taken the mirror over; nothing is uploaded after that.
         self.superseded: Superseded | None = None
-        self.remote: Manifest | None = None  # the mirror's manifest as last read or written
-        self.queue: dict[str, Entry | None] = {}  # name -> entry to upload, or None to remove
+        self.uploader = Uploader(run_dir, self.side, self.root, self.lease, top_k, retry, self._supersede)
         self.failures = 0
         self.syncs_ended = 0
         self.last_sync_seconds = 0.0
         self._connected = False
-        self._plain_stamps: dict[str, tuple[int, float | None]] = {}
-        self._made_dirs: set[str] = set()
-        # Progress a failed attempt keeps for the retry: files sent and verified but not yet listed, and the
-        # replacements journalled in the mirror's manifest.
-        self._verified: dict[str, Entry] = {}
-        self._journalled: dict[str, Entry] = {}
-        self._rewrite = False  # the mirror's manifest must be written again, even if this session's view is unchanged
-        self._beyond: dict[str, str] = {}  # best files this session set aside beyond top_k -> where they went
-        self._queue_lock = threading.Lock()
         self._sync_lock = threading.Lock()
         self._cond = threading.Condition()
         self._pending = False
@@ -198,7 +162,7 @@ class Mirror:
         if self._connected:
             return
         try:
-            self._retrying(self._probe)
+            self.retry(self._probe)
         except Exception as err:
             raise ConfigError(f"mirror_url={self.url!r} is not reachable: cannot write {self.root} ({err})") from err
         self._connected = True
@@ -211,12 +175,12 @@ class Mirror:
             return None
         try:
             # Not there (a new mirror) or damaged: no retry changes that, and a new mirror must not wait for one.
-            at_least = self._retrying(lambda: read_as_is(self.side), give_up=(FileNotFoundError, DamagedManifest))
+            at_least = self.retry(lambda: read_as_is(self.side), give_up=(FileNotFoundError, DamagedManifest))
             at_least = at_least.generation
         except (OSError, DamagedManifest):  # none yet, or damaged: the lease files alone number the sessions
             at_least = 0
         try:
-            return self._retrying(lambda: self.lease.acquire(take_over, at_least), give_up=(ConfigError,))
+            return self.retry(lambda: self.lease.acquire(take_over, at_least), give_up=(ConfigError,))
         except ConfigError:
             raise
         except Exception as err:  # e.g. a file where the lease folder should be: nothing trains without the lease
@@ -239,40 +203,18 @@ class Mirror:
         self.fs.pipe_file(probe, b"ok")
         self.fs.rm(probe)
 
+    @property
+    def opened(self) -> bool:
+        """Whether this session has read the mirror's manifest (at its start, or at its first sync)."""
+        return self.uploader.opened
+
     def open(self) -> Manifest:
         """Read the mirror's manifest (rebuilt from its files when damaged; unlisted files adopted), once."""
-        if self.remote is None:
-            remote, changed = self._retrying(lambda: read_or_rebuild(self.side))
-            sizes = self.side.sizes()
-            journal = dict(remote.pending)
-            # A pending entry is a replacement the mirror was killed in: whichever entry the file matches wins.
-            changed |= settle(remote, lambda name, entry: sizes.get(name) == entry.size
-                             and verify(self.fs, join(self.side.folder, name), entry.size, entry.sha256))  # fmt: skip
-            # One that matches nothing yet stays journalled until this session's first sync: the session taken over
-            # from may be past its last check, its file about to land (a download then reads the manifest again).
-            remote.pending = {name: entry for name, entry in journal.items() if remote.files.get(name) != entry}
-            for name, entry in list(remote.files.items()):
-                if sizes.get(name) != entry.size:
-                    log.warning("mirror %s/%s is missing or not the size MANIFEST.json says: not trusted",
-                                self.side.folder, name)  # fmt: skip
-                    del remote.files[name]
-            changed |= adopt_unlisted(remote, self.side)
-            self.remote = remote
-            if changed:
-                try:
-                    self._write_manifest(remote)
-                except Superseded as superseded:  # taken over since this session's lease: it trains on, unsent
-                    self._supersede(superseded)
-        return Manifest(dict(self.remote.files))
+        return self.uploader.open()
 
     def reconcile(self, local: dict[str, Entry]) -> None:
         """Queue every local checkpoint the mirror lacks (or holds older), then ask for a sync at once."""
-        assert self.remote is not None
-        with self._queue_lock:
-            for name, entry in local.items():
-                theirs = self.remote.files.get(name)
-                if not same(theirs, entry):
-                    self.queue[name] = entry
+        self.uploader.reconcile(local)
         self.request()
 
     def download(self, name: str, entry: Entry, local_path: str, journal: Callable[[str, Entry], None]) -> bool:
@@ -283,8 +225,8 @@ class Mirror:
         older local state would later replace the mirror's newer file.
         """
         try:
-            matched = self._retrying(lambda: self._download_once(name, entry, local_path, journal),
-                                     give_up=(FileNotFoundError,))  # fmt: skip
+            matched = self.retry(lambda: self._download_once(name, entry, local_path, journal),
+                                give_up=(FileNotFoundError,))  # fmt: skip
         except FileNotFoundError as err:
             # Listed when the manifest was read, gone now: the caller reads the manifest again.
             raise MirrorChanged(f"{name} vanished from the mirror while this start read it ({err})") from err
@@ -301,10 +243,7 @@ class Mirror:
         if not matched:
             log.warning("mirror %s/%s does not match its MANIFEST.json entry (bytes or episode): not downloaded, "
                         "moved to the mirror's %s/", self.side.folder, name, QUARANTINE)  # fmt: skip
-            assert self.remote is not None
-            self.remote.files.pop(name, None)
-            self._write_manifest(self.remote)
-            self.side.quarantine(name)
+            self.uploader.drop(name)
         return matched
 
     def _listing_changed(self, name: str, entry: Entry) -> bool:
@@ -317,7 +256,7 @@ class Mirror:
 
     def reread(self) -> Manifest:
         """Read the mirror's manifest again (it changed since :meth:`open`: a file it listed is gone)."""
-        self.remote = None
+        self.uploader.forget()
         return self.open()
 
     def download_plain_folders(self) -> int:
@@ -327,10 +266,9 @@ class Mirror:
         run's whole history (see :func:`copy_plain_files` for what is skipped). A failure costs the history, not the
         training: it is one warning.
         """
-        copied = copy_plain_files(self.fs, self.root, self.run_dir, retrying=self._retrying)
+        copied = copy_plain_files(self.fs, self.root, self.run_dir, retrying=self.retry)
         for key, target in copied.items():
-            stat = os.stat(target)  # as the sync stamps local files: it is on the mirror, not sent back
-            self._plain_stamps[key] = (stat.st_size, stat.st_mtime)
+            self.uploader.stamp(key, os.stat(target))  # it is on the mirror: not sent back
         return len(copied)
 
     def _download_once(self, name: str, entry: Entry, local_path: str, journal: Callable[[str, Entry], None]) -> bool:
@@ -338,8 +276,7 @@ class Mirror:
 
     # -- queue and worker --
     def enqueue(self, name: str, entry: Entry | None) -> None:
-        with self._queue_lock:
-            self.queue[name] = entry
+        self.uploader.enqueue(name, entry)
 
     def request(self) -> None:
         self._start_worker()
@@ -359,7 +296,7 @@ class Mirror:
             self._pending = True
             self._cond.notify_all()
             done = self._cond.wait_for(lambda: self._finished >= target, timeout=timeout_s)
-            return done and self._last_ok and not self.queue
+            return done and self._last_ok and not self.uploader.queued()
 
     def stop(self) -> None:
         """Stop the worker, then give the lease back (the session is over: the next one needs no take-over)."""
@@ -379,8 +316,8 @@ class Mirror:
                             "over once its heartbeat is old", err)  # fmt: skip
 
     def status(self, local_episode: int) -> MirrorStatus:
-        remote = self.remote.newest_episode() if self.remote is not None else -1
-        behind = bool(self.queue) or not self._last_ok or remote < local_episode
+        remote = self.uploader.newest_episode()
+        behind = self.uploader.queued() or not self._last_ok or remote < local_episode
         return MirrorStatus(join(self.root, ""), local_episode, remote, behind, self.failures, self.superseded_by())
 
     def _start_worker(self) -> None:
@@ -438,7 +375,7 @@ class Mirror:
             started = self.clock()
             try:
                 self.connect()
-                self._retrying(self._sync_attempt, give_up=(Superseded,))
+                self.retry(self._sync_attempt, give_up=(Superseded,))
             except Superseded as superseded:
                 self._supersede(superseded)
                 return False
@@ -446,317 +383,13 @@ class Mirror:
                 self.failures += 1
                 self.syncs_ended += 1
                 log.warning("mirror sync to %s failed after %d retries (%d failures so far): %s",
-                            self.root, self.max_retries, self.failures, err)  # fmt: skip
+                            self.root, self.retry.max_retries, self.failures, err)  # fmt: skip
                 return False
             self.last_sync_seconds = self.clock() - started
             self.syncs_ended += 1
             return True
 
     def _sync_attempt(self) -> None:
-        if self.remote is None:
+        if not self.opened:
             self.open()
-        self._check_owner()
-        self._sync_checkpoints()
-        for folder in PLAIN_FOLDERS:
-            self._sync_plain_folder(folder)
-        self.lease.heartbeat()
-
-    def _check_owner(self) -> None:
-        """Before anything is replaced: raise :class:`Superseded` when a later session holds the lease or wrote the
-        manifest; take the manifest as the mirror has it now when another writer changed it meanwhile."""
-        self.lease.check()
-        try:
-            fresh = read_as_is(self.side)
-        except FileNotFoundError:
-            return  # nothing listed yet (or removed by a person): this session's view stands
-        except DamagedManifest:
-            return  # rewritten from this session's view at the end of this sync
-        if fresh.generation > self.lease.generation:
-            raise Superseded(None, fresh.generation)
-        assert self.remote is not None
-        if fresh.generation < self.lease.generation and fresh.files != self.remote.files:
-            self._heal_late_write()
-        elif fresh.files != self.remote.files:
-            log.warning("mirror %s: MANIFEST.json was changed by another writer since this session wrote it; "
-                        "continuing from what it lists now (no upload replaces a newer episode)",
-                        self.side.folder)  # fmt: skip
-            self.remote = Manifest(dict(fresh.files))
-
-    def _heal_late_write(self) -> None:
-        """A superseded session's write that was under way when this session took the lease landed afterwards
-        (no object store offers a write conditional on another file): this session's view stands, and every file it
-        lists whose bytes that write replaced is sent again."""
-        assert self.remote is not None
-        replaced = [name for name, entry in self.remote.files.items()
-                    if not verify(self.fs, join(self.side.folder, name), entry.size, entry.sha256)]  # fmt: skip
-        log.warning("mirror %s: a superseded session wrote MANIFEST.json after this session took the lease; "
-                    "listing this session's files again%s", self.side.folder,
-                    f", sending {', '.join(replaced)} again" if replaced else "")  # fmt: skip
-        with self._queue_lock:
-            for name in replaced:
-                self.queue.setdefault(name, self.remote.files.pop(name))
-        self._rewrite = True
-
-    def _sync_checkpoints(self) -> None:
-        assert self.remote is not None
-        with self._queue_lock:
-            batch = dict(self.queue)
-        uploads = {name: entry for name, entry in batch.items()
-                   if entry is not None and not same(self.remote.files.get(name), entry)}  # fmt: skip
-        older = self._older_than_the_mirror(uploads)
-        uploads = {name: entry for name, entry in uploads.items() if name not in older}
-        changed = []
-        with contextlib.ExitStack() as held:
-            # Each file is opened now, as queued: the store replaces files by rename, so what is read is the queued
-            # state even when a newer one lands during this sync. Opened after the journal, last.ckpt of a run that
-            # saves every episode would be newer than its entry at every sync on a slow mirror, and never be listed.
-            sources = {name: held.enter_context(source) for name in uploads
-                       if (source := self._open_local(name)) is not None}  # fmt: skip
-            if uploads and uploads != self._journalled:  # a retry finds its journal already written
-                # Every file about to be sent is journalled first: a kill after a move still leaves files that
-                # verify against their pending entry, which the next start lists (with their metric) instead of
-                # setting aside.
-                self._write_manifest(Manifest(dict(self.remote.files), dict(uploads)))
-                self._journalled = dict(uploads)
-            for name, entry in uploads.items():
-                if same(self._verified.get(name), entry):
-                    continue  # sent and verified by an earlier attempt of this sync
-                self.lease.heartbeat()  # a long upload to a slow Drive must not look like a session that is gone
-                self._verified.pop(name, None)  # from the move into place until verified, its content is unknown
-                if name in sources and self._upload_checkpoint(name, entry, sources[name]):
-                    self._verified[name] = entry
-                else:
-                    changed.append(name)
-        listed = dict(self.remote.files)
-        listed.update({name: entry for name, entry in uploads.items() if name not in changed})
-        removed = [name for name, entry in batch.items() if entry is None and listed.pop(name, None) is not None]
-        kept = Manifest(listed)
-        beyond = retention.beyond_top_k(kept.files, self.top_k())  # the mirror keeps top_k, whatever it held
-        for name in beyond:
-            del kept.files[name]
-        if kept.files != self.remote.files or self._journalled or self._rewrite:
-            self._write_manifest(kept)
-        self.remote, self._journalled, self._rewrite = kept, {}, False
-        for name in kept.files:
-            self._verified.pop(name, None)
-        # Only after the manifest that no longer lists them. What the mirror held beyond top_k (a lower top_k than
-        # an earlier session's) is set aside; a later removal by the local retention deletes it there.
-        for name in beyond:
-            self._beyond[name] = self.side.set_aside(name, BEYOND_TOP_K)
-        if beyond:
-            log.warning("mirror %s: %d best checkpoint(s) beyond top_k=%d moved to %s/, not deleted: %s",
-                        self.side.folder, len(beyond), self.top_k(), BEYOND_TOP_K,
-                        ", ".join(sorted(beyond)))  # fmt: skip
-        removed += [name for name, entry in batch.items() if entry is None and name in self._beyond]
-        for name in removed:
-            try:
-                self.fs.rm(self._beyond.pop(name, None) or join(self.side.folder, name))
-            except FileNotFoundError:
-                pass
-        with self._queue_lock:  # done with, unless a newer write queued the name again meanwhile
-            for name, entry in batch.items():
-                if name not in changed and self.queue.get(name, _NOTHING) == entry:
-                    del self.queue[name]
-
-    def _older_than_the_mirror(self, uploads: dict[str, Entry]) -> set[str]:
-        """Names whose upload would replace a newer episode on the mirror: the mirror never goes backwards."""
-        assert self.remote is not None
-        older = set()
-        for name, entry in uploads.items():
-            theirs = self.remote.files.get(name)
-            if theirs is not None and theirs.episode > entry.episode:
-                log.warning("mirror %s/%s holds episode %d, newer than this session's %d: not replaced",
-                            self.side.folder, name, theirs.episode, entry.episode)  # fmt: skip
-                older.add(name)
-        return older
-
-    def _open_local(self, name: str) -> IO[bytes] | None:
-        """The local checkpoint ``name``, open for reading; None when it was removed (retention) since queued."""
-        try:
-            return open(os.path.join(self.run_dir, CHECKPOINTS, name), "rb")
-        except FileNotFoundError:
-            log.debug("mirror: %s was removed locally since it was queued", name)
-            return None
-
-    def _upload_checkpoint(self, name: str, entry: Entry, source: IO[bytes]) -> bool:
-        """Upload and verify one checkpoint from ``source`` (read from its start: a retry reads it again); False
-        when its bytes are not the queued entry's."""
-        target = join(self.side.folder, name)
-        source.seek(0)
-        try:
-            self._upload(source, target, entry)
-        except _LocalFileChanged as err:
-            log.debug("mirror: %s changed locally since it was queued; its newer entry follows (%s)", name, err)
-            return False
-        if not verify(self.fs, target, entry.size, entry.sha256):
-            raise OSError(f"{target}: size or sha256 differs from MANIFEST.json after upload")
-        return True
-
-    def _sync_plain_folder(self, folder: str) -> None:
-        local_fs, local_dir = LocalFileSystem(), os.path.join(self.run_dir, folder)
-        try:
-            infos = local_fs.find(local_dir, detail=True)
-        except FileNotFoundError:
-            return
-        for path, info in sorted(infos.items()):
-            relative = posixpath.relpath(path, local_dir)
-            if info.get("type") != "file" or TMP_MARKER in posixpath.basename(path):
-                continue
-            key = f"{folder}/{relative}"
-            stamp = (int(info["size"]), info.get("mtime"))  # taken before reading: a later append is copied next time
-            if self._plain_stamps.get(key) == stamp:
-                continue
-            try:
-                source = open(path, "rb")
-            except FileNotFoundError:
-                continue  # removed locally meanwhile
-            with source:
-                self._upload(source, join(self.root, key), expected=None)
-            self._plain_stamps[key] = stamp
-
-    def _upload(self, source: IO[bytes], remote_path: str, expected: Entry | None) -> None:
-        """Stream ``source`` to ``remote_path`` atomically; with ``expected``, abort unless the bytes match it."""
-        self._ensure_parent(remote_path)
-        # The lease is checked once more just before the file replaces what is there: a session taken over during a
-        # long upload leaves the successor's file alone.
-        atomic_write(self.fs, remote_path, lambda target: _copy_checked(source, target, expected),
-                     before_replace=lambda _: self.lease.check())  # fmt: skip
-
-    def _ensure_parent(self, remote_path: str) -> None:
-        # Local folders get theirs from atomic_write; object stores have none; others (sftp, webdav) need them.
-        parent = posixpath.dirname(remote_path)
-        if isinstance(self.fs, LocalFileSystem) or parent in self._made_dirs:
-            return
-        self.fs.makedirs(parent, exist_ok=True)
-        self._made_dirs.add(parent)
-
-    def _write_manifest(self, manifest: Manifest) -> None:
-        manifest.generation = self.lease.generation
-        write_manifest(self.side, manifest, before_replace=lambda _: self.lease.check())
-
-    def _retrying(self, attempt: Callable[[], Any], give_up: tuple[type[BaseException], ...] = ()) -> Any:
-        """``attempt()``, retried with backoff; the ``give_up`` errors, and a file or folder where the other should
-        be (:data:`IN_THE_WAY`), are raised at once: no retry changes them."""
-        for retry in range(self.max_retries + 1):
-            try:
-                return attempt()
-            except (*give_up, *IN_THE_WAY):
-                raise
-            except Exception as err:
-                if retry == self.max_retries:
-                    raise
-                # Jitter, so that runs sharing a bucket or a Drive account do not retry in step.
-                delay = self.backoff_s * 2**retry * random.uniform(0.5, 1.5)
-                log.debug("mirror attempt %d failed (%s), retrying in %.1f s", retry + 1, err, delay)
-                self.sleep(delay)
-        return None
-
-
-#: The largest ``logs/`` or ``exports/`` file a start copies from a mirror or a previous version: a long run's
-#: TensorBoard events and exported model stay far below it; a planted (or sparse) giant would fill the disk.
-PLAIN_FILE_LIMIT = 512 * 2**20
-
-
-def plain_files(fs: AbstractFileSystem, folder: str) -> dict[str, dict[str, Any]]:
-    """The regular files under ``folder``, relative to it with ``/`` -> their listing info; links are neither
-    listed nor entered, a missing folder is empty."""
-    try:
-        if fs.info(folder).get("islink"):
-            return {}
-    except FileNotFoundError:
-        return {}
-    found: dict[str, dict[str, Any]] = {}
-    top = None
-    for root, folders, files in fs.walk(folder, detail=True):
-        top = root if top is None else top  # walk is top-down: its first folder is ``folder`` as fs writes it
-        for name in [name for name, info in folders.items() if info.get("islink")]:
-            del folders[name]  # pruned: a link to a folder may lead anywhere
-        found.update({posixpath.relpath(posixpath.join(root, name), top): info for name, info in sorted(files.items())
-                      if info.get("type") == "file" and not info.get("islink")})  # fmt: skip
-    return found
-
-
-def _too_big_or_sparse(fs: AbstractFileSystem, path: str, info: dict[str, Any]) -> str | None:
-    """Why a plain file is not copied, or None: over :data:`PLAIN_FILE_LIMIT`, or sparse (mostly holes: a few
-    blocks on disk that read as gigabytes of zeros)."""
-    size = int(info.get("size") or 0)
-    if isinstance(fs, LocalFileSystem) and size > 2**20:
-        try:
-            blocks = os.stat(path, follow_symlinks=False).st_blocks * 512
-        except (OSError, AttributeError):  # no st_blocks on this platform: the size bound alone
-            blocks = size
-        if blocks < size // 2:
-            return f"a sparse file ({size} bytes listed, {blocks} on disk)"
-    if size > PLAIN_FILE_LIMIT:
-        return f"{size} bytes, over the {PLAIN_FILE_LIMIT // 2**20} MiB copied of a logs/ or exports/ file"
-    return None
-
-
-def copy_plain_files(
-    fs: AbstractFileSystem, source_run: str, run_dir: str, retrying: Callable[[Callable[[], Any]], Any] | None = None
-) -> dict[str, str]:
-    """Copy the files of ``source_run``'s ``logs/`` and ``exports/`` (on ``fs``: a mirror, a previous version's
-    read-only folder) that ``run_dir`` lacks; returns ``"logs/…"`` -> the local path written, for each.
-
-    The source is untrusted: links, temporary files of interrupted writes and anything but regular files are
-    skipped, and no target may resolve outside ``run_dir/<folder>``. A local file is never replaced (this machine
-    wrote it, or a copy is there already). Each copy is atomic, with this process's permissions. A folder that
-    cannot be listed or a file that cannot be read is one warning: the history, not the training, is at stake.
-    ``retrying`` wraps the listing (the mirror's retries for a backend's transient errors).
-    """
-    copied: dict[str, str] = {}
-    for folder in PLAIN_FOLDERS:
-        source_dir, local_dir = join(source_run, folder), os.path.realpath(os.path.join(run_dir, folder))
-        try:
-            listed = functools.partial(plain_files, fs, source_dir)
-            listing = retrying(listed) if retrying is not None else listed()
-        except Exception as err:  # each backend has its own errors for an unreadable folder
-            log.warning("%s: not listed (%s); earlier sessions' %s/ stays there", source_dir, err, folder)
-            continue
-        for relative, info in listing.items():
-            target = os.path.realpath(os.path.join(local_dir, *relative.split("/")))
-            inside = os.path.commonpath([target, local_dir]) == local_dir and target != local_dir
-            if TMP_MARKER in posixpath.basename(relative) or not inside or os.path.lexists(target):
-                continue
-            refused = _too_big_or_sparse(fs, join(source_dir, relative), info)
-            if refused is not None:
-                log.warning("%s/%s: not copied: %s", source_dir, relative, refused)
-                continue
-            try:
-                with fs.open(join(source_dir, relative), "rb") as source:
-                    bounded = functools.partial(copy_measured, source, limit=PLAIN_FILE_LIMIT)
-                    atomic_write(LocalFileSystem(), target, bounded)
-            except Exception as err:  # a history file is not worth failing the start of training
-                log.warning("%s/%s: not copied (%s)", source_dir, relative, err)
-                continue
-            copied[f"{folder}/{relative}"] = target
-    return copied
-
-
-def download_verified(
-    side: Side, name: str, entry: Entry, local_path: str, journal: Callable[[str, Entry], None]
-) -> bool:
-    """Copy ``side``'s checkpoint ``name`` beside ``local_path``, check its size, sha256 and episode against
-    ``entry``, then journal it and move it into place; False (nothing moved, ``side`` untouched) when they differ."""
-    os.makedirs(os.path.dirname(local_path), exist_ok=True)
-    tmp = tmp_path_for(local_path)
-    try:
-        with side.fs.open(join(side.folder, name), "rb") as source, open(tmp, "wb") as target:
-            copied = copy_measured(source, target)
-            target.flush()
-            os.fsync(target.fileno())
-        if not copied.matches(entry.size, entry.sha256) or episode_in(tmp, name) != entry.episode:
-            return False  # the bytes, or the episode the manifest claims for them, are not what it lists
-        journal(name, entry)
-        os.replace(tmp, local_path)
-        return True
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def _copy_checked(source: IO[bytes], target: IO[bytes], expected: Entry | None) -> None:
-    copied = copy_measured(source, target)
-    if expected is not None and not copied.matches(expected.size, expected.sha256):
-        digest = copied.hexdigest()[:12]
-        raise _LocalFileChanged(f"read {copied.size} bytes with sha256 {digest}..., the queued entry says otherwise")
+        self.uploader.sync()

@@ -1,63 +1,35 @@
-"""RunStore: the one owner of a run folder's checkpoints, its manifest, retention, the mirror and the choices."""
+"""RunStore: the one owner of a run folder's checkpoints, its manifest, retention, the mirror and the choices.
+
+A facade: the start of a session is :mod:`~atheria_lightning.store.reconcile`, the writes
+:mod:`~atheria_lightning.store.writer`, the mirror :mod:`~atheria_lightning.store.mirror`. One save reads in three
+files: ``SmartCheckpoint`` asks :meth:`RunStore.save`, whose :class:`Save` travels with Lightning's save to
+:class:`StoreCheckpointIO`, which hands the state to the :class:`~atheria_lightning.store.writer.Writer`; each
+written file goes to the mirror's :class:`~atheria_lightning.store.uploader.Uploader`.
+"""
 
 from __future__ import annotations
 
 import logging
-import math
 import os
-import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, replace
-from io import BytesIO
-from typing import IO, Any
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from fsspec.implementations.local import LocalFileSystem
 from lightning.fabric.plugins import CheckpointIO
-from lightning.fabric.utilities.cloud_io import _load as pl_load
-from lightning.fabric.utilities.types import _PATH
-from lightning_utilities.core.apply_func import apply_to_collection
 from typing_extensions import Self, override
 
-from atheria_lightning.errors import ConfigError, require
-from atheria_lightning.files import MeasuredWriter, atomic_write, copy_measured, remove_stale_tmp, verify
-from atheria_lightning.store import retention
-from atheria_lightning.store.manifest import (
-    BEYOND_TOP_K,
-    CHECKPOINTS,
-    LAST,
-    MANIFEST_NAME,
-    META_KEY,
-    QUARANTINE,
-    Entry,
-    LocalSide,
-    Manifest,
-    adopt_unlisted,
-    best_name,
-    is_checkpoint_name,
-    kind_of,
-    read_or_rebuild,
-    settle,
-    unsound,
-    write_manifest,
-)
-from atheria_lightning.store.mirror import (
-    Mirror,
-    MirrorChanged,
-    MirrorStatus,
-    copy_plain_files,
-    download_verified,
-    remote_run_dir,
-)
-from atheria_lightning.store.previous import examine, find_run_folders, newest_first
+from atheria_lightning.files import atomic_write
+from atheria_lightning.store import reconcile, retention
+from atheria_lightning.store.manifest import CHECKPOINTS, LAST, META_KEY, QUARANTINE, Entry, best_name, unsound
+from atheria_lightning.store.mirror import Mirror, MirrorStatus, remote_run_dir
+from atheria_lightning.store.retry import Retry
+from atheria_lightning.store.writer import Folder, Save, Writer, checkpoint_path, serialized
 
 log = logging.getLogger(__name__)
-
-#: How often a start reads the mirror's manifest again when listed files vanish under it before giving up.
-VANISHED_REREADS = 3
 
 
 @dataclass(frozen=True)
@@ -70,14 +42,6 @@ class Checkpoint:
     metric: float | None
     #: "local", "mirror" (downloaded at this start), "explicit", or where a previous version's copy came from
     source: str = "local"
-
-
-@dataclass
-class _SaveRequest:
-    name: str
-    episode: int
-    metric: float | None
-    hold: bool
 
 
 class UsesRunStore:
@@ -118,18 +82,7 @@ class RunStore:
         self.top_k = 5
         self.monitor: str | None = None
         self.checkpoint_io = StoreCheckpointIO(self)
-        self.max_write_seconds = 0.0
-        self._local = LocalFileSystem()
-        self._manifest: Manifest | None = None
-        self._lock = threading.Lock()  # the manifest, between the training thread and the writer thread
-        self._queued_best: dict[str, float] = {}  # best files asked for and not yet listed: name -> metric
-        self._executor: ThreadPoolExecutor | None = None
-        self._futures: list[Future] = []
-        self._error: BaseException | None = None
-        self._request: _SaveRequest | None = None
-        self._held: tuple[_SaveRequest, memoryview] | None = None
-        self._state_write: Future | None = None  # the newest serialized state queued for writing
-        self._last_queued: int | None = None  # the episode of the newest last.ckpt queued (written or on its way)
+        self._writer: Writer | None = None  # made by open(), with the folder it writes into
         self._mirror: Mirror | None = None
         self._previous: tuple[str, str] | None = None  # (root, label) searched for a previous version's run
         self._flush_deadline: float | None = None
@@ -153,8 +106,8 @@ class RunStore:
     ) -> None:
         """Mirror the run to ``<url>/<experiment_name>``; nothing is contacted until :meth:`start` or a sync."""
         fs, root = remote_run_dir(url, os.path.basename(self.run_dir), storage_options)
-        self._mirror = Mirror(self.run_dir, self.wait, lambda: self.top_k, url, fs, root, flush_timeout_s, max_retries,
-                              backoff_s, clock, sleep)  # fmt: skip
+        self._mirror = Mirror(self.run_dir, self.wait, lambda: self.top_k, url, fs, root, flush_timeout_s,
+                              Retry(max_retries, backoff_s, sleep), clock)  # fmt: skip
 
     @property
     def has_mirror(self) -> bool:
@@ -181,21 +134,22 @@ class RunStore:
         With a mirror, this session first takes its lease (:mod:`~atheria_lightning.store.lease`): refused with
         ``MirrorInUse`` while another live session holds it, unless ``take_over``.
         """
-        self.open()
+        folder = self._folder()
+        mirror = self._mirror if with_mirror else None
         downloaded: set[str] = set()
-        if with_mirror and self._mirror is not None:
-            self._connect_mirror(take_over)
-            downloaded = self._download_newer(self._mirror.open())
-            restored = self._mirror.download_plain_folders()
+        if mirror is not None:
+            reconcile.connect_mirror(mirror, take_over)
+            downloaded = reconcile.download_newer(folder, mirror)
+            restored = mirror.download_plain_folders()
             if restored:
                 print(f"mirror: restored {restored} file(s) of earlier sessions' logs/ and exports/", flush=True)
         copied: dict[str, str] = {}
         root, label = self._previous or ("", "")
-        if with_previous and root and not self._entries():
-            copied = self._copy_previous(root, label)
-        self._set_aside_beyond_top_k()
-        if with_mirror and self._mirror is not None:
-            self._mirror.reconcile(self._entries())
+        if with_previous and root and not folder.entries():
+            copied = reconcile.copy_previous(folder, self.run_dir, root, label)
+        reconcile.set_aside_beyond_top_k(folder, self.top_k, with_mirror=self._mirror is not None)
+        if mirror is not None:
+            mirror.reconcile(folder.entries())
         point = self.resume_point()
         if point is not None and point.name in downloaded:
             point = replace(point, source="mirror")
@@ -206,20 +160,12 @@ class RunStore:
     def start_mirror(self, take_over: bool = False) -> None:
         """Reach the mirror (``ConfigError`` when not), take its lease and queue what it lacks; a no-op once done
         or without one."""
-        if self._mirror is None or self._mirror.remote is not None:
+        if self._mirror is None or self._mirror.opened:
             return
-        self.open()
-        self._connect_mirror(take_over)
+        folder = self._folder()
+        reconcile.connect_mirror(self._mirror, take_over)
         self._mirror.open()
-        self._mirror.reconcile(self._entries())
-
-    def _connect_mirror(self, take_over: bool) -> None:
-        assert self._mirror is not None
-        self._mirror.connect()
-        previous = self._mirror.acquire(take_over)
-        if previous is not None:
-            print(f"mirror: taken over from another session ({previous.describe(time.time())}); that session "
-                  "stops uploading at its next sync", flush=True)  # fmt: skip
+        self._mirror.reconcile(folder.entries())
 
     @property
     def superseded_by(self) -> str | None:
@@ -228,126 +174,57 @@ class RunStore:
 
     def open(self) -> None:
         """Read (or rebuild) the local manifest and check every file it lists; once per store."""
-        if self._manifest is not None:
-            return
-        folder = self.checkpoint_dir
-        for path in (self.run_dir, folder):
-            require(not os.path.exists(path) or os.path.isdir(path),
-                    f"{path} is a file, where the run's folder should be: move it aside")  # fmt: skip
-        manifest = self._path(MANIFEST_NAME)
-        require(not os.path.isdir(manifest), f"{manifest} is a folder, where the manifest should be: move it aside")
-        for stale in remove_stale_tmp(self._local, folder) if os.path.isdir(folder) else []:
-            log.info("removed a partial file left by an interrupted write: %s", stale)
-        manifest, changed = read_or_rebuild(LocalSide(folder))
-        changed |= settle(manifest, self._matches)
-        for name, entry in list(manifest.files.items()):
-            if not self._matches(name, entry):
-                log.warning("checkpoint %s does not match MANIFEST.json (truncated or corrupt): moved to %s/",
-                            self._path(name), QUARANTINE)  # fmt: skip
-                del manifest.files[name]
-                LocalSide(folder).quarantine(name)
-                changed = True
-        changed |= adopt_unlisted(manifest, LocalSide(folder))
-        self._manifest = manifest
-        if LAST in manifest.files:
-            self._last_queued = manifest.files[LAST].episode
-        if changed:
-            self._write_manifest()
+        self._folder()
 
-    def _download_newer(self, remote: Manifest) -> set[str]:
-        """Bring every mirror checkpoint the local folder lacks, or has older, into it, verified; their names.
+    def _folder(self) -> Folder:
+        return self._opened().folder
 
-        A listed file that vanished or was replaced before it was downloaded (the retention or a last upload of the
-        session this one took the mirror over from) means the manifest changed: it is read again, a few times at
-        most.
-        """
-        assert self._mirror is not None
-        downloaded: set[str] = set()
-        for _ in range(VANISHED_REREADS):
-            try:
-                self._download_listed(remote, downloaded)
-                return downloaded
-            except MirrorChanged as err:
-                log.warning("mirror: %s: reading its manifest again", err)
-                remote = self._mirror.reread()
-        raise ConfigError(
-            f"mirror_url={self._mirror.url!r} keeps changing while this session starts (listed checkpoints vanish "
-            "before they can be read): another session is writing it; stop that session, then run the same command "
-            "again"
-        )
+    def _opened(self) -> Writer:
+        """The writer, and the folder it writes into, made at the first call (:func:`reconcile.open_folder`)."""
+        if self._writer is None:
+            folder = reconcile.open_folder(self.run_dir, self.checkpoint_dir, self._send)
+            self._writer = Writer(folder, self.async_write, lambda: self.top_k)
+        return self._writer
 
-    def _download_listed(self, remote: Manifest, downloaded: set[str]) -> None:
-        assert self._mirror is not None and self._manifest is not None
-        for name, entry in sorted(remote.files.items(), key=lambda item: -item[1].episode):
-            mine = self._manifest.files.get(name)
-            if mine is not None and (mine.sha256 == entry.sha256 or mine.episode >= entry.episode):
-                continue
-            if self._mirror.download(name, entry, self._path(name), self._journal):
-                self._list(name, entry)
-                downloaded.add(name)
+    def _send(self, name: str, entry: Entry | None) -> None:
+        if self._mirror is not None:
+            self._mirror.enqueue(name, entry)
 
-    def _copy_previous(self, root: str, label: str) -> dict[str, str]:
-        """Copy the run from the previous version under ``root`` with the newest sound checkpoint: its listed
-        checkpoints (verified again as they are copied) and its ``logs/`` and ``exports/``. Nothing is written
-        under ``root``. Returns the names copied -> where each came from."""
-        folders = find_run_folders(root, os.path.basename(self.run_dir), skip=self.run_dir)
-        candidates = [run for run in map(examine, folders) if run is not None]
-        if not candidates:
-            if folders:
-                print(f"{label}: no sound checkpoint in {', '.join(folders)}: starting a new run", flush=True)
-            return {}
-        for chosen in newest_first(candidates):
-            copied = {}
-            for name, entry in chosen.manifest.newest_first():
-                if download_verified(chosen.side, name, entry, self._path(name), self._journal):
-                    self._list(name, entry)
-                    copied[name] = os.path.join(chosen.side.folder, name)
-                else:
-                    log.warning("%s/%s no longer matches what was checked: not copied", chosen.side.folder, name)
-            if copied:
-                break
-        else:
-            return {}
-        files = len(copy_plain_files(LocalFileSystem(), chosen.run_dir, self.run_dir))
-        others = [run.describe() for run in candidates if run is not chosen]
-        print(f"{label}: copied the run of {chosen.describe()} into {self.run_dir} ({len(copied)} checkpoint(s), "
-              f"{files} file(s) of logs/ and exports/)"
-              + (f"; the newest of {len(candidates)} found, not taken: {', '.join(others)}" if others else ""),
-              flush=True)  # fmt: skip
-        return copied
-
+    # -- the choices --
     def resume_point(self) -> Checkpoint | None:
         """The newest listed checkpoint that is sound (see :func:`unsound`; one that is not moves to ``corrupt/``)."""
-        self.open()
-        for name, entry in self._manifest_copy().newest_first():
-            path = self._path(name)
+        folder = self._folder()
+        for name, entry in folder.copy().newest_first():
+            path = folder.path(name)
             problem = unsound(path)
             if problem is None:
                 return Checkpoint(path, name, entry.episode, entry.metric)
             log.warning("checkpoint %s is not resumed from: %s; moved to %s/", path, problem, QUARANTINE)
-            self._unlist_and_quarantine(name)
+            folder.quarantine(name)
         return None
 
     def best(self) -> Checkpoint | None:
         """The checkpoint to export or to start a next phase from: the lowest finite metric among the best files,
         else the newest checkpoint; verified, with finite weights."""
-        self.open()
-        manifest = self._manifest_copy()
+        folder = self._folder()
+        manifest = folder.copy()
         for name, entry in retention.best(manifest.files) + manifest.newest_first():
-            path = self._path(name)
-            if self._matches(name, entry) and unsound(path) is None:
+            path = folder.path(name)
+            if folder.matches(name, entry) and unsound(path) is None:
                 return Checkpoint(path, name, entry.episode, entry.metric)
         return None
 
     def entries(self) -> dict[str, Entry]:
         """The listed checkpoints, name -> entry (a copy)."""
-        self.open()
-        return self._entries()
+        return self._folder().entries()
 
     def newest_episode(self) -> int:
         """The episode count of the newest listed checkpoint; -1 when there is none."""
-        self.open()
-        return self._manifest_copy().newest_episode()
+        return self._folder().copy().newest_episode()
+
+    def enters_top_k(self, metric: float) -> bool:
+        """Whether a checkpoint with ``metric`` would be among the ``top_k`` best kept."""
+        return retention.enters_top_k(metric, self._folder().kept_metrics(), self.top_k)
 
     # -- writes (training thread asks, the writer thread does) --
     def save(
@@ -357,60 +234,69 @@ class RunStore:
 
         Call it on every rank (Lightning's save is collective); rank 0 serializes the state now and writes it in
         the background. With ``hold``, the serialized state waits for :meth:`confirm` (kept when the next episode
-        proves it sound, dropped when it does not).
+        proves it sound, dropped when it does not). What is asked travels with the save, as the storage options
+        Lightning hands to :class:`StoreCheckpointIO`.
         """
-        name = LAST if kind == "last" else best_name(episode)
+        save = Save(LAST if kind == "last" else best_name(episode), episode, metric, hold)
         self._raise_pending_error()
-        self._request = _SaveRequest(name, episode, metric, hold)
-        try:
-            trainer.save_checkpoint(self._path(name), weights_only=False)
-        finally:
-            self._request = None
-        if name != LAST and trainer.is_global_zero and not hold:
-            with self._lock:
-                self._queued_best[name] = metric if metric is not None else math.inf
+        trainer.save_checkpoint(checkpoint_path(self.checkpoint_dir, save.name), weights_only=False,
+                                storage_options=save)  # fmt: skip
+        if save.name != LAST and trainer.is_global_zero and not hold:
+            self._folder().expect_best(save.name, metric)
+
+    def write_checkpoint(
+        self, checkpoint: dict[str, Any], kind: str, episode: int, metric: float | None = None
+    ) -> None:
+        """Queue a Lightning checkpoint dict as ``last.ckpt`` or ``best-eNNNNNN.ckpt``, without a Trainer (rank 0).
+
+        What :meth:`save` does once Lightning has gathered the state; for tools and tests that have the dict.
+        """
+        save = Save(LAST if kind == "last" else best_name(episode), episode, metric)
+        if save.name != LAST:
+            self._folder().expect_best(save.name, metric)
+        self._queue(save, checkpoint)
+
+    def accept(self, checkpoint: dict[str, Any], path: str, save: Save | None) -> None:
+        """From Lightning (rank 0, training thread): serialize the state that :meth:`save` asked for."""
+        if save is None or os.path.abspath(path) != checkpoint_path(self.checkpoint_dir, save.name):
+            _refuse_foreign_save(path, self.checkpoint_dir)
+            data = serialized(checkpoint)
+            atomic_write(LocalFileSystem(), os.path.abspath(path), lambda handle: handle.write(data))
+            return
+        self._queue(save, checkpoint)
+
+    def _queue(self, save: Save, checkpoint: dict[str, Any]) -> None:
+        checkpoint[META_KEY] = save.meta(self.monitor)
+        self._opened().queue(save, checkpoint)
 
     def copy_last_to_best(self, trainer: pl.Trainer, episode: int, metric: float) -> None:
         """Keep the ``last.ckpt`` just queued (this episode, this metric) also as ``best-eNNNNNN.ckpt``, copied by
         the writer thread: the training thread does not gather the state again."""
-        name = best_name(episode)
         if trainer.is_global_zero:
-            with self._lock:
-                self._queued_best[name] = metric
-            self._submit(self._copy, LAST, name, episode, metric)
-
-    def enters_top_k(self, metric: float) -> bool:
-        """Whether a checkpoint with ``metric`` would be among the ``top_k`` best kept."""
-        self.open()
-        with self._lock:
-            files = dict(self._manifest.files)  # type: ignore[union-attr]
-            queued = [value for name, value in self._queued_best.items() if name not in files]
-        kept = [entry.metric for name, entry in files.items() if name != LAST]
-        return retention.enters_top_k(metric, kept + queued, self.top_k)
+            self._opened().copy_last(best_name(episode), episode, metric)
 
     def confirm(self, sound: bool) -> None:
         """Decide a held save: written when ``sound`` (the next episode's loss was finite), else dropped."""
-        if self._held is None:
-            return
-        request, data = self._held
-        self._held = None
-        if sound:
-            self._submit_state(request, data)
-            return
-        log.warning("the state of episode %d led to a non-finite loss: not saved; last.ckpt keeps episode %s",
-                    request.episode, self._last_queued if self._last_queued is not None else "none")  # fmt: skip
+        if self._writer is not None:
+            self._writer.confirm(sound)
 
     def wait(self, timeout: float | None = None) -> bool:
         """Wait (at most ``timeout``) for the queued writes; True when every one is on disk and listed."""
-        with self._lock:
-            futures = [future for future in self._futures if not future.done()]
-        done, not_done = wait(futures, timeout=timeout)
-        return not not_done
+        return self._writer.wait(timeout) if self._writer is not None else True
 
     def raise_write_error(self) -> None:
         """Wait for the queued writes and raise the first that failed (disk full, I/O error), if any."""
         self.wait()
         self._raise_pending_error()
+
+    @property
+    def max_write_seconds(self) -> float:
+        """The longest write of a checkpoint so far, from its first byte to its listing."""
+        return self._writer.max_write_seconds if self._writer is not None else 0.0
+
+    def _raise_pending_error(self) -> None:
+        if self._writer is not None:
+            self._writer.raise_pending_error()
 
     # -- mirror --
     def request_sync(self) -> None:
@@ -440,7 +326,8 @@ class RunStore:
     def close(self, timeout_s: float | None = None) -> MirrorStatus | None:
         """The final flush (bounded), then stop the background threads; the mirror's status (None without one)."""
         self.flush(timeout_s)
-        self._stop_executor()
+        if self._writer is not None:
+            self._writer.stop()
         if self._mirror is None:
             return None
         self._mirror.stop()
@@ -449,7 +336,7 @@ class RunStore:
     def mirror_status(self) -> MirrorStatus | None:
         if self._mirror is None:
             return None
-        local = self._manifest_copy().newest_episode() if self._manifest is not None else -1
+        local = self._writer.folder.copy().newest_episode() if self._writer is not None else -1
         return self._mirror.status(local)
 
     @property
@@ -464,211 +351,11 @@ class RunStore:
     def sync_failures(self) -> int:
         return self._mirror.failures if self._mirror is not None else 0
 
-    # -- the writer thread --
-    def _accept(self, checkpoint: dict[str, Any], path: str) -> None:
-        """From Lightning (rank 0, training thread): serialize the state asked for by :meth:`save`."""
-        request = self._request
-        if request is None or os.path.abspath(path) != self._path(request.name):
-            _refuse_foreign_save(path, self.checkpoint_dir)
-            data = serialized(checkpoint)
-            atomic_write(self._local, os.path.abspath(path), lambda handle: handle.write(data))
-            return
-        self._queue(request, checkpoint)
-
-    def write_checkpoint(
-        self, checkpoint: dict[str, Any], kind: str, episode: int, metric: float | None = None
-    ) -> None:
-        """Queue a Lightning checkpoint dict as ``last.ckpt`` or ``best-eNNNNNN.ckpt``, without a Trainer (rank 0).
-
-        What :meth:`save` does once Lightning has gathered the state; for tools and tests that have the dict.
-        """
-        name = LAST if kind == "last" else best_name(episode)
-        if name != LAST:
-            with self._lock:
-                self._queued_best[name] = metric if metric is not None else math.inf
-        self._queue(_SaveRequest(name, episode, metric, hold=False), checkpoint)
-
-    def _queue(self, request: _SaveRequest, checkpoint: dict[str, Any]) -> None:
-        checkpoint[META_KEY] = {"episode": request.episode, "metric": request.metric, "monitor": self.monitor}
-        data = serialized(checkpoint)
-        if request.hold:
-            self._held = (request, data)
-        else:
-            self._submit_state(request, data)
-
-    def _submit_state(self, request: _SaveRequest, data: memoryview) -> None:
-        """Queue a serialized state's write, once the previous one is written: a disk slower than training then
-        slows training, instead of letting unwritten states pile up in memory (and in what a kill would lose)."""
-        if self._state_write is not None:
-            self._state_write.result()
-        self._state_write = self._submit(self._write, request, data)
-        if request.name == LAST:
-            self._last_queued = request.episode
-
-    def _submit(self, fn: Callable[..., None], *args: Any) -> Future | None:
-        """Run ``fn`` in the writer thread, after what is queued (at once, on this thread, without async_write)."""
-        self._raise_pending_error()
-        if not self.async_write:
-            fn(*args)
-            self._raise_pending_error()
-            return None
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="atheria-store")
-        future = self._executor.submit(fn, *args)
-        with self._lock:
-            self._futures = [queued for queued in self._futures if not queued.done()]
-            self._futures.append(future)
-        return future
-
-    def _write(self, request: _SaveRequest, data: memoryview) -> None:
-        self._guarded(self._write_file, request.name, lambda handle: handle.write(data), request.episode,
-                      request.metric)  # fmt: skip
-
-    def _copy(self, source: str, target: str, episode: int, metric: float) -> None:
-        entry = self._manifest_copy().files.get(source)
-        if entry is None or entry.episode != episode:
-            self._fail(FileNotFoundError(f"cannot keep {target}: {source} of episode {episode} is not listed"))
-            return
-
-        def produce(handle: IO[bytes]) -> None:
-            with open(self._path(source), "rb") as original:
-                if not copy_measured(original, handle).matches(entry.size, entry.sha256):
-                    raise OSError(f"{self._path(source)} no longer matches MANIFEST.json: not copied to {target}")
-
-        self._guarded(self._write_file, target, produce, episode, metric)
-
-    def _guarded(self, fn: Callable[..., None], *args: Any) -> None:
-        if self._error is not None:
-            return  # an earlier write failed: keep everything as it is until the error surfaces
-        try:
-            fn(*args)
-        except BaseException as err:  # surfaced on the training thread at the next save, flush or teardown
-            self._fail(err)
-
-    def _fail(self, err: BaseException) -> None:
-        log.error("checkpoint write failed, earlier checkpoints are kept: %s", err)
-        self._error = err
-
-    def _write_file(self, name: str, produce: Callable[[IO[bytes]], None], episode: int, metric: float | None) -> None:
-        """Write ``name`` atomically: journalled as pending before its rename, listed after it, then retention."""
-        self.open()
-        started = time.monotonic()
-        measured: dict[str, Any] = {}
-
-        def write(handle: IO[bytes]) -> None:
-            measured["file"] = MeasuredWriter(handle)
-            produce(measured["file"])  # type: ignore[arg-type]
-
-        def journal(tmp: str) -> None:
-            written = measured["file"]
-            if os.path.getsize(tmp) != written.size:
-                raise OSError(f"{tmp} holds {os.path.getsize(tmp)} bytes after {written.size} were written")
-            measured["entry"] = Entry(episode, written.size, written.hexdigest(), metric, kind_of(name), time.time())
-            self._journal(name, measured["entry"])
-
-        atomic_write(self._local, self._path(name), write, before_replace=journal)
-        # A best file goes to the mirror's queue after the removal it causes: a sync never sees top_k + 1 of them
-        # and takes the one pushed out for a surplus to set aside.
-        self._list(name, measured["entry"], send=name == LAST)
-        self.max_write_seconds = max(self.max_write_seconds, time.monotonic() - started)
-        if name != LAST:
-            self._retain()
-            if self._mirror is not None and name in self._entries():  # unless retention took it at once
-                self._mirror.enqueue(name, measured["entry"])
-
-    def _journal(self, name: str, entry: Entry) -> None:
-        with self._lock:
-            self._manifest.pending[name] = entry  # type: ignore[union-attr]
-        self._write_manifest()
-
-    def _list(self, name: str, entry: Entry, send: bool = True) -> None:
-        with self._lock:
-            self._manifest.files[name] = entry  # type: ignore[union-attr]
-            self._manifest.pending.pop(name, None)  # type: ignore[union-attr]
-            self._queued_best.pop(name, None)
-        self._write_manifest()
-        if send and self._mirror is not None:
-            self._mirror.enqueue(name, entry)
-
-    def _retain(self) -> None:
-        """Remove the best files beyond ``top_k`` (listed ones only: they are unlisted first, then deleted)."""
-        for name in retention.beyond_top_k(self._manifest_copy().files, self.top_k):
-            self._remove(name)
-
-    def _set_aside_beyond_top_k(self) -> None:
-        """At the start, best files beyond ``top_k`` are there because ``top_k`` is lower than an earlier session's
-        (or a copied folder held more): moved to ``checkpoints/beyond_top_k/``, never deleted, and said. The mirror
-        does the same with its own at its first sync."""
-        surplus = retention.beyond_top_k(self._manifest_copy().files, self.top_k)
-        if not surplus:
-            return
-        LocalSide(self.checkpoint_dir).make_aside_folder(BEYOND_TOP_K)  # before the manifest changes
-        with self._lock:
-            for name in surplus:
-                self._manifest.files.pop(name, None)  # type: ignore[union-attr]
-        self._write_manifest()  # unlisted first: a kill before the move leaves files the next start adopts
-        for name in surplus:
-            LocalSide(self.checkpoint_dir).set_aside(name, BEYOND_TOP_K)
-        also = " (the mirror's too, at its first sync)" if self._mirror is not None else ""
-        print(f"top_k={self.top_k}: {len(surplus)} best checkpoint(s) beyond it moved to "
-              f"{os.path.join(self.checkpoint_dir, BEYOND_TOP_K)}/{also}, not deleted: {', '.join(sorted(surplus))}",
-              flush=True)  # fmt: skip
-
-    def _remove(self, name: str) -> None:
-        # Unlist first, then delete: a crash in between leaves an unlisted file, which the next start adopts.
-        with self._lock:
-            removed = self._manifest.files.pop(name, None) is not None  # type: ignore[union-attr]
-        if not removed:
-            return
-        self._write_manifest()
-        try:
-            os.remove(self._path(name))
-        except FileNotFoundError:
-            pass
-        if self._mirror is not None:
-            self._mirror.enqueue(name, None)
-
-    def _unlist_and_quarantine(self, name: str) -> None:
-        with self._lock:
-            self._manifest.files.pop(name, None)  # type: ignore[union-attr]
-        self._write_manifest()
-        LocalSide(self.checkpoint_dir).quarantine(name)
-
-    def _write_manifest(self) -> None:
-        write_manifest(LocalSide(self.checkpoint_dir), self._manifest_copy())
-
-    # -- small helpers --
-    def _matches(self, name: str, entry: Entry) -> bool:
-        return verify(self._local, self._path(name), entry.size, entry.sha256)
-
-    def _path(self, name: str) -> str:
-        if name != MANIFEST_NAME and not is_checkpoint_name(name):
-            raise ValueError(f"{name!r} is not a checkpoint name of the run store")
-        return os.path.join(self.checkpoint_dir, name)
-
-    def _manifest_copy(self) -> Manifest:
-        with self._lock:
-            manifest = self._manifest or Manifest()
-            return Manifest(dict(manifest.files), dict(manifest.pending), manifest.updated)
-
-    def _entries(self) -> dict[str, Entry]:
-        return dict(self._manifest_copy().files)
-
     def _bounded(self, timeout_s: float | None) -> float | None:
         if self._flush_deadline is None:
             return timeout_s
         left = max(0.0, self._flush_deadline - time.monotonic())
         return left if timeout_s is None else min(timeout_s, left)
-
-    def _raise_pending_error(self) -> None:
-        if self._error is not None:
-            error, self._error = self._error, None
-            raise error
-
-    def _stop_executor(self) -> None:
-        if self._executor is not None:
-            self._executor.shutdown(wait=True)
-            self._executor = None
 
 
 def _refuse_foreign_save(path: str, checkpoint_dir: str) -> None:
@@ -676,45 +363,35 @@ def _refuse_foreign_save(path: str, checkpoint_dir: str) -> None:
         raise ValueError(f"{path}: the run's checkpoints/ folder is written by its RunStore only; save elsewhere")
 
 
-def _on_cpu(tensor: torch.Tensor) -> torch.Tensor:
-    # The file holds CPU tensors, so that any machine can load it without a map_location; a CPU tensor is not copied.
-    return tensor.detach().cpu()
-
-
-def serialized(checkpoint: dict[str, Any]) -> memoryview:
-    """``checkpoint`` as the bytes ``torch.save`` writes, with every tensor on the CPU.
-
-    The bytes are the point-in-time copy of the state: training may change the tensors as soon as this returns.
-    Pickling holds Python's interpreter lock, so it is done here, on the caller's thread, and the writer thread
-    only writes, hashes and fsyncs, which release it (HISTORY.md, "plot process, checkpoint serialization").
-    """
-    buffer = BytesIO()
-    torch.save(apply_to_collection(checkpoint, torch.Tensor, _on_cpu), buffer)
-    return buffer.getbuffer()
-
-
 class StoreCheckpointIO(CheckpointIO):
     """Lightning's checkpoint plugin of a :class:`RunStore`: saves go to the store, loads are ``weights_only``.
 
-    ``AtheriaCLI`` passes it to the Trainer (``plugins``); it is what ``trainer.save_checkpoint`` reaches.
+    ``AtheriaCLI`` passes it to the Trainer (``plugins``); it is what ``trainer.save_checkpoint`` reaches. A save
+    that :meth:`RunStore.save` asked for comes with its :class:`Save` as ``storage_options``.
     """
 
     def __init__(self, store: RunStore) -> None:
         self.store = store
 
     @override
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
-        self.store._accept(checkpoint, os.fspath(path))
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: str | os.PathLike[str], storage_options: Any | None = None
+    ) -> None:
+        save = storage_options if isinstance(storage_options, Save) else None
+        self.store.accept(checkpoint, os.fspath(path), save)
 
     @override
-    def load_checkpoint(self, path: _PATH, map_location: Any | None = None, weights_only: bool | None = None) -> dict:
+    def load_checkpoint(
+        self, path: str | os.PathLike[str], map_location: Any | None = None, weights_only: bool | None = None
+    ) -> dict:
         # Always weights_only: a checkpoint can come from a shared Drive or bucket.
         if not os.path.exists(path):
             raise FileNotFoundError(f"Checkpoint file not found: {path}")
-        return pl_load(path, map_location=map_location, weights_only=True)
+        with open(path, "rb") as handle:
+            return torch.load(handle, map_location=map_location, weights_only=True)
 
     @override
-    def remove_checkpoint(self, path: _PATH) -> None:
+    def remove_checkpoint(self, path: str | os.PathLike[str]) -> None:
         raise ValueError(f"{path}: checkpoints are removed by the run store's retention only")
 
     @override
