@@ -133,7 +133,7 @@ def child(argv: list[str]) -> None:
     """Run ``atheria`` with every atomic write of the run store traced: a line and a pause before and after."""
     from atheria_lightning import files
     from atheria_lightning.cli.main import console_main
-    from atheria_lightning.store import manifest, run_store, transfer, uploader, writer
+    from atheria_lightning.store import copies, manifest, run_store, uploader, writer
 
     mirror_root = os.path.abspath(argv[argv.index("--mirror_url") + 1]) if "--mirror_url" in argv else None
     real = files.atomic_write
@@ -144,7 +144,7 @@ def child(argv: list[str]) -> None:
         real(fs, path, write, before_replace)
         _mark(target, "after")
 
-    for module in (manifest, run_store, transfer, uploader, writer):  # each imported atomic_write by name
+    for module in (copies, manifest, run_store, uploader, writer):  # each imported atomic_write by name
         module.atomic_write = traced
     sys.argv = ["atheria", *argv]
     console_main()

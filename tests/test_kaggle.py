@@ -18,7 +18,7 @@ from conftest import demo_args, make_read_only, snapshot
 
 from atheria_lightning.cli import main
 from atheria_lightning.platform import KAGGLE_INPUT_ENV, KAGGLE_INPUT_ROOT, Platform, kaggle_input_root
-from atheria_lightning.store import transfer as transfer_module
+from atheria_lightning.store import copies
 
 EPISODES = 4
 
@@ -260,7 +260,7 @@ def test_a_giant_or_sparse_file_in_the_input_is_not_copied_and_said_once(
         handle.truncate(3 * 2**30)  # 3 GiB listed, nothing on disk: reading it would write 3 GiB of zeros
     (attached / "logs" / "big.bin").write_bytes(b"x" * (2 * 2**20))
     (attached / "logs" / "small.txt").write_text("kept")
-    monkeypatch.setattr(transfer_module, "PLAIN_FILE_LIMIT", 2**20)  # a 2 MiB file stands in for one over 512 MiB
+    monkeypatch.setattr(copies, "PLAIN_FILE_LIMIT", 2**20)  # a 2 MiB file stands in for one over 512 MiB
     make_read_only(on_kaggle)
     with caplog.at_level(logging.WARNING, logger="atheria_lightning.store"):
         assert main(new_version(tmp_path)) == 0

@@ -18,7 +18,7 @@ Callbacks decide *when* (episode cadence, validation, time budget, signals); the
   one that takes it over supersedes it, and the mirror never goes backwards;
 - the start of every session (:mod:`~atheria_lightning.store.reconcile`): a damaged manifest is rebuilt from the
   files, the mirror and the local folder are compared, what the mirror has newer is downloaded (verified, through
-  :mod:`~atheria_lightning.store.transfer`), what it lacks is queued for upload;
+  :mod:`~atheria_lightning.store.copies`), what it lacks is queued for upload;
 - the choices: the checkpoint to resume from (newest) and the one to export or hand to the next phase (best).
 """
 

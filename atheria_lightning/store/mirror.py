@@ -19,6 +19,7 @@ from fsspec.utils import get_protocol
 
 from atheria_lightning.errors import ConfigError, require
 from atheria_lightning.files import TMP_MARKER, join
+from atheria_lightning.store.copies import copy_plain_files, download_verified
 from atheria_lightning.store.lease import HEARTBEAT_S, Holder, Lease, Superseded
 from atheria_lightning.store.manifest import (
     CHECKPOINTS,
@@ -30,7 +31,6 @@ from atheria_lightning.store.manifest import (
     read_as_is,
 )
 from atheria_lightning.store.retry import Retry
-from atheria_lightning.store.transfer import copy_plain_files, download_verified
 from atheria_lightning.store.uploader import Uploader
 
 log = logging.getLogger(__name__)

@@ -14,6 +14,7 @@ from fsspec.implementations.local import LocalFileSystem
 from atheria_lightning.errors import ConfigError, require
 from atheria_lightning.files import remove_stale_tmp, verify
 from atheria_lightning.store import retention
+from atheria_lightning.store.copies import copy_plain_files, download_verified
 from atheria_lightning.store.manifest import (
     BEYOND_TOP_K,
     MANIFEST_NAME,
@@ -27,7 +28,6 @@ from atheria_lightning.store.manifest import (
 )
 from atheria_lightning.store.mirror import Mirror, MirrorChanged
 from atheria_lightning.store.previous import examine, find_run_folders, newest_first
-from atheria_lightning.store.transfer import copy_plain_files, download_verified
 from atheria_lightning.store.writer import Folder, checkpoint_path
 
 log = logging.getLogger(__name__)

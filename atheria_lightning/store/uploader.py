@@ -15,6 +15,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from atheria_lightning.files import TMP_MARKER, atomic_write, copy_measured, join, verify
 from atheria_lightning.store import retention
+from atheria_lightning.store.copies import PLAIN_FOLDERS
 from atheria_lightning.store.lease import Lease, Superseded
 from atheria_lightning.store.manifest import (
     BEYOND_TOP_K,
@@ -31,7 +32,6 @@ from atheria_lightning.store.manifest import (
     write_manifest,
 )
 from atheria_lightning.store.retry import Retry
-from atheria_lightning.store.transfer import PLAIN_FOLDERS
 
 log = logging.getLogger(__name__)
 
