@@ -96,3 +96,19 @@ def test_a_mirror_listing_cannot_write_outside_the_run_folder(tmp_path: Path) ->
     assert written == ["runs/demo/logs/events.ok"], written
     assert (local / "logs" / "events.ok").read_bytes() == b"mine", "a local file is never replaced"
     fs.rm(root, recursive=True)
+
+
+@pytest.mark.parametrize("module", ["atheria_lightning.loggers", "atheria_lightning.scalars"])
+def test_a_config_naming_the_tensorboard_logger_by_its_earlier_module_trains_and_logs(
+    tmp_path: Path, module: str
+) -> None:
+    # The GUIDE's second --config for TensorBoard beside another logger named the class by its module of the
+    # time; a config a user kept from then must still start.
+    logs = run_dir(tmp_path) / "logs"
+    extra = tmp_path / "loggers.yaml"
+    extra.write_text(
+        f"trainer:\n  logger:\n    - class_path: {module}.BufferedTensorBoardLogger\n"
+        f"      init_args: {{save_dir: {run_dir(tmp_path)}, name: logs, version: ''}}\n"
+    )
+    assert main(demo_args(tmp_path, "--config", str(extra), episodes=3, val_every=3, mirror=False)) == 0
+    assert steps(logs) == [0, 1, 2]
