@@ -313,6 +313,40 @@ def test_not_a_run_a_missing_path_and_a_bad_option_are_one_line_exit_2(
     assert os.listdir(tmp_path) == ["empty"]
 
 
+# A laptop that checks a Drive mirror need not have torch: status reads manifests, logs and listings only.
+WITHOUT_TORCH = """
+import sys
+sys.modules["torch"] = sys.modules["lightning"] = None  # any import of them fails
+from atheria_lightning.cli.main import console_main
+sys.argv = ["atheria", "status", *sys.argv[1:]]
+sys.exit(console_main())
+"""
+
+
+def test_status_answers_where_torch_cannot_be_imported(trained: Path) -> None:
+    run = run_of(trained)
+    for extra in ([], ["--json"]):
+        done = subprocess.run([sys.executable, "-c", WITHOUT_TORCH, str(run), *extra], capture_output=True,
+                              text=True, cwd=REPO, env=env_without_warnings(), timeout=120)  # fmt: skip
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert done.stderr == ""
+        assert "episode" in done.stdout and "of" in done.stdout
+
+
+def test_a_reader_that_goes_away_ends_status_quietly(trained: Path) -> None:
+    # As `atheria status RUN | head -1`, where head has what it wanted before status writes: the pipe's reading
+    # end is closed before status starts, so every write meets a closed pipe.
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        done = subprocess.run([sys.executable, "-m", "atheria_lightning.cli", "status", str(run_of(trained))],
+                              stdout=write_end, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                              env=env_without_warnings(), timeout=120)  # fmt: skip
+    finally:
+        os.close(write_end)
+    assert (done.returncode, done.stderr) == (0, "")
+
+
 def test_a_mirror_in_memory(trained: Path, capsys: pytest.CaptureFixture) -> None:
     fs, root = MemoryFileSystem(), f"/status-{uuid.uuid4().hex[:8]}"
     fs.put(str(mirror_of(trained)), f"{root}/demo", recursive=True)

@@ -57,6 +57,7 @@ lines and the JSON; :mod:`.values`, each value of the files made safe to use and
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -124,4 +125,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"atheria: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # the way to end --watch
+        return 0
+    except BrokenPipeError:  # the reader went away (`atheria status RUN | head -4`): it has what it wanted
+        # Python flushes stdout again at exit, which would fail once more: point it at nothing
+        # (https://docs.python.org/3/library/signal.html#note-on-sigpipe).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0

@@ -22,11 +22,29 @@ Callbacks decide *when* (episode cadence, validation, time budget, signals); the
 - the choices: the checkpoint to resume from (newest) and the one to export or hand to the next phase (best).
 """
 
+from typing import TYPE_CHECKING, Any
+
 from atheria_lightning.store.lease import MirrorInUse
 from atheria_lightning.store.manifest import META_KEY, Entry, best_name, is_checkpoint_name, unsound
 from atheria_lightning.store.mirror import MirrorStatus, check_mirror_url, remote_run_dir
-from atheria_lightning.store.run_store import Checkpoint, RunStore, StoreCheckpointIO, UsesRunStore
-from atheria_lightning.store.writer import serialized
+
+if TYPE_CHECKING:
+    from atheria_lightning.store.run_store import Checkpoint, RunStore, StoreCheckpointIO, UsesRunStore
+    from atheria_lightning.store.writer import serialized
+
+# The writing side needs torch and Lightning; the reading side (manifests, retention, the mirror's listing) does
+# not, and `atheria status` imports only that: the writing side's names are imported when first asked for.
+_WRITING = {name: "run_store" for name in ("Checkpoint", "RunStore", "StoreCheckpointIO", "UsesRunStore")}
+_WRITING["serialized"] = "writer"
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WRITING:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(f"{__name__}.{_WRITING[name]}"), name)
+
 
 __all__ = [
     "META_KEY",

@@ -28,7 +28,6 @@ from dataclasses import asdict, dataclass, field
 from io import BytesIO
 from typing import Any
 
-import torch
 from fsspec import AbstractFileSystem
 from fsspec.implementations.local import LocalFileSystem
 
@@ -180,6 +179,8 @@ def _describe_checkpoint(data: bytes, name: str) -> tuple[int, float | None]:
     Raises:
         ValueError: It does not load as a Lightning checkpoint of tensors and plain values.
     """
+    import torch  # here, not at the top: `atheria status` reads manifests on machines without torch
+
     try:
         checkpoint = torch.load(BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as err:  # any unpickling or archive error: the file is not a checkpoint we can trust
@@ -206,6 +207,8 @@ def _meta_of(checkpoint: Any, name: str) -> tuple[int, float | None]:
 
 def episode_in(path: str, name: str) -> int | None:
     """The episode count a checkpoint file says it holds (read as a rebuild reads it; mmap, ``weights_only``)."""
+    import torch
+
     try:
         return _meta_of(torch.load(path, map_location="cpu", weights_only=True, mmap=True), name)[0]
     except Exception:  # not a checkpoint: no episode to trust
@@ -218,6 +221,8 @@ def unsound(path: str) -> str | None:
     It must load with ``weights_only=True`` (a file from a mirror is untrusted input) and every floating tensor of
     its ``state_dict`` must be finite.
     """
+    import torch
+
     try:
         try:
             checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
