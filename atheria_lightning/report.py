@@ -152,7 +152,7 @@ def write_report(run_dir: str, exported_model: dict[str, Any] | None = None, out
     if exported_model is not None:
         training_log["exported_model"] = exported_model
         _write(fs, join(exports, LOG_FILE), json.dumps(training_log, indent=1).encode(), f"RUN_DIR={run_dir!r}")
-    files = [name for name in FILE_NOTES if name in WRITTEN or _exists(fs, join(exports, name))]
+    files = [name for name in FILE_NOTES if name in WRITTEN or _exists(fs, root, f"{EXPORTS}/{name}")]
     summary = png_bytes(summary_figure(training_log))
     text = report_markdown(training_log, files)
     if output_dir is None:
@@ -165,9 +165,9 @@ def write_report(run_dir: str, exported_model: dict[str, Any] | None = None, out
     return report if isinstance(out_fs, LocalFileSystem) else out_fs.unstrip_protocol(report)
 
 
-def _exists(fs: AbstractFileSystem, path: str) -> bool:
+def _exists(fs: AbstractFileSystem, root: str, name: str) -> bool:
     try:
-        return info_of(fs, path)["type"] == "file"  # a link is not followed, nor listed
+        return info_of(fs, root, name)["type"] == "file"  # a link is not followed, nor listed
     except Exception:  # missing or unreadable: not listed
         return False
 

@@ -89,16 +89,24 @@ def read_bounded(fs: AbstractFileSystem, root: str, name: str, limit: int) -> by
         raise UntrustedFileError(f"cannot be read: {_one_line(err)}") from None
 
 
-def info_of(fs: AbstractFileSystem, path: str) -> dict[str, Any]:
-    """``fs.info(path)``, but on a local disk of ``path`` itself, a link not followed: its target is a path the
-    folder chose, and merely looking one up may mount a share or call a host.
+def info_of(fs: AbstractFileSystem, root: str, name: str) -> dict[str, Any]:
+    """``fs.info`` of ``<root>/<name>``, but on a local disk, as :func:`read_bounded` reads, no link below ``root``
+    followed (of the file nor of a folder on the way): its target is a path the folder chose, and merely looking
+    one up may mount a share or call a host.
 
     Raises:
-        FileNotFoundError: There is no such file (nor link).
+        FileNotFoundError: There is no such file (nor link), or a folder on the way is a link or not a folder.
     """
+    path = join(root, name)
     if not isinstance(fs, LocalFileSystem):
         return fs.info(path)
-    found = os.lstat(fs._strip_protocol(path))
+    folder = fs._strip_protocol(root)
+    *folders, last = name.split("/")
+    for part in folders:
+        folder = os.path.join(folder, part)
+        if not stat.S_ISDIR(os.lstat(folder).st_mode):
+            raise FileNotFoundError(errno.ENOENT, "not a folder (a link is not followed)", folder)
+    found = os.lstat(os.path.join(folder, last))
     kinds = {stat.S_ISREG: "file", stat.S_ISDIR: "directory", stat.S_ISLNK: "link"}
     kind = next((name for is_kind, name in kinds.items() if is_kind(found.st_mode)), "other")
     return {"name": path, "type": kind, "size": found.st_size, "mtime": found.st_mtime}

@@ -16,8 +16,11 @@ from typing import Any
 
 import pytest
 from conftest import REPO, LocalServer, env_without_warnings
+from fsspec.implementations.local import LocalFileSystem
 
 from atheria_lightning.cli import main
+from atheria_lightning.status.read import mtime
+from atheria_lightning.untrusted import info_of
 
 EPISODES = 10
 #: The memory a command may take in test (b): /dev/zero read whole took 23 GB, a bounded read a few hundred MB.
@@ -223,6 +226,23 @@ def test_links_out_of_the_run_folder_are_not_followed(tmp_path: Path, capsys: py
     (run_folder / "exports").symlink_to(tmp_path / "exports")
     code, _, err = run(capsys, "report", str(run_folder))
     assert code == 2 and "exports/training_log.json is a link, or in a linked folder" in err, err
+
+
+def test_a_file_time_is_not_looked_up_through_a_linked_folder(tmp_path: Path) -> None:
+    # Status falls back on MANIFEST.json's file time when the manifest records none, and report asks whether an
+    # export exists: neither may look through a link in the folders on the way (a path the folder chose).
+    elsewhere = tmp_path / "elsewhere" / "checkpoints"
+    elsewhere.mkdir(parents=True)
+    (elsewhere / "MANIFEST.json").write_text("{}")
+    os.utime(elsewhere / "MANIFEST.json", (1_234_567_890, 1_234_567_890))
+    linked, real = tmp_path / "linked", tmp_path / "elsewhere"
+    linked.mkdir()
+    (linked / "checkpoints").symlink_to(elsewhere)
+    fs = LocalFileSystem()
+    with pytest.raises(FileNotFoundError):
+        info_of(fs, str(linked), "checkpoints/MANIFEST.json")
+    assert mtime(fs, str(linked), "checkpoints/MANIFEST.json") is None
+    assert mtime(fs, str(real), "checkpoints/MANIFEST.json") == 1_234_567_890, "a real folder is read as before"
 
 
 # ----- (c) malformed content: one line naming the file, exit 2 -----

@@ -12,7 +12,6 @@ import psutil
 from fsspec import AbstractFileSystem
 from fsspec.implementations.local import LocalFileSystem
 
-from atheria_lightning.files import join
 from atheria_lightning.lock import HOLDER_NAME, LOCK_NAME
 from atheria_lightning.status.mirror import (
     NOT_FOLLOWED,
@@ -157,7 +156,7 @@ def _newest(manifest: Manifest | None, fs: AbstractFileSystem, root: str) -> dic
     return {
         "file": name,
         "episode": entry.episode,
-        "at": mtime(fs, join(join(root, CHECKPOINTS), name)),
+        "at": mtime(fs, root, f"{CHECKPOINTS}/{name}"),
         "source": "file time",
     }
 

@@ -12,7 +12,6 @@ from fsspec.core import url_to_fs
 from fsspec.utils import get_protocol
 
 from atheria_lightning.errors import ConfigError
-from atheria_lightning.files import join
 from atheria_lightning.lock import HOLDER_NAME, LOCK_NAME
 from atheria_lightning.report import EXPORTS, LOG_FILE, MAX_LOG_BYTES, parse_training_log
 from atheria_lightning.status.values import as_text, as_time, iso_seconds, one_line
@@ -148,7 +147,8 @@ def read_config(fs: AbstractFileSystem, root: str) -> dict[str, Any]:
 def read_lock(fs: AbstractFileSystem, root: str) -> tuple[dict[str, Any] | None, bool]:
     """The lock's holder record (or None) and whether the lock file itself is there."""
     try:
-        lock_file = info_of(fs, join(root, LOCK_NAME)) is not None
+        info_of(fs, root, LOCK_NAME)
+        lock_file = True
     except Exception:  # absent, unreadable: as if absent
         lock_file = False
     try:
@@ -162,7 +162,7 @@ def manifest_written(manifest: Manifest | None, fs: AbstractFileSystem, root: st
     """When the manifest of a mirror's folder ``root`` was last written: at every sync that changed its checkpoints."""
     if manifest is not None and as_time(manifest.updated) is not None:
         return {"at": manifest.updated, "source": "mirror manifest"}
-    at = mtime(fs, join(join(root, CHECKPOINTS), MANIFEST_NAME))
+    at = mtime(fs, root, f"{CHECKPOINTS}/{MANIFEST_NAME}")
     return None if at is None else {"at": at, "source": "file time"}
 
 
@@ -170,10 +170,11 @@ def basename(root: str) -> str:
     return root.rstrip("/").rsplit("/", 1)[-1]
 
 
-def mtime(fs: AbstractFileSystem, path: str) -> float | None:
-    """A file's modification time from its fsspec ``info`` (each backend names it its own way), or None."""
+def mtime(fs: AbstractFileSystem, root: str, name: str) -> float | None:
+    """The modification time of ``<root>/<name>`` from its fsspec ``info`` (each backend names it its own way), no
+    link below ``root`` followed; or None."""
     try:
-        info = info_of(fs, path)
+        info = info_of(fs, root, name)
     except Exception:  # missing or unreadable: no time to give
         return None
     for key in ("mtime", "LastModified", "last_modified", "updated", "created"):
