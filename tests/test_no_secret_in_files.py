@@ -16,7 +16,7 @@ from jsonargparse import Namespace
 from atheria_lightning.cli import main
 from atheria_lightning.redact import REDACTED, notify_urls, redacted_argv, without_notify_urls
 
-pytest.importorskip("wandb")
+wandb = pytest.importorskip("wandb")
 pytest.importorskip("apprise")
 
 #: Characters that a URL percent-encodes, so that both spellings are looked for.
@@ -85,6 +85,14 @@ trainer:
     secrets = [PASSWORD, quote(PASSWORD, safe=""), BOT_SECRET, API_KEY]
     assert files_holding(tmp_path / "runs", secrets) == []
     assert files_holding(tmp_path / "mirror", secrets) == []
+
+    # `atheria validate` with the same command line: Lightning starts W&B itself there, with no resume of ours.
+    runs_before = set((run / "logs" / "wandb").glob("offline-run-*"))
+    monkeypatch.setattr(sys, "argv", ["atheria", "validate", *args[1:]])
+    assert main() == 0
+    wandb.finish()  # as the process's exit would: W&B writes the run's metadata by then
+    assert set((run / "logs" / "wandb").glob("offline-run-*")) - runs_before, "W&B recorded the validation"
+    assert files_holding(tmp_path / "runs", secrets) == []
 
 
 def test_no_spelling_of_a_url_reaches_wandbs_record_of_the_command_line_or_the_saved_config(tmp_path: Path) -> None:

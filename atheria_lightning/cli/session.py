@@ -140,8 +140,9 @@ class Session:
         with RunLock(self.run_dir) if self.trainer.is_global_zero else contextlib.nullcontext():
             point = self.resolve(ckpt_path, False)
             kwargs["weights_only"] = True
-            return self.trainer.validate(model, datamodule=datamodule, ckpt_path=point.path if point else None,
-                                         **kwargs)  # fmt: skip
+            with self.loggers.command_line_redacted():
+                return self.trainer.validate(model, datamodule=datamodule, ckpt_path=point.path if point else None,
+                                             **kwargs)  # fmt: skip
 
     def _notify_end(
         self, datamodule: EpisodeDataModule, failure: BaseException | None, status: MirrorStatus | None

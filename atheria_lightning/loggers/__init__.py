@@ -36,7 +36,7 @@ ATTACH = (tensorboard.attach, wandb.attach)
 def attach_loggers(loggers: Sequence[Logger], run_dir: str, notify_urls: Sequence[str] = ()) -> RunLoggers:
     """The session loggers of the trainer's ``loggers`` in the run folder ``run_dir``; ``notify_urls`` are kept out
     of what a logger records (they hold services' tokens)."""
-    found = RunLoggers()
+    found = RunLoggers(notify_urls=tuple(notify_urls))
     for attach in ATTACH:
         sessions, callbacks = attach(loggers, run_dir, notify_urls)
         found.sessions = [*found.sessions, *sessions]

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from lightning.pytorch.callbacks import Callback
+
+from atheria_lightning.redact import argv_redacted
 
 __all__ = ["RunLoggers", "SessionLogger"]
 
@@ -35,6 +38,13 @@ class RunLoggers:
 
     sessions: Sequence[SessionLogger] = ()
     callbacks: list[Callback] = field(default_factory=list)
+    #: The notification URLs a logger must not record (they hold services' tokens).
+    notify_urls: Sequence[str] = ()
+
+    def command_line_redacted(self) -> AbstractContextManager[None]:
+        """While a logger may start its run inside Lightning (``validate`` starts W&B itself, with no resume):
+        ``sys.argv`` without the notification URLs, which W&B records in the run's metadata."""
+        return argv_redacted(self.notify_urls)
 
     def resume(self, header: Mapping[str, Any] | None, start: bool = True) -> None:
         for each in self.sessions:
