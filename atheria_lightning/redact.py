@@ -26,8 +26,9 @@ def notify_urls(config: Any) -> list[str]:
     found: list[str] = []
     for node in _nodes(config):
         values = [_get(node, "notify"), _get(_get(node, "init_args"), "urls") if _is_notifier(node) else None]
-        for value in values:
-            found += [value] if isinstance(value, str) else [url for url in value or [] if isinstance(url, str)]
+        for value in values:  # a user's own callback may have a `notify` of another kind (a flag): not a URL
+            urls = [value] if isinstance(value, str) else value if isinstance(value, list | tuple) else []
+            found += [url for url in urls if isinstance(url, str)]
     return found
 
 

@@ -114,3 +114,9 @@ def test_no_spelling_of_a_url_reaches_wandbs_record_of_the_command_line_or_the_s
     assert [arg for arg in redacted if "Secret" in arg] == []
     assert redacted[:4] == argv[:4], "a config file's path is kept"
     assert redacted[-2:] == ["--model.lr", "0.1"] and "--notify=" + REDACTED in redacted
+
+
+def test_a_notify_setting_of_another_kind_in_a_users_callback_is_no_url_and_no_crash() -> None:
+    own = Namespace(class_path="my.Callback", init_args=Namespace(notify=True, every=3))
+    config = Namespace(notify=["ntfy://topic"], trainer=Namespace(callbacks=[own]))
+    assert notify_urls(config) == ["ntfy://topic"]
