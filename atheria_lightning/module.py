@@ -71,7 +71,9 @@ class QCAModule(pl.LightningModule):
         # Every setting, the defaults filled in, under the name save_hyperparameters() reads from this frame: the
         # checkpoint keeps them all, flat, so it alone rebuilds the model (each is a plain number or string, which
         # loads with weights_only=True). LightningCLI follows **settings to flat_settings for the --model.* keys.
-        settings = flat_settings(**settings)
+        # Lightning's own entries (``_class_path``, ``_instantiator``: LightningCLI's) come back from a checkpoint's
+        # hyper-parameters as keywords: not settings.
+        settings = flat_settings(**{name: value for name, value in settings.items() if not name.startswith("_")})
         self.save_hyperparameters()
         # The groups check them (one line naming the flag for a bad value).
         self.settings = ModelSettings.from_flat(settings)

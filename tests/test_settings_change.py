@@ -9,11 +9,13 @@ import re
 from pathlib import Path
 from typing import Any
 
+import lightning
 import pytest
 import torch
 from conftest import CONFIGS, TINY, callbacks_config
 
 from atheria_lightning.cli import main
+from atheria_lightning.module import QCAModule
 
 EXPERIMENT = "demo"
 
@@ -149,3 +151,15 @@ def test_a_forged_setting_in_a_checkpoint_is_shown_cut_short(tmp_path: Path, cap
     assert main(fit(tmp_path, "runs", episodes=18, every=2, sync=2)) == 0
     line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("changed since"))
     assert "SmartCheckpoint.top_k 'xxx" in line and len(line) < 400, line[:500]
+
+
+def test_a_checkpoint_whose_hyper_parameters_carry_lightnings_own_entries_loads(tmp_path: Path) -> None:
+    # LightningCLI adds "_class_path" and "_instantiator" to a model's hyper-parameters; QCAModule takes its
+    # settings as keywords, so Lightning hands them back to it when a checkpoint is loaded (export, curriculum).
+    model = QCAModule(architecture="MLP", d_state=2, hidden_channels=4, grid_size=8, qca_steps=2)
+    path = tmp_path / "from_the_cli.ckpt"
+    hyper_parameters = {**model.hparams, "_class_path": "atheria_lightning.module.QCAModule"}
+    torch.save({"state_dict": model.state_dict(), "hyper_parameters": hyper_parameters,
+                "pytorch-lightning_version": lightning.__version__}, path)  # fmt: skip
+    loaded = QCAModule.load_from_checkpoint(path, weights_only=True)
+    assert loaded.settings == model.settings
