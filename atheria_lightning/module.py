@@ -72,8 +72,11 @@ class QCAModule(pl.LightningModule):
         # checkpoint keeps them all, flat, so it alone rebuilds the model (each is a plain number or string, which
         # loads with weights_only=True). LightningCLI follows **settings to flat_settings for the --model.* keys.
         # Lightning's own entries (``_class_path``, ``_instantiator``: LightningCLI's) come back from a checkpoint's
-        # hyper-parameters as keywords: not settings.
-        settings = flat_settings(**{name: value for name, value in settings.items() if not name.startswith("_")})
+        # hyper-parameters as keywords: not settings. (Removed in place: jsonargparse reads the call below as it is
+        # written, `flat_settings(**settings)`, to find the --model.* keys.)
+        for name in [name for name in settings if name.startswith("_")]:
+            del settings[name]
+        settings = flat_settings(**settings)
         self.save_hyperparameters()
         # The groups check them (one line naming the flag for a bad value).
         self.settings = ModelSettings.from_flat(settings)
