@@ -243,7 +243,10 @@ class Mirror:
         if not matched:
             log.warning("mirror %s/%s does not match its MANIFEST.json entry (bytes or episode): not downloaded, "
                         "moved to the mirror's %s/", self.side.folder, name, QUARANTINE)  # fmt: skip
-            self.uploader.drop(name)
+            try:  # unlisting it writes the mirror's manifest, which a session that took over now owns
+                self.uploader.drop(name)
+            except Superseded as superseded:
+                self._supersede(superseded)
         return matched
 
     def _listing_changed(self, name: str, entry: Entry) -> bool:
