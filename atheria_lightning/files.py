@@ -52,14 +52,18 @@ class MeasuredWriter:
         return self.size == size and self.hexdigest() == sha256
 
 
+class TooLarge(OSError):
+    """More bytes came than a bounded copy allows."""
+
+
 def copy_measured(source: IO[bytes], target: IO[bytes], limit: int | None = None) -> MeasuredWriter:
-    """Stream ``source`` into ``target``; returns what went through, measured. With ``limit``, an ``OSError``
+    """Stream ``source`` into ``target``; returns what went through, measured. With ``limit``, :class:`TooLarge`
     once more than ``limit`` bytes came (a file that grows, or whose listed size lied)."""
     copied = MeasuredWriter(target)
     for chunk in iter(lambda: source.read(CHUNK), b""):
         copied.write(chunk)
         if limit is not None and copied.size > limit:
-            raise OSError(f"more than {limit} bytes")
+            raise TooLarge(f"more than {limit} bytes")
     return copied
 
 

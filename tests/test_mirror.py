@@ -26,8 +26,11 @@ from atheria_lightning.data import EpisodeDataModule
 from atheria_lightning.errors import ConfigError
 from atheria_lightning.files import sha256_of
 from atheria_lightning.module import QCAModule
-from atheria_lightning.store import RunStore, remote_run_dir
+from atheria_lightning.store import RunStore, reconcile, remote_run_dir
 from atheria_lightning.store import uploader as uploader_module
+from atheria_lightning.store.copies import download_verified
+from atheria_lightning.store.lease import Lease
+from atheria_lightning.store.manifest import Entry
 
 
 class FlakyMemoryFileSystem(MemoryFileSystem):
@@ -469,3 +472,67 @@ def test_an_exception_still_sends_what_was_saved(tmp_path: Path, mirror_root: st
     fs, remote = remote_run_dir(url, "exp")
     assert manifest_at(fs, f"{remote}/checkpoints")["last.ckpt"]["episode"] == 4
     store.close()
+
+
+def _tiny(value: int) -> dict[str, Any]:
+    return {"state_dict": {"w": torch.full((4,), float(value))}, "epoch": 0, "global_step": value}
+
+
+def test_a_take_over_while_a_start_sets_a_damaged_file_aside_stops_uploading_without_a_traceback(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    url = f"memory://takeover-{uuid.uuid4().hex}"
+    first = RunStore(str(tmp_path / "a" / "run"), async_write=False)
+    first.set_mirror(url, max_retries=0, backoff_s=0)
+    first.start()
+    first.write_checkpoint(_tiny(1), "last", 1)
+    assert first.flush(30)
+    first.close(5)
+    # The mirror's last.ckpt damaged, its size kept: the next start sets it aside, which writes the manifest.
+    fs, root = fsspec.core.url_to_fs(url)
+    path = f"{root}/run/checkpoints/last.ckpt"
+    data = bytearray(fs.cat(path))
+    data[-10] ^= 0xFF
+    fs.pipe(path, bytes(data))
+    connect = reconcile.connect_mirror
+
+    def then_taken_over(mirror: Any, take_over: bool) -> None:
+        connect(mirror, take_over)
+        Lease(mirror.fs, mirror.root, "rival").acquire(True, 0)  # a later session takes the mirror over now
+
+    monkeypatch.setattr(reconcile, "connect_mirror", then_taken_over)
+    second = RunStore(str(tmp_path / "b" / "run"), async_write=False)
+    second.set_mirror(url, max_retries=0, backoff_s=0)
+    with caplog.at_level(logging.WARNING):
+        assert second.start(take_over=True) is None, "nothing sound to resume from, and no Superseded raised"
+    assert second.superseded_by is not None
+    assert any("taken over by another session" in record.getMessage() for record in caplog.records)
+
+
+class _Endless:
+    """A mirror file that never ends (grown, or swapped for a stream), counting what was read of it."""
+
+    def __init__(self) -> None:
+        self.read_bytes = 0
+
+    def read(self, size: int = -1) -> bytes:
+        size = 1 << 20 if size is None or size < 0 else size
+        self.read_bytes += size
+        return b"\0" * size
+
+    def __enter__(self) -> _Endless:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def test_a_checkpoint_download_stops_at_its_listed_size(tmp_path: Path) -> None:
+    endless = _Endless()
+    side = SimpleNamespace(fs=SimpleNamespace(open=lambda path, mode: endless), folder="mirror/checkpoints")
+    entry = Entry(episode=1, size=3 << 20, sha256="0" * 64)
+    journalled: list[str] = []
+    target = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    assert download_verified(side, "last.ckpt", entry, str(target), lambda name, _: journalled.append(name)) is False
+    assert endless.read_bytes <= entry.size + (4 << 20), "never much more than the listed size onto this disk"
+    assert not target.exists() and journalled == [] and list(target.parent.iterdir()) == []

@@ -13,7 +13,7 @@ from typing import Any
 from fsspec import AbstractFileSystem
 from fsspec.implementations.local import LocalFileSystem
 
-from atheria_lightning.files import TMP_MARKER, atomic_write, copy_measured, join, tmp_path_for
+from atheria_lightning.files import TMP_MARKER, TooLarge, atomic_write, copy_measured, join, tmp_path_for
 from atheria_lightning.store.manifest import Entry, Side, episode_in
 
 log = logging.getLogger(__name__)
@@ -110,7 +110,10 @@ def download_verified(
     tmp = tmp_path_for(local_path)
     try:
         with side.fs.open(join(side.folder, name), "rb") as source, open(tmp, "wb") as target:
-            copied = copy_measured(source, target)
+            try:  # never more than the listed size onto this disk: a mirror's file can grow or be swapped
+                copied = copy_measured(source, target, limit=entry.size)
+            except TooLarge:
+                return False
             target.flush()
             os.fsync(target.fileno())
         if not copied.matches(entry.size, entry.sha256) or episode_in(tmp, name) != entry.episode:
