@@ -831,7 +831,7 @@ def _newest_listed(folder: Path) -> int:
 def _landed(path: Path, entry: dict[str, Any]) -> bool:
     try:
         return hashlib.sha256(path.read_bytes()).hexdigest() == entry["sha256"]
-    except OSError:
+    except (OSError, KeyError):  # no file, or an entry without its hash: not landed (the rest still counts)
         return False
 
 
